@@ -1,0 +1,175 @@
+package ctl
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/dbdublk/dbdublk/server"
+)
+
+func version() string { return server.Version }
+
+// ServerFlags tune the front device's queues.
+type ServerFlags struct {
+	Queues int `help:"Hardware queues (the kernel caps this at the CPU count)." default:"2"`
+	Depth  int `help:"Requests in flight per queue." default:"128"`
+	MaxIO  int `name:"max-io" help:"Largest request in bytes; also each request buffer's size." default:"1048576"`
+}
+
+func (f ServerFlags) config(bdev string, minor int) server.Config {
+	return server.Config{BlockDevice: bdev, Minor: minor, Queues: f.Queues, Depth: f.Depth, MaxIOBytes: f.MaxIO}
+}
+
+// AttachCmd starts a server for a block device.
+type AttachCmd struct {
+	BlockDevice string `arg:"" name:"block-device" help:"The real block device, e.g. /dev/sdb1. It must not be mounted or in use."`
+	Minor       string `arg:"" name:"minor" help:"Device number N of /dev/ublkbN (0-255)."`
+	Foreground  bool   `help:"Serve in the foreground (for service managers) instead of starting a background server."`
+	ServerFlags
+}
+
+// Run attaches the device.
+func (c *AttachCmd) Run(env *Env) error {
+	minor, err := server.ParseMinor(c.Minor)
+	if err != nil {
+		return err
+	}
+	if err := requireRoot(); err != nil {
+		return err
+	}
+	if err := server.CheckAttach(c.BlockDevice, minor); err != nil {
+		return err
+	}
+	if c.Foreground {
+		logger := log.New(env.Stderr, "", log.LstdFlags)
+		return serve(c.ServerFlags.config(c.BlockDevice, minor), logger, func(front string) {
+			fmt.Fprintf(env.Stdout, "attached %s as %s (minor %d)\n", c.BlockDevice, front, minor)
+		})
+	}
+	return c.spawn(env, minor)
+}
+
+// spawn starts the server as its own process, in its own session and mount
+// namespace (so its exit can never trigger an unmount flush it would have to
+// serve itself), logging to a file, and waits for it to report readiness.
+func (c *AttachCmd) spawn(env *Env, minor int) error {
+	if err := os.MkdirAll(server.LogDir, 0o755); err != nil {
+		return fmt.Errorf("create log directory %s: %w", server.LogDir, err)
+	}
+	logf, err := os.OpenFile(server.LogPath(minor), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o640)
+	if err != nil {
+		return fmt.Errorf("open log %s: %w", server.LogPath(minor), err)
+	}
+	defer logf.Close()
+	r, w, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("find own executable: %w", err)
+	}
+	args := []string{"serve", "--ready-fd=3",
+		"--queues=" + strconv.Itoa(c.Queues), "--depth=" + strconv.Itoa(c.Depth), "--max-io=" + strconv.Itoa(c.MaxIO),
+		"--", c.BlockDevice, strconv.Itoa(minor)}
+	cmd := exec.Command(exe, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.ExtraFiles = []*os.File{w}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Unshareflags: syscall.CLONE_NEWNS}
+	if err := cmd.Start(); err != nil {
+		w.Close()
+		return fmt.Errorf("start server: %w", err)
+	}
+	w.Close()
+	status := readReady(r, 60*time.Second)
+	if status.Error != "" {
+		cmd.Wait()
+		return errors.New(status.Error)
+	}
+	cmd.Process.Release()
+	fmt.Fprintf(env.Stdout, "attached %s as %s (minor %d, server pid %d, log %s)\n",
+		c.BlockDevice, status.Front, minor, cmd.Process.Pid, server.LogPath(minor))
+	return nil
+}
+
+// readyStatus is the one line a server writes on its ready pipe.
+type readyStatus struct {
+	Front string `json:"front,omitempty"`
+	Error string `json:"error,omitempty"`
+}
+
+func readReady(r *os.File, timeout time.Duration) readyStatus {
+	r.SetReadDeadline(time.Now().Add(timeout))
+	line, err := bufio.NewReader(r).ReadString('\n')
+	if err != nil && line == "" {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return readyStatus{Error: "server did not become ready in time; see its log"}
+		}
+		return readyStatus{Error: "server exited before it was ready; see its log"}
+	}
+	var st readyStatus
+	if json.Unmarshal([]byte(strings.TrimSpace(line)), &st) != nil {
+		return readyStatus{Error: "server sent a malformed ready line: " + strings.TrimSpace(line)}
+	}
+	return st
+}
+
+// ServeCmd is the server process that attach starts.
+type ServeCmd struct {
+	ReadyFD     int    `name:"ready-fd" help:"Write one JSON readiness line to this descriptor." default:"-1"`
+	BlockDevice string `arg:"" name:"block-device"`
+	Minor       string `arg:"" name:"minor"`
+	ServerFlags
+}
+
+// Run serves until detached.
+func (c *ServeCmd) Run(env *Env) error {
+	var ready io.WriteCloser
+	if c.ReadyFD >= 0 {
+		ready = os.NewFile(uintptr(c.ReadyFD), "ready")
+	}
+	report := func(st readyStatus) {
+		if ready != nil {
+			json.NewEncoder(ready).Encode(st)
+			ready.Close()
+			ready = nil
+		}
+	}
+	minor, err := server.ParseMinor(c.Minor)
+	if err != nil {
+		report(readyStatus{Error: err.Error()})
+		return err
+	}
+	logger := log.New(env.Stderr, fmt.Sprintf("ublk%d: ", minor), log.LstdFlags)
+	err = serve(c.ServerFlags.config(c.BlockDevice, minor), logger, func(front string) {
+		report(readyStatus{Front: front})
+	})
+	if err != nil {
+		report(readyStatus{Error: err.Error()})
+		logger.Print(err)
+	}
+	return err
+}
+
+// serve runs a server in this process; onReady is called once the front
+// device exists.
+func serve(cfg server.Config, logger *log.Logger, onReady func(front string)) error {
+	s, err := server.Start(cfg, logger)
+	if err != nil {
+		return err
+	}
+	onReady(s.FrontPath())
+	return s.Serve(context.Background())
+}

@@ -1,0 +1,97 @@
+// Package ctl is dbdctl's command line: dattobd's subcommands, arguments
+// and units, parsed with kong. Each command is a struct whose Run method
+// does the work; Main maps every failure to one line on stderr and a
+// non-zero exit status, never a stack trace.
+package ctl
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/alecthomas/kong"
+)
+
+// CLI is the root of dbdctl's command tree.
+type CLI struct {
+	Attach  AttachCmd  `cmd:"" help:"Front a block device as /dev/ublkb<minor> (the volume is then used through that device)."`
+	Detach  DetachCmd  `cmd:"" help:"Flush and remove the front device of <minor>; the real device is released."`
+	Info    InfoCmd    `cmd:"" help:"Print the state of attached devices as JSON, in the shape of dattobd's /proc/datto-info."`
+	Serve   ServeCmd   `cmd:"" hidden:"" help:"Run a device server (started by attach)."`
+	Version VersionCmd `cmd:"" help:"Print the version."`
+}
+
+// Env is what commands need from outside: where to print.
+type Env struct {
+	Stdout io.Writer
+	Stderr io.Writer
+}
+
+// exitError carries a specific exit status.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+
+// Main runs dbdctl with args (without the program name) and returns the
+// exit status.
+func Main(args []string, stdout, stderr io.Writer) (code int) {
+	defer func() {
+		if r := recover(); r != nil {
+			fmt.Fprintf(stderr, "dbdctl: internal error: %v\n", r)
+			code = 70
+		}
+	}()
+	var cli CLI
+	exited := false
+	parser, err := kong.New(&cli,
+		kong.Name("dbdctl"),
+		kong.Description("Live snapshots and incremental backups of block devices, served through ublk."),
+		kong.Writers(stdout, stderr),
+		kong.Exit(func(int) { exited = true }),
+		kong.ConfigureHelp(kong.HelpOptions{Compact: true}),
+	)
+	if err != nil {
+		fmt.Fprintf(stderr, "dbdctl: internal error: %v\n", err)
+		return 70
+	}
+	kctx, err := parser.Parse(args)
+	if exited {
+		return 0 // --help printed usage
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "dbdctl: %s (see dbdctl --help)\n", oneLine(err.Error()))
+		return 2
+	}
+	if err := kctx.Run(&Env{Stdout: stdout, Stderr: stderr}); err != nil {
+		fmt.Fprintf(stderr, "dbdctl: %s\n", oneLine(err.Error()))
+		var ee *exitError
+		if errors.As(err, &ee) {
+			return ee.code
+		}
+		return 1
+	}
+	return 0
+}
+
+func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
+
+// VersionCmd prints the version.
+type VersionCmd struct{}
+
+// Run prints the version.
+func (VersionCmd) Run(env *Env) error {
+	fmt.Fprintln(env.Stdout, "dbdctl", version())
+	return nil
+}
+
+func requireRoot() error {
+	if os.Geteuid() != 0 {
+		return errors.New("permission denied: dbdctl must run as root")
+	}
+	return nil
+}

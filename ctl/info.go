@@ -1,0 +1,80 @@
+package ctl
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/dbdublk/dbdublk/server"
+)
+
+// DetachCmd removes a front device.
+type DetachCmd struct {
+	Minor string `arg:"" name:"minor" help:"Minor of the attached device."`
+}
+
+// Run detaches: the server flushes and deletes the front device, releases
+// the real device and exits.
+func (c *DetachCmd) Run(env *Env) error {
+	minor, err := server.ParseMinor(c.Minor)
+	if err != nil {
+		return err
+	}
+	if err := requireRoot(); err != nil {
+		return err
+	}
+	resp, err := server.Call(minor, server.Request{Op: "info"}, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	if _, err := server.Call(minor, server.Request{Op: "detach"}, 10*time.Minute); err != nil {
+		return err
+	}
+	fmt.Fprintf(env.Stdout, "detached %s from %s\n", resp.Device.BlockDevice, resp.Device.FrontDevice)
+	return nil
+}
+
+// InfoCmd prints device state.
+type InfoCmd struct {
+	Minor string `arg:"" optional:"" name:"minor" help:"Only this minor."`
+}
+
+// infoDoc is the document info prints: /proc/datto-info's shape.
+type infoDoc struct {
+	Version string              `json:"version"`
+	Devices []server.DeviceInfo `json:"devices"`
+}
+
+// Run prints the JSON document.
+func (c *InfoCmd) Run(env *Env) error {
+	doc := infoDoc{Version: server.Version, Devices: []server.DeviceInfo{}}
+	if c.Minor != "" {
+		minor, err := server.ParseMinor(c.Minor)
+		if err != nil {
+			return err
+		}
+		if err := requireRoot(); err != nil {
+			return err
+		}
+		resp, err := server.Call(minor, server.Request{Op: "info"}, 5*time.Second)
+		if err != nil {
+			return err
+		}
+		if resp.Device == nil {
+			return errors.New("server sent no device info")
+		}
+		doc.Devices = append(doc.Devices, *resp.Device)
+	} else {
+		if err := requireRoot(); err != nil {
+			return err
+		}
+		doc.Devices = append(doc.Devices, server.ListDevices()...)
+	}
+	out, err := json.MarshalIndent(doc, "", "  ")
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(env.Stdout, string(out))
+	return nil
+}

@@ -1,0 +1,314 @@
+// Package server serves one attached block device: it fronts the real
+// device as /dev/ublkb<minor> through a ublk device and answers control
+// requests on a root-only Unix socket. One server process runs per attached
+// device, as the C reference server does, so a fault in one device's server
+// never takes another device down.
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log"
+	"net"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/dbdublk/dbdublk/ublk"
+)
+
+// Config says what to serve and how.
+type Config struct {
+	BlockDevice string
+	Minor       int
+	Queues      int // 0 = ublk.DefaultQueues
+	Depth       int // 0 = ublk.DefaultDepth
+	MaxIOBytes  int // 0 = ublk.DefaultMaxIOBytes
+}
+
+// Server is a running attachment.
+type Server struct {
+	cfg  Config
+	log  *log.Logger
+	ctrl *ublk.Control
+	bdev *BlockDevice
+	dev  *ublk.Device
+	ln   *net.UnixListener
+
+	mu       sync.Mutex // serialises control requests
+	detached chan struct{}
+}
+
+// Start opens the device, creates and starts the front device and listens
+// on the control socket. On error nothing is left behind.
+func Start(cfg Config, logger *log.Logger) (s *Server, err error) {
+	if err := CheckAttach(cfg.BlockDevice, cfg.Minor); err != nil {
+		return nil, err
+	}
+	s = &Server{cfg: cfg, log: logger, detached: make(chan struct{})}
+	defer func() {
+		if err != nil {
+			s.release()
+		}
+	}()
+	if s.bdev, err = OpenBlockDevice(cfg.BlockDevice); err != nil {
+		return nil, err
+	}
+	if s.ctrl, err = ublk.OpenControl(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(RunDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create %s: %w", RunDir, err)
+	}
+	// Claim the socket before creating the device: it is the minor's lock.
+	if s.ln, err = listen(SocketPath(cfg.Minor)); err != nil {
+		return nil, fmt.Errorf("minor %d: %w", cfg.Minor, err)
+	}
+	spec := ublk.DeviceSpec{
+		ID:                 cfg.Minor,
+		Queues:             cfg.Queues,
+		Depth:              cfg.Depth,
+		MaxIOBytes:         cfg.MaxIOBytes,
+		Size:               s.bdev.Size,
+		LogicalBlockSize:   s.bdev.LogicalBlockSize,
+		PhysicalBlockSize:  s.bdev.PhysicalBlockSize,
+		DiscardGranularity: s.bdev.DiscardGranularity,
+		WriteZeroes:        true,
+		VolatileCache:      true,
+	}
+	if s.dev, err = ublk.Create(s.ctrl, spec, s.bdev, s.log.Printf); err != nil {
+		if errors.Is(err, unix.EEXIST) {
+			return nil, fmt.Errorf("minor %d is taken: ublk device %d already exists", cfg.Minor, cfg.Minor)
+		}
+		return nil, err
+	}
+	if err = s.dev.Start(); err != nil {
+		return nil, err
+	}
+	info := s.dev.Info()
+	s.log.Printf("attached %s as %s: %d bytes, %d/%d-byte blocks, %d queues x %d tags, flags %#x",
+		cfg.BlockDevice, s.dev.BlockPath(), s.bdev.Size, s.bdev.LogicalBlockSize, s.bdev.PhysicalBlockSize,
+		info.NrHWQueues, info.QueueDepth, uint64(info.Flags))
+	return s, nil
+}
+
+// listen binds a root-only Unix socket, replacing a stale one.
+func listen(path string) (*net.UnixListener, error) {
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, errors.New("a server already listens on " + path)
+	}
+	os.Remove(path)
+	old := unix.Umask(0o077)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	unix.Umask(old)
+	if err != nil {
+		return nil, err
+	}
+	ln.SetUnlinkOnClose(true)
+	return ln, nil
+}
+
+// FrontPath is /dev/ublkb<minor>.
+func (s *Server) FrontPath() string { return fmt.Sprintf("/dev/ublkb%d", s.cfg.Minor) }
+
+// finished is closed when the device's queues have all ended.
+func (s *Server) finished() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.dev == nil {
+		return nil
+	}
+	return s.dev.Finished()
+}
+
+// Serve answers control requests until the device is detached, a signal
+// asks for it, or ctx ends.
+func (s *Server) Serve(ctx context.Context) error {
+	go s.acceptLoop()
+	sigs := make(chan os.Signal, 1)
+	signalNotify(sigs)
+	for {
+		select {
+		case <-s.detached:
+			return nil
+		case sig := <-sigs:
+			s.log.Printf("received %v: detaching", sig)
+			if err := s.detach(); err != nil {
+				s.log.Printf("cannot detach on %v: %v; still serving", sig, err)
+				continue
+			}
+			return nil
+		case <-ctx.Done():
+			return s.detach()
+		case <-s.finished():
+			// The queues ended without a detach: the device was stopped
+			// or deleted from outside. Nothing is left to serve.
+			s.mu.Lock()
+			detached := s.dev == nil
+			if !detached {
+				s.release()
+			}
+			s.mu.Unlock()
+			if detached {
+				return nil
+			}
+			s.log.Printf("%s was stopped from outside; exiting", s.FrontPath())
+			return fmt.Errorf("%s was stopped from outside", s.FrontPath())
+		}
+	}
+}
+
+func (s *Server) acceptLoop() {
+	for {
+		conn, err := s.ln.AcceptUnix()
+		if err != nil {
+			return
+		}
+		go s.handle(conn)
+	}
+}
+
+func (s *Server) handle(conn *net.UnixConn) {
+	defer conn.Close()
+	if !peerIsRoot(conn) {
+		json.NewEncoder(conn).Encode(Response{Error: "permission denied: dbdctl must run as root"})
+		return
+	}
+	conn.SetDeadline(time.Now().Add(10 * time.Minute))
+	var req Request
+	if err := json.NewDecoder(conn).Decode(&req); err != nil {
+		json.NewEncoder(conn).Encode(Response{Error: "malformed request"})
+		return
+	}
+	var resp Response
+	switch req.Op {
+	case "info":
+		info := s.Info()
+		resp.Device = &info
+	case "detach":
+		if err := s.detach(); err != nil {
+			resp.Error = err.Error()
+		}
+	default:
+		resp.Error = fmt.Sprintf("unknown request %q", req.Op)
+	}
+	json.NewEncoder(conn).Encode(resp)
+}
+
+func peerIsRoot(conn *net.UnixConn) bool {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return false
+	}
+	ok := false
+	raw.Control(func(fd uintptr) {
+		cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+		ok = err == nil && cred.Uid == 0
+	})
+	return ok
+}
+
+// Info describes the attachment.
+func (s *Server) Info() DeviceInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.dev == nil {
+		return DeviceInfo{Minor: s.cfg.Minor, BlockDevice: s.cfg.BlockDevice, State: StateAttached, Mode: "detaching"}
+	}
+	info := s.dev.Info()
+	st := s.dev.Stats()
+	spec := s.dev.Spec()
+	return DeviceInfo{
+		Minor:       s.cfg.Minor,
+		BlockDevice: s.cfg.BlockDevice,
+		State:       StateAttached,
+		Mode:        "passthrough",
+		FrontDevice: s.dev.BlockPath(),
+		ServerPID:   os.Getpid(),
+		Size:        s.bdev.Size,
+		LogicalBS:   s.bdev.LogicalBlockSize,
+		PhysicalBS:  s.bdev.PhysicalBlockSize,
+		Queues:      int(info.NrHWQueues),
+		QueueDepth:  int(info.QueueDepth),
+		MaxIOBytes:  spec.MaxIOBytes,
+		Features:    fmt.Sprintf("%#x", uint64(info.Flags)),
+		Log:         LogPath(s.cfg.Minor),
+		Stats: IOCounters{
+			Reads: st.Reads, Writes: st.Writes, Flushes: st.Flushes, Discards: st.Discards,
+			WriteZeroes: st.WriteZeroes, Errors: st.Errors, BytesRead: st.BytesRead, BytesWritten: st.BytesWritten,
+		},
+	}
+}
+
+// detach removes the front device once nobody uses it: the kernel flushes
+// and drains it through the still-running queues, then the real device is
+// flushed and released. A front device in use (mounted, or open) is refused.
+func (s *Server) detach() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	select {
+	case <-s.detached:
+		return nil
+	default:
+	}
+	// Holding the front device exclusively keeps anyone from mounting it
+	// between this check and the stop.
+	front, err := unix.Open(s.FrontPath(), unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("%s is in use (mounted or open); unmount or close it before detaching", s.FrontPath())
+		}
+		return fmt.Errorf("open %s: %w", s.FrontPath(), err)
+	}
+	stopErr := s.dev.Stop()
+	unix.Close(front)
+	if stopErr != nil {
+		return fmt.Errorf("stop %s: %w", s.FrontPath(), stopErr)
+	}
+	st := s.dev.Stats()
+	if err := s.dev.Delete(); err != nil {
+		s.log.Printf("delete ublk device %d: %v", s.dev.ID(), err)
+	}
+	s.dev = nil
+	if err := s.bdev.Close(); err != nil {
+		s.log.Printf("flush %s: %v", s.cfg.BlockDevice, err)
+	}
+	s.bdev = nil
+	s.log.Printf("detached %s: served %d reads, %d writes, %d flushes, %d errors",
+		s.cfg.BlockDevice, st.Reads, st.Writes, st.Flushes, st.Errors)
+	s.release()
+	close(s.detached)
+	return nil
+}
+
+// release frees whatever is still held, in reverse order of acquisition.
+func (s *Server) release() {
+	if s.dev != nil {
+		s.dev.Stop()
+		s.dev.Delete()
+		s.dev = nil
+	}
+	if s.ln != nil {
+		s.ln.Close()
+		s.ln = nil
+	}
+	if s.ctrl != nil {
+		s.ctrl.Close()
+		s.ctrl = nil
+	}
+	if s.bdev != nil {
+		s.bdev.Close()
+		s.bdev = nil
+	}
+}
+
+func signalNotify(c chan<- os.Signal) {
+	signal.Notify(c, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+}

@@ -1,0 +1,186 @@
+package guest
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestNoUblkDriver must run before anything loads ublk_drv: without the
+// driver, attach names the module to load and changes nothing.
+func TestNoUblkDriver(t *testing.T) {
+	if _, err := os.Stat("/dev/ublk-control"); err == nil {
+		// Unload so the check is real; nothing is attached yet.
+		must(t, "rmmod", "ublk_drv")
+	}
+	r := run(t, dbdctl, "attach", diskExt4, "0")
+	if r.code == 0 {
+		t.Fatalf("attach without ublk_drv succeeded: %s", r.stdout)
+	}
+	checkOneLineError(t, r, "ublk_drv")
+	if !strings.Contains(r.stderr, "6.0") {
+		t.Errorf("message should name the minimum kernel: %q", r.stderr)
+	}
+	if _, err := os.Stat("/run/dbdctl/0.sock"); err == nil {
+		t.Errorf("a failed attach left a control socket behind")
+	}
+	ensureUblk(t)
+}
+
+// TestExt4OnFrontDevice runs a filesystem's whole life through the front
+// device, then checks that detach left every byte on the real device.
+func TestExt4OnFrontDevice(t *testing.T) {
+	front := attach(t, diskExt4, 0)
+	if got, want := sizeOf(t, front), sizeOf(t, diskExt4); got != want {
+		t.Fatalf("%s is %d bytes, real device %d", front, got, want)
+	}
+	must(t, "mkfs.ext4", "-q", "-F", front)
+	must(t, "mount", "-t", "ext4", front, "/mnt")
+	sh(t, `
+		dd if=/dev/urandom of=/tmp/big bs=1M count=24 2>/dev/null
+		cp /tmp/big /mnt/big
+		mkdir /mnt/many
+		i=0; while [ $i -lt 200 ]; do echo "file $i $(date +%N)" > /mnt/many/f$i; i=$((i+1)); done
+		sync
+		(cd /mnt && sha256sum big many/* > /tmp/sums)
+	`)
+	must(t, "umount", "/mnt")
+	must(t, "e2fsck", "-fn", front)
+	// Remount through the front device and verify contents.
+	must(t, "mount", "-t", "ext4", front, "/mnt")
+	sh(t, `cd /mnt && sha256sum -c /tmp/sums >/dev/null`)
+	// Leave dirty data in the page cache: umount + detach must flush it.
+	sh(t, `dd if=/dev/urandom of=/mnt/late bs=1M count=4 2>/dev/null; sha256sum /mnt/late | sed 's#/mnt/##' > /tmp/late.sum`)
+	must(t, "umount", "/mnt")
+
+	doc := info(t, "0")
+	if len(doc.Devices) != 1 || doc.Devices[0].IO.Writes == 0 || doc.Devices[0].IO.Reads == 0 {
+		t.Errorf("info shows no I/O served: %+v", doc.Devices)
+	}
+	detach(t, 0)
+
+	// The real device, used directly, holds the same filesystem.
+	must(t, "e2fsck", "-fn", diskExt4)
+	must(t, "mount", "-t", "ext4", "-o", "ro", diskExt4, "/mnt")
+	defer run(t, "umount", "/mnt")
+	sh(t, `cd /mnt && sha256sum -c /tmp/sums >/dev/null && sha256sum -c /tmp/late.sum >/dev/null`)
+}
+
+// TestRealDeviceExclusive: while attached, the real device cannot be
+// mounted or formatted behind the server's back.
+func TestRealDeviceExclusive(t *testing.T) {
+	attach(t, diskExt4, 0)
+	if r := run(t, "mount", "-t", "ext4", diskExt4, "/mnt"); r.code == 0 {
+		run(t, "umount", "/mnt")
+		t.Fatalf("mounting the real device while attached succeeded")
+	}
+	fd, err := syscall.Open(diskExt4, syscall.O_RDONLY|syscall.O_EXCL, 0)
+	if err == nil {
+		syscall.Close(fd)
+		t.Fatalf("exclusive open of the real device succeeded while attached")
+	}
+	if err != syscall.EBUSY {
+		t.Fatalf("exclusive open: %v, want EBUSY", err)
+	}
+	if r := run(t, "mkfs.ext4", "-q", diskExt4); r.code == 0 {
+		t.Fatalf("mkfs on the real device while attached succeeded")
+	}
+	// The front device still holds the filesystem of the previous test.
+	detach(t, 0)
+	must(t, "e2fsck", "-fn", diskExt4)
+}
+
+// fioJob is a verifying workload over four disjoint regions of a device.
+func fioJob(engine, dev string, verifyOnly bool) []string {
+	args := []string{
+		"--name=verify-" + engine, "--filename=" + dev, "--ioengine=" + engine,
+		"--direct=1", "--rw=randwrite", "--bssplit=4k/40:16k/20:64k/20:512/10:256k/10",
+		"--blockalign=4k", "--size=96M", "--offset_increment=112M", "--numjobs=4", "--iodepth=16",
+		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randseed=" + engine[:2],
+		"--group_reporting", "--minimal",
+	}
+	if engine == "psync" {
+		args = append(args, "--iodepth=1")
+	}
+	if verifyOnly {
+		args = append(args, "--verify_only=1")
+	}
+	return args
+}
+
+// TestFioVerify writes verified data through the front device with two I/O
+// engines and mixed block sizes, then, after detach, verifies the same data
+// on the real device.
+func TestFioVerify(t *testing.T) {
+	for _, engine := range []string{"io_uring", "psync"} {
+		t.Run(engine, func(t *testing.T) {
+			front := attach(t, diskFio, 1)
+			must(t, "fio", fioJob(engine, front, false)...)
+			detach(t, 1)
+			must(t, "fio", fioJob(engine, diskFio, true)...)
+		})
+	}
+}
+
+// TestDiscardAndWriteZeroes: zeroing through the front device reaches the
+// real device.
+func TestDiscardAndWriteZeroes(t *testing.T) {
+	front := attach(t, diskFio, 1)
+	sh(t, fmt.Sprintf(`
+		dd if=/dev/urandom of=%[1]s bs=1M count=8 oflag=direct 2>/dev/null
+		blkdiscard -z -o 1048576 -l 4194304 %[1]s
+	`, front))
+	detach(t, 1)
+	sh(t, fmt.Sprintf(`
+		test "$(dd if=%[1]s bs=1M skip=1 count=4 2>/dev/null | sha256sum)" = "$(dd if=/dev/zero bs=1M count=4 2>/dev/null | sha256sum)"
+		test "$(dd if=%[1]s bs=1M count=1 2>/dev/null | sha256sum)" != "$(dd if=/dev/zero bs=1M count=1 2>/dev/null | sha256sum)"
+	`, diskFio))
+}
+
+// TestInfo checks the JSON document's shape and the server's lifetime.
+func TestInfo(t *testing.T) {
+	front := attach(t, diskFio, 3)
+	doc := info(t)
+	if doc.Version == "" {
+		t.Errorf("info has no version")
+	}
+	var dev *infoDevice
+	for i := range doc.Devices {
+		if doc.Devices[i].Minor == 3 {
+			dev = &doc.Devices[i]
+		}
+	}
+	if dev == nil {
+		t.Fatalf("minor 3 missing from info: %+v", doc)
+	}
+	if dev.BlockDevice != diskFio || dev.FrontDevice != front || dev.State == nil || dev.Error == nil || *dev.Error != 0 {
+		t.Errorf("unexpected device entry: %+v", dev)
+	}
+	if dev.Queues < 1 || dev.QueueDepth < 64 {
+		t.Errorf("queues %d depth %d: want >=1 queue of depth >= 64", dev.Queues, dev.QueueDepth)
+	}
+	if !alive(dev.ServerPID) {
+		t.Errorf("server pid %d not alive after the CLI exited", dev.ServerPID)
+	}
+	if _, err := os.Stat("/var/log/dbdctl/ublk3.log"); err != nil {
+		t.Errorf("server log missing: %v", err)
+	}
+	one := info(t, "3")
+	if len(one.Devices) != 1 || one.Devices[0].Minor != 3 {
+		t.Errorf("info 3 = %+v", one)
+	}
+	detach(t, 3)
+	// The server exits right after answering detach.
+	for i := 0; i < 100 && alive(dev.ServerPID); i++ {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if alive(dev.ServerPID) {
+		t.Errorf("server pid %d still alive after detach", dev.ServerPID)
+	}
+	if after := info(t); len(after.Devices) != 0 {
+		t.Errorf("devices left after detach: %+v", after.Devices)
+	}
+}

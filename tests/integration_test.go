@@ -1,0 +1,139 @@
+// Package tests runs the project's integration tests: it builds dbdctl and
+// the guest test binary, boots a real Linux kernel with ublk_drv under qemu
+// (tests/vm) and reports every guest test as a subtest here.
+package tests
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dbdublk/dbdublk/tests/vm"
+)
+
+// guestPrograms are the real clients the guest tests drive.
+var guestPrograms = []string{
+	"mkfs.ext4", "mke2fs", "e2fsck", "fio", "blkdiscard", "blockdev",
+}
+
+// build compiles a static binary (the guest has no Go toolchain or libc
+// beyond what the rig ships).
+func build(t *testing.T, out string, args ...string) {
+	t.Helper()
+	cmd := exec.Command("go", args...)
+	cmd.Dir = repoRoot(t)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go %s: %v\n%s", strings.Join(args, " "), err, b)
+	}
+}
+
+func repoRoot(t *testing.T) string {
+	t.Helper()
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			t.Fatal("go.mod not found above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// guestResult is one guest test's verdict.
+var guestResult = regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): (\S+) \(([0-9.]+)s\)`)
+
+// TestGuest boots the VM once and runs every guest test against the real
+// ublk driver. Set DBD_GUEST_RUN to a -test.run pattern to run a subset.
+func TestGuest(t *testing.T) {
+	vm.Require(t)
+	work := t.TempDir()
+	dbdctl := filepath.Join(work, "dbdctl")
+	guest := filepath.Join(work, "guest.test")
+	build(t, dbdctl, "build", "-o", dbdctl, "./ctl/dbdctl")
+	build(t, guest, "test", "-c", "-o", guest, "./tests/guest")
+
+	run := os.Getenv("DBD_GUEST_RUN")
+	if run == "" {
+		run = "."
+	}
+	cfg := vm.Config{
+		MemoryMiB: 2048,
+		Disks: []vm.Disk{
+			{Path: filepath.Join(work, "ext4.img"), Size: 512 << 20},
+			{Path: filepath.Join(work, "fio.img"), Size: 512 << 20},
+			{Path: filepath.Join(work, "spare.img"), Size: 64 << 20},
+		},
+		Files: map[string]string{
+			"/usr/local/bin/dbdctl":     dbdctl,
+			"/usr/local/bin/guest.test": guest,
+		},
+		Programs: guestPrograms,
+		Modules:  []string{"ublk_drv"},
+		Script: fmt.Sprintf(`
+export DBD_GUEST=1
+mkdir -p /mnt /var/log
+cd /tmp
+/usr/local/bin/guest.test -test.v -test.count=1 -test.timeout=25m -test.run '%s'
+`, run),
+		Timeout: 30 * time.Minute,
+		Logf:    t.Logf,
+	}
+	res, err := vm.Run(context.Background(), cfg)
+	if err != nil {
+		t.Fatalf("VM run failed: %v", err)
+	}
+	t.Logf("guest booted in %v (%d boot(s))", res.BootTime, res.Boots)
+	reportGuest(t, res)
+}
+
+// reportGuest turns the guest's `go test -v` output into subtests, so each
+// guest test passes or fails on its own line here.
+func reportGuest(t *testing.T, res *vm.Result) {
+	lines := strings.Split(res.Output, "\n")
+	seen := 0
+	var block []string
+	for _, line := range lines {
+		block = append(block, line)
+		m := guestResult.FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		seen++
+		verdict, name := m[1], m[2]
+		out := strings.Join(block, "\n")
+		block = nil
+		t.Run(name, func(t *testing.T) {
+			switch verdict {
+			case "FAIL":
+				t.Errorf("guest test failed:\n%s", out)
+			case "SKIP":
+				t.Skipf("skipped in guest:\n%s", out)
+			}
+		})
+	}
+	if seen == 0 || res.ExitCode != 0 {
+		t.Errorf("guest test binary exited %d after %d results\noutput:\n%s\nconsole tail:\n%s",
+			res.ExitCode, seen, res.Output, tail(res.Console, 60))
+	}
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

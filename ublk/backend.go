@@ -1,0 +1,62 @@
+package ublk
+
+import (
+	"errors"
+	"syscall"
+)
+
+// Backend stores the blocks a ublk device serves. Offsets and lengths are in
+// bytes. Methods may be called concurrently from several queue threads, for
+// disjoint or overlapping ranges, exactly as the block layer issues them.
+type Backend interface {
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+}
+
+// Flusher makes every completed write durable (the device advertises a
+// volatile write cache when the backend is a Flusher).
+type Flusher interface {
+	Flush() error
+}
+
+// FUAWriter writes p and makes it durable before returning.
+type FUAWriter interface {
+	WriteAtFUA(p []byte, off int64) (int, error)
+}
+
+// Discarder drops a range; later reads may return anything until the range
+// is written again.
+type Discarder interface {
+	Discard(off, n int64) error
+}
+
+// ZeroWriter makes a range read as zeros. mayUnmap allows deallocation.
+type ZeroWriter interface {
+	WriteZeroes(off, n int64, mayUnmap bool) error
+}
+
+// FileBackend is a Backend that is exactly one file or block device opened
+// for O_DIRECT I/O, mapped 1:1. Its queues issue the I/O as io_uring
+// operations on their own ring, so a request costs no thread hop and no
+// extra copy: this is the passthrough fast path.
+type FileBackend interface {
+	Backend
+	// FD returns the descriptor; it must stay open while the device serves.
+	FD() int
+	// CanDiscard reports whether DISCARD should be forwarded as a hole punch.
+	CanDiscard() bool
+}
+
+// errnoResult turns a backend outcome into the value committed to the
+// kernel: a byte count, or a negative errno. It is the one place where Go
+// errors meet the kernel's error space.
+func errnoResult(n int, err error) int32 {
+	if err == nil {
+		return int32(n)
+	}
+	var errno syscall.Errno
+	if errors.As(err, &errno) && errno != 0 {
+		return -int32(errno)
+	}
+	return -int32(syscall.EIO)
+}

@@ -1,0 +1,323 @@
+package ublk
+
+import (
+	"errors"
+	"fmt"
+	"math/bits"
+	"os"
+	"runtime"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/dbdublk/dbdublk/ublk/uapi"
+)
+
+// DeviceSpec describes a device to create. It is plain data, checked by
+// Validate without a kernel.
+type DeviceSpec struct {
+	ID                int          // device id = minor of /dev/ublkbN; -1 lets the kernel choose
+	Queues            int          // hardware queues (the kernel clamps to the CPU count)
+	Depth             int          // tags per queue
+	MaxIOBytes        int          // largest request; also each tag's buffer size
+	Size              int64        // bytes
+	LogicalBlockSize  int          // 512..4096
+	PhysicalBlockSize int          // >= logical
+	ReadOnly          bool         // the block device is read-only
+	Flags             uapi.Feature // extra UBLK_F_* flags, e.g. FeatUserRecovery
+	// DiscardGranularity, when non-zero, advertises DISCARD with this
+	// granularity in bytes (the backend must handle it).
+	DiscardGranularity int
+	// WriteZeroes advertises WRITE_ZEROES (the backend must handle it).
+	WriteZeroes bool
+	// VolatileCache advertises a write-back cache, so the kernel sends FLUSH
+	// and FUA (the backend must make them durable).
+	VolatileCache bool
+}
+
+// Defaults used by Validate for zero fields.
+const (
+	DefaultQueues     = 2
+	DefaultDepth      = 128
+	DefaultMaxIOBytes = 1 << 20
+)
+
+// Validate fills defaults and rejects impossible specs.
+func (s *DeviceSpec) Validate() error {
+	if s.Queues == 0 {
+		s.Queues = DefaultQueues
+	}
+	if s.Depth == 0 {
+		s.Depth = DefaultDepth
+	}
+	if s.MaxIOBytes == 0 {
+		s.MaxIOBytes = DefaultMaxIOBytes
+	}
+	if s.LogicalBlockSize == 0 {
+		s.LogicalBlockSize = 512
+	}
+	if s.PhysicalBlockSize == 0 {
+		s.PhysicalBlockSize = s.LogicalBlockSize
+	}
+	page := os.Getpagesize()
+	switch {
+	case s.ID < -1 || s.ID > uapi.MaxDevID:
+		return fmt.Errorf("device id %d out of range 0..%d", s.ID, uapi.MaxDevID)
+	case s.Queues < 1 || s.Queues > 64:
+		return fmt.Errorf("queue count %d out of range 1..64", s.Queues)
+	case s.Depth < 1 || s.Depth > uapi.MaxQueueDepth:
+		return fmt.Errorf("queue depth %d out of range 1..%d", s.Depth, uapi.MaxQueueDepth)
+	case s.MaxIOBytes < page || s.MaxIOBytes%page != 0 || s.MaxIOBytes > 32<<20:
+		return fmt.Errorf("max I/O size %d must be a multiple of %d up to 32 MiB", s.MaxIOBytes, page)
+	case !validBlockSize(s.LogicalBlockSize, page):
+		return fmt.Errorf("logical block size %d must be a power of two in 512..%d", s.LogicalBlockSize, page)
+	case !validBlockSize(s.PhysicalBlockSize, 1<<20) || s.PhysicalBlockSize < s.LogicalBlockSize:
+		return fmt.Errorf("physical block size %d must be a power of two >= logical block size %d",
+			s.PhysicalBlockSize, s.LogicalBlockSize)
+	case s.Size <= 0 || s.Size%int64(s.LogicalBlockSize) != 0:
+		return fmt.Errorf("size %d must be a positive multiple of the logical block size %d", s.Size, s.LogicalBlockSize)
+	}
+	return nil
+}
+
+func validBlockSize(n, max int) bool { return n >= 512 && n <= max && n&(n-1) == 0 }
+
+func shift(n int) uint8 { return uint8(bits.TrailingZeros(uint(n))) }
+
+// params builds ublk_params for the spec.
+func (s *DeviceSpec) params() uapi.Params {
+	var p uapi.Params
+	p.Types = uapi.ParamTypeBasic
+	p.Basic = uapi.ParamBasic{
+		LogicalBSShift:  shift(s.LogicalBlockSize),
+		PhysicalBSShift: shift(s.PhysicalBlockSize),
+		IOOptShift:      shift(s.PhysicalBlockSize),
+		IOMinShift:      shift(s.PhysicalBlockSize),
+		MaxSectors:      uint32(s.MaxIOBytes >> 9),
+		DevSectors:      uint64(s.Size >> 9),
+	}
+	if s.ReadOnly {
+		p.Basic.Attrs |= uapi.AttrReadOnly
+	}
+	if s.VolatileCache {
+		p.Basic.Attrs |= uapi.AttrVolatileCache | uapi.AttrFUA
+	}
+	if s.DiscardGranularity > 0 || s.WriteZeroes {
+		const maxOp = (1 << 30) >> 9 // bound a single discard/zero request to 1 GiB
+		p.Types |= uapi.ParamTypeDiscard
+		g := s.DiscardGranularity
+		if g == 0 {
+			g = s.PhysicalBlockSize
+		}
+		p.Discard.DiscardGranularity = uint32(g)
+		if s.DiscardGranularity > 0 {
+			p.Discard.MaxDiscardSectors = maxOp
+			p.Discard.MaxDiscardSegments = 1
+		}
+		if s.WriteZeroes {
+			p.Discard.MaxWriteZeroesSectors = maxOp
+		}
+	}
+	return p
+}
+
+// Device is a ublk device this process created and serves.
+type Device struct {
+	ctrl    *Control
+	spec    DeviceSpec
+	info    uapi.CtrlDevInfo
+	charFd  int
+	backend Backend
+	queues  []*queue
+	logf    func(string, ...any)
+
+	// finished is closed when every queue thread has ended; queueErr is the
+	// first error one of them reported.
+	finished chan struct{}
+	queueErr error
+
+	stopOnce sync.Once
+	stopErr  error
+}
+
+// Create adds a device, opens its char device and sets its parameters. The
+// backend serves its I/O once Start is called. Only the creator deletes the
+// device; on any error here nothing is left behind.
+func Create(ctrl *Control, spec DeviceSpec, backend Backend, logf func(string, ...any)) (*Device, error) {
+	if err := spec.Validate(); err != nil {
+		return nil, err
+	}
+	if logf == nil {
+		logf = func(string, ...any) {}
+	}
+	id := uint32(uapi.NewDevID)
+	if spec.ID >= 0 {
+		id = uint32(spec.ID)
+	}
+	info, err := ctrl.Add(uapi.CtrlDevInfo{
+		NrHWQueues:    uint16(spec.Queues),
+		QueueDepth:    uint16(spec.Depth),
+		MaxIOBufBytes: uint32(spec.MaxIOBytes),
+		DevID:         id,
+		UblksrvPID:    -1,
+		Flags:         spec.Flags,
+	})
+	if err != nil {
+		return nil, err
+	}
+	d := &Device{ctrl: ctrl, spec: spec, info: info, charFd: -1, backend: backend, logf: logf}
+	fail := func(err error) (*Device, error) {
+		d.closeChar()
+		if derr := ctrl.Delete(info.DevID); derr != nil {
+			logf("delete device %d after failed setup: %v", info.DevID, derr)
+		}
+		return nil, err
+	}
+	if d.charFd, err = openRetry(d.CharPath()); err != nil {
+		return fail(err)
+	}
+	// The kernel may have page-rounded the buffer size; trust its value.
+	if int(info.MaxIOBufBytes) < d.spec.MaxIOBytes {
+		d.spec.MaxIOBytes = int(info.MaxIOBufBytes)
+	}
+	if err := ctrl.SetParams(info.DevID, d.spec.params()); err != nil {
+		return fail(err)
+	}
+	return d, nil
+}
+
+// openRetry opens a char device node that devtmpfs may still be creating.
+func openRetry(path string) (int, error) {
+	for i := 0; ; i++ {
+		fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+		if err == nil {
+			return fd, nil
+		}
+		if !errors.Is(err, unix.ENOENT) || i >= 100 {
+			return -1, fmt.Errorf("open %s: %w", path, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// ID is the device id (the N of /dev/ublkbN).
+func (d *Device) ID() uint32 { return d.info.DevID }
+
+// BlockPath is the block device users read and write.
+func (d *Device) BlockPath() string { return fmt.Sprintf("/dev/ublkb%d", d.info.DevID) }
+
+// CharPath is the server's command channel.
+func (d *Device) CharPath() string { return fmt.Sprintf("/dev/ublkc%d", d.info.DevID) }
+
+// Info is the negotiated device info (queues, depth, flags).
+func (d *Device) Info() uapi.CtrlDevInfo { return d.info }
+
+// Spec is the effective spec after negotiation.
+func (d *Device) Spec() DeviceSpec { return d.spec }
+
+// Start launches one locked thread per queue, waits until each has fetched
+// its tags, then sends START_DEV. When it returns, BlockPath exists.
+func (d *Device) Start() error {
+	nq := int(d.info.NrHWQueues)
+	// Each blocked queue thread releases its P, but each needs one to run.
+	if runtime.GOMAXPROCS(0) < nq+2 {
+		runtime.GOMAXPROCS(nq + 2)
+	}
+	var file FileBackend
+	if fb, ok := d.backend.(FileBackend); ok {
+		file = fb
+	}
+	ready := make(chan error, nq)
+	done := make(chan error, nq)
+	d.finished = make(chan struct{})
+	for i := 0; i < nq; i++ {
+		q := &queue{
+			id: i, depth: int(d.info.QueueDepth), bufSize: d.spec.MaxIOBytes,
+			charFd: d.charFd, backend: d.backend, file: file, logf: d.logf,
+		}
+		d.queues = append(d.queues, q)
+		go q.run(ready, done)
+	}
+	go func() {
+		for i := 0; i < nq; i++ {
+			if err := <-done; err != nil && d.queueErr == nil {
+				d.queueErr = err
+			}
+		}
+		close(d.finished)
+	}()
+	var firstErr error
+	for i := 0; i < nq; i++ {
+		if err := <-ready; err != nil && firstErr == nil {
+			firstErr = err
+		}
+	}
+	if firstErr != nil {
+		// Queues that did start hold their tags; closing the char device
+		// and deleting the device aborts them.
+		return firstErr
+	}
+	if err := d.ctrl.Start(d.info.DevID, os.Getpid()); err != nil {
+		return err
+	}
+	for i := 0; i < 200; i++ {
+		if _, err := os.Stat(d.BlockPath()); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return nil
+}
+
+// Stop removes the block device: the kernel writes back dirty pages and
+// drains in-flight requests through the still-serving queues, then aborts
+// every tag, and Stop returns once all queue threads have finished.
+func (d *Device) Stop() error {
+	d.stopOnce.Do(func() {
+		if err := d.ctrl.Stop(d.info.DevID); err != nil {
+			d.stopErr = err
+			return
+		}
+		if d.finished != nil {
+			<-d.finished
+			d.stopErr = d.queueErr
+		}
+	})
+	return d.stopErr
+}
+
+// Finished is closed once every queue thread has ended, whether through
+// Stop or because the device was stopped from outside.
+func (d *Device) Finished() <-chan struct{} { return d.finished }
+
+// Delete frees the device id. Stop first; Delete closes the char device
+// itself, since the kernel waits for that reference to go.
+func (d *Device) Delete() error {
+	d.closeChar()
+	return d.ctrl.Delete(d.info.DevID)
+}
+
+func (d *Device) closeChar() {
+	if d.charFd >= 0 {
+		unix.Close(d.charFd)
+		d.charFd = -1
+	}
+}
+
+// Stats sums the per-queue counters.
+func (d *Device) Stats() QueueStats {
+	var t QueueStats
+	for _, q := range d.queues {
+		s := q.snapshotStats()
+		t.Reads += s.Reads
+		t.Writes += s.Writes
+		t.Flushes += s.Flushes
+		t.Discards += s.Discards
+		t.WriteZeroes += s.WriteZeroes
+		t.Errors += s.Errors
+		t.BytesRead += s.BytesRead
+		t.BytesWritten += s.BytesWritten
+	}
+	return t
+}

@@ -1,0 +1,338 @@
+package uapi
+
+import "structs"
+
+// This file mirrors include/uapi/linux/ublk_cmd.h (kernel UAPI layout, not
+// ublksrv's edited copy, which moves the zoned parameters).
+
+// IOC encodes an ioctl number the way the kernel's _IOC macro does; ublk's
+// command opcodes are ioctl-encoded since 6.4 and GET_FEATURES is matched
+// exactly, so the encoded values are the ones sent.
+func IOC(dir, typ, nr, size uint32) uint32 { return dir<<30 | size<<16 | typ<<8 | nr }
+
+const (
+	iocWrite = 1
+	iocRead  = 2
+
+	ublkIoctlType = 'u'
+
+	// SizeofCtrlCmd and SizeofIOCmd are the payload sizes encoded in the opcodes.
+	SizeofCtrlCmd = 32
+	SizeofIOCmd   = 16
+)
+
+func ior(nr, size uint32) uint32  { return IOC(iocRead, ublkIoctlType, nr, size) }
+func iowr(nr, size uint32) uint32 { return IOC(iocRead|iocWrite, ublkIoctlType, nr, size) }
+
+// CtrlOp is a control command sent as IORING_OP_URING_CMD to /dev/ublk-control.
+type CtrlOp uint32
+
+// Control commands (UBLK_U_CMD_*).
+var (
+	CmdGetQueueAffinity  = CtrlOp(ior(0x01, SizeofCtrlCmd))
+	CmdGetDevInfo        = CtrlOp(ior(0x02, SizeofCtrlCmd))
+	CmdAddDev            = CtrlOp(iowr(0x04, SizeofCtrlCmd))
+	CmdDelDev            = CtrlOp(iowr(0x05, SizeofCtrlCmd))
+	CmdStartDev          = CtrlOp(iowr(0x06, SizeofCtrlCmd))
+	CmdStopDev           = CtrlOp(iowr(0x07, SizeofCtrlCmd))
+	CmdSetParams         = CtrlOp(iowr(0x08, SizeofCtrlCmd))
+	CmdGetParams         = CtrlOp(ior(0x09, SizeofCtrlCmd))
+	CmdStartUserRecovery = CtrlOp(iowr(0x10, SizeofCtrlCmd))
+	CmdEndUserRecovery   = CtrlOp(iowr(0x11, SizeofCtrlCmd))
+	CmdGetDevInfo2       = CtrlOp(ior(0x12, SizeofCtrlCmd))
+	CmdGetFeatures       = CtrlOp(ior(0x13, SizeofCtrlCmd))
+	CmdDelDevAsync       = CtrlOp(ior(0x14, SizeofCtrlCmd))
+)
+
+// String names the command for error messages.
+func (op CtrlOp) String() string {
+	switch op {
+	case CmdGetQueueAffinity:
+		return "GET_QUEUE_AFFINITY"
+	case CmdGetDevInfo:
+		return "GET_DEV_INFO"
+	case CmdAddDev:
+		return "ADD_DEV"
+	case CmdDelDev:
+		return "DEL_DEV"
+	case CmdStartDev:
+		return "START_DEV"
+	case CmdStopDev:
+		return "STOP_DEV"
+	case CmdSetParams:
+		return "SET_PARAMS"
+	case CmdGetParams:
+		return "GET_PARAMS"
+	case CmdStartUserRecovery:
+		return "START_USER_RECOVERY"
+	case CmdEndUserRecovery:
+		return "END_USER_RECOVERY"
+	case CmdGetDevInfo2:
+		return "GET_DEV_INFO2"
+	case CmdGetFeatures:
+		return "GET_FEATURES"
+	case CmdDelDevAsync:
+		return "DEL_DEV_ASYNC"
+	}
+	return "CTRL_CMD(unknown)"
+}
+
+// IOCmdOp is a per-queue command sent on /dev/ublkcN.
+type IOCmdOp uint32
+
+// Queue commands (UBLK_U_IO_*).
+var (
+	IOFetchReq          = IOCmdOp(iowr(0x20, SizeofIOCmd))
+	IOCommitAndFetchReq = IOCmdOp(iowr(0x21, SizeofIOCmd))
+	IONeedGetData       = IOCmdOp(iowr(0x22, SizeofIOCmd))
+)
+
+// Feature is a UBLK_F_* device flag negotiated in ADD_DEV.
+type Feature uint64
+
+// Device flags (UBLK_F_*).
+const (
+	FeatSupportZeroCopy     Feature = 1 << 0
+	FeatURingCmdCompInTask  Feature = 1 << 1
+	FeatNeedGetData         Feature = 1 << 2
+	FeatUserRecovery        Feature = 1 << 3
+	FeatUserRecoveryReissue Feature = 1 << 4
+	FeatUnprivilegedDev     Feature = 1 << 5
+	FeatCmdIoctlEncode      Feature = 1 << 6
+	FeatUserCopy            Feature = 1 << 7
+	FeatZoned               Feature = 1 << 8
+	FeatUserRecoveryFailIO  Feature = 1 << 9
+	FeatUpdateSize          Feature = 1 << 10
+	FeatAutoBufReg          Feature = 1 << 11
+	FeatQuiesce             Feature = 1 << 12
+	FeatPerIODaemon         Feature = 1 << 13
+	FeatBufRegOffDaemon     Feature = 1 << 14
+)
+
+// DevState is ublksrv_ctrl_dev_info.state.
+type DevState uint16
+
+// Device states (UBLK_S_DEV_*).
+const (
+	DevDead     DevState = 0
+	DevLive     DevState = 1
+	DevQuiesced DevState = 2
+	DevFailIO   DevState = 3
+)
+
+func (s DevState) String() string {
+	switch s {
+	case DevDead:
+		return "dead"
+	case DevLive:
+		return "live"
+	case DevQuiesced:
+		return "quiesced"
+	case DevFailIO:
+		return "fail-io"
+	}
+	return "unknown"
+}
+
+// IOOp is the operation in ublksrv_io_desc.op_flags bits 0-7.
+type IOOp uint8
+
+// Request operations (UBLK_IO_OP_*).
+const (
+	IOOpRead        IOOp = 0
+	IOOpWrite       IOOp = 1
+	IOOpFlush       IOOp = 2
+	IOOpDiscard     IOOp = 3
+	IOOpWriteSame   IOOp = 4
+	IOOpWriteZeroes IOOp = 5
+)
+
+func (o IOOp) String() string {
+	switch o {
+	case IOOpRead:
+		return "read"
+	case IOOpWrite:
+		return "write"
+	case IOOpFlush:
+		return "flush"
+	case IOOpDiscard:
+		return "discard"
+	case IOOpWriteSame:
+		return "write-same"
+	case IOOpWriteZeroes:
+		return "write-zeroes"
+	}
+	return "unknown"
+}
+
+// Request flags (UBLK_IO_F_*), already shifted into op_flags.
+const (
+	IOFlagFailfastDev       = 1 << 8
+	IOFlagFailfastTransport = 1 << 9
+	IOFlagFailfastDriver    = 1 << 10
+	IOFlagMeta              = 1 << 11
+	IOFlagFUA               = 1 << 13
+	IOFlagNoUnmap           = 1 << 15
+	IOFlagSwap              = 1 << 16
+)
+
+// Results of FETCH / COMMIT_AND_FETCH CQEs.
+const (
+	IOResOK          = 0
+	IOResNeedGetData = 1
+	IOResAbort       = -19 // -ENODEV: device stopping; do not re-issue
+)
+
+// Parameter types (UBLK_PARAM_TYPE_*).
+const (
+	ParamTypeBasic   = 1 << 0
+	ParamTypeDiscard = 1 << 1
+	ParamTypeDevt    = 1 << 2
+	ParamTypeZoned   = 1 << 3
+)
+
+// Basic attributes (UBLK_ATTR_*).
+const (
+	AttrReadOnly      = 1 << 0
+	AttrRotational    = 1 << 1
+	AttrVolatileCache = 1 << 2
+	AttrFUA           = 1 << 3
+)
+
+// Limits and layout constants.
+const (
+	MaxQueueDepth = 4096
+	MaxDevID      = 1<<20 - 1
+	// CmdBufOffset is UBLKSRV_CMD_BUF_OFFSET: where queue 0's descriptor array is mapped.
+	CmdBufOffset = 0
+	// SizeofIODesc is the size of one ublksrv_io_desc.
+	SizeofIODesc = 24
+	// IOBufOffset, IOBufBits, TagBits: USER_COPY pread/pwrite offsets.
+	IOBufOffset = 0x80000000
+	IOBufBits   = 25
+	TagBits     = 16
+	QIDBits     = 12
+	// NewDevID asks ADD_DEV to pick the id.
+	NewDevID = 0xFFFFFFFF
+	// AnyQueue is the queue_id every control command carries.
+	AnyQueue = 0xFFFF
+)
+
+// DescStride is the byte distance between two queues' descriptor arrays in
+// the /dev/ublkcN mmap space: round_up(4096*24, page) independent of depth.
+func DescStride(pageSize int) int64 {
+	n := int64(MaxQueueDepth * SizeofIODesc)
+	p := int64(pageSize)
+	return (n + p - 1) / p * p
+}
+
+// CtrlCmd is struct ublksrv_ctrl_cmd (32 bytes), placed at SQE byte 48.
+type CtrlCmd struct {
+	_          structs.HostLayout
+	DevID      uint32 // dev_id
+	QueueID    uint16 // queue_id
+	Len        uint16 // len: bytes at Addr
+	Addr       uint64 // addr: user buffer (off-heap)
+	Data       uint64 // data[0]: inline argument
+	DevPathLen uint16 // dev_path_len
+	Pad        uint16 // pad
+	Reserved   uint32 // reserved
+}
+
+// CtrlDevInfo is struct ublksrv_ctrl_dev_info (64 bytes).
+type CtrlDevInfo struct {
+	_             structs.HostLayout
+	NrHWQueues    uint16   // nr_hw_queues
+	QueueDepth    uint16   // queue_depth
+	State         DevState // state
+	Pad0          uint16   // pad0
+	MaxIOBufBytes uint32   // max_io_buf_bytes
+	DevID         uint32   // dev_id
+	UblksrvPID    int32    // ublksrv_pid
+	Pad1          uint32   // pad1
+	Flags         Feature  // flags
+	UblksrvFlags  uint64   // ublksrv_flags: opaque to the kernel
+	OwnerUID      uint32   // owner_uid
+	OwnerGID      uint32   // owner_gid
+	Reserved1     uint64   // reserved1
+	Reserved2     uint64   // reserved2
+}
+
+// IODesc is struct ublksrv_io_desc (24 bytes), written by the kernel into
+// the read-only per-queue mmap, one per tag.
+type IODesc struct {
+	_           structs.HostLayout
+	OpFlags     uint32 // op_flags: op in bits 0-7, UBLK_IO_F_* above
+	NrSectors   uint32 // nr_sectors: 512-byte units
+	StartSector uint64 // start_sector: 512-byte units
+	Addr        uint64 // addr
+}
+
+// Op returns the request operation.
+func (d *IODesc) Op() IOOp { return IOOp(d.OpFlags & 0xff) }
+
+// IOCmd is struct ublksrv_io_cmd (16 bytes), placed at SQE byte 48.
+type IOCmd struct {
+	_      structs.HostLayout
+	QID    uint16 // q_id
+	Tag    uint16 // tag
+	Result int32  // result: bytes or -errno (COMMIT only)
+	Addr   uint64 // addr: per-tag buffer in copy mode
+}
+
+// ParamBasic is struct ublk_param_basic (32 bytes).
+type ParamBasic struct {
+	_                structs.HostLayout
+	Attrs            uint32 // attrs
+	LogicalBSShift   uint8  // logical_bs_shift
+	PhysicalBSShift  uint8  // physical_bs_shift
+	IOOptShift       uint8  // io_opt_shift
+	IOMinShift       uint8  // io_min_shift
+	MaxSectors       uint32 // max_sectors
+	ChunkSectors     uint32 // chunk_sectors
+	DevSectors       uint64 // dev_sectors: 512-byte units
+	VirtBoundaryMask uint64 // virt_boundary_mask
+}
+
+// ParamDiscard is struct ublk_param_discard (20 bytes).
+type ParamDiscard struct {
+	_                     structs.HostLayout
+	DiscardAlignment      uint32 // discard_alignment
+	DiscardGranularity    uint32 // discard_granularity
+	MaxDiscardSectors     uint32 // max_discard_sectors
+	MaxWriteZeroesSectors uint32 // max_write_zeroes_sectors
+	MaxDiscardSegments    uint16 // max_discard_segments
+	Reserved0             uint16 // reserved0
+}
+
+// ParamDevt is struct ublk_param_devt (16 bytes).
+type ParamDevt struct {
+	_         structs.HostLayout
+	CharMajor uint32 // char_major
+	CharMinor uint32 // char_minor
+	DiskMajor uint32 // disk_major
+	DiskMinor uint32 // disk_minor
+}
+
+// ParamZoned is struct ublk_param_zoned (32 bytes).
+type ParamZoned struct {
+	_                    structs.HostLayout
+	MaxOpenZones         uint32   // max_open_zones
+	MaxActiveZones       uint32   // max_active_zones
+	MaxZoneAppendSectors uint32   // max_zone_append_sectors
+	Reserved             [20]byte // reserved
+}
+
+// Params is struct ublk_params as of 6.12 (112 bytes). Newer kernels append
+// members; the kernel copies min(len, its sizeof), so the 6.12 prefix is
+// valid everywhere.
+type Params struct {
+	_       structs.HostLayout
+	Len     uint32       // len
+	Types   uint32       // types: ParamType* bits
+	Basic   ParamBasic   // basic
+	Discard ParamDiscard // discard
+	Devt    ParamDevt    // devt (read-only)
+	Zoned   ParamZoned   // zoned
+	_       [4]byte      // tail padding to 8-byte alignment
+}
