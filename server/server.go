@@ -43,6 +43,7 @@ type Server struct {
 
 	mu       sync.Mutex // serialises control requests
 	detached chan struct{}
+	handlers sync.WaitGroup // control connections being answered
 }
 
 // Start opens the device, creates and starts the front device and listens
@@ -132,6 +133,8 @@ func (s *Server) finished() <-chan struct{} {
 // asks for it, or ctx ends.
 func (s *Server) Serve(ctx context.Context) error {
 	go s.acceptLoop()
+	// Let the answer to a detach reach its client before the process ends.
+	defer s.waitHandlers(5 * time.Second)
 	sigs := make(chan os.Signal, 1)
 	signalNotify(sigs)
 	for {
@@ -171,7 +174,23 @@ func (s *Server) acceptLoop() {
 		if err != nil {
 			return
 		}
-		go s.handle(conn)
+		s.handlers.Add(1)
+		go func() {
+			defer s.handlers.Done()
+			s.handle(conn)
+		}()
+	}
+}
+
+func (s *Server) waitHandlers(limit time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		s.handlers.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(limit):
 	}
 }
 

@@ -19,7 +19,7 @@ import (
 
 // guestPrograms are the real clients the guest tests drive.
 var guestPrograms = []string{
-	"mkfs.ext4", "mke2fs", "e2fsck", "fio", "blkdiscard", "blockdev",
+	"mkfs.ext4", "mke2fs", "e2fsck", "fio", "/usr/sbin/blkdiscard", "blockdev",
 }
 
 // build compiles a static binary (the guest has no Go toolchain or libc

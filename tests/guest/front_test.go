@@ -99,7 +99,7 @@ func fioJob(engine, dev string, verifyOnly bool) []string {
 		"--name=verify-" + engine, "--filename=" + dev, "--ioengine=" + engine,
 		"--direct=1", "--rw=randwrite", "--bssplit=4k/40:16k/20:64k/20:512/10:256k/10",
 		"--blockalign=4k", "--size=96M", "--offset_increment=112M", "--numjobs=4", "--iodepth=16",
-		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randseed=" + engine[:2],
+		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randseed=" + map[string]string{"io_uring": "11", "psync": "22"}[engine],
 		"--group_reporting", "--minimal",
 	}
 	if engine == "psync" {
@@ -131,7 +131,7 @@ func TestDiscardAndWriteZeroes(t *testing.T) {
 	front := attach(t, diskFio, 1)
 	sh(t, fmt.Sprintf(`
 		dd if=/dev/urandom of=%[1]s bs=1M count=8 oflag=direct 2>/dev/null
-		blkdiscard -z -o 1048576 -l 4194304 %[1]s
+		/usr/sbin/blkdiscard -z -o 1048576 -l 4194304 %[1]s
 	`, front))
 	detach(t, 1)
 	sh(t, fmt.Sprintf(`

@@ -163,15 +163,15 @@ func fetchKernel(ctx context.Context, dir, version string, src kernelSource) err
 	if modSrc == "" {
 		return fmt.Errorf("vm: no modules for %s in %v", release, pkgs)
 	}
+	// Move the image first: newer packages keep it inside the modules dir.
+	if err := os.Rename(vmlinuz, filepath.Join(dir, "vmlinuz")); err != nil {
+		return err
+	}
 	modDir := filepath.Join(dir, "lib", "modules", release)
 	if err := os.MkdirAll(filepath.Dir(modDir), 0o755); err != nil {
 		return err
 	}
 	if err := os.Rename(modSrc, modDir); err != nil {
-		return err
-	}
-	os.Remove(filepath.Join(modDir, "vmlinuz")) // newer packages keep the image here
-	if err := os.Rename(vmlinuz, filepath.Join(dir, "vmlinuz")); err != nil {
 		return err
 	}
 	if err := decompressModules(ctx, modDir); err != nil {
