@@ -98,9 +98,10 @@ func (c *AttachCmd) spawn(env *Env, minor int) error {
 		cmd.Wait()
 		return errors.New(status.Error)
 	}
+	pid := cmd.Process.Pid
 	cmd.Process.Release()
 	fmt.Fprintf(env.Stdout, "attached %s as %s (minor %d, server pid %d, log %s)\n",
-		c.BlockDevice, status.Front, minor, cmd.Process.Pid, server.LogPath(minor))
+		c.BlockDevice, status.Front, minor, pid, server.LogPath(minor))
 	return nil
 }
 

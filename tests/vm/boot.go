@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -96,7 +97,7 @@ func bootOnce(ctx context.Context, args []string, consoleLog, resultsLog string)
 		case werr := <-exited:
 			finish()
 			started := o.bootTime > 0 || bytes.Contains(console.Bytes(), []byte(startMarker))
-			if !started {
+			if !started && !strings.Contains(o.results, initFailMarker) {
 				if console.Len() == 0 && werr != nil {
 					return o, fmt.Errorf("vm: %w: %v\n%s", errQemuStart, werr, tail(o.stderr, 2000))
 				}
@@ -112,7 +113,8 @@ func bootOnce(ctx context.Context, args []string, consoleLog, resultsLog string)
 			return o, nil
 		case <-ctx.Done():
 			kill()
-			return o, fmt.Errorf("vm: %w; console tail:\n%s", ctx.Err(), tail(o.console, 6000))
+			return o, fmt.Errorf("vm: stopped the VM after %v: %w; console tail:\n%s",
+				time.Since(start).Round(time.Millisecond), ctx.Err(), tail(o.console, 6000))
 		case <-tick.C:
 		}
 		readConsole()

@@ -22,7 +22,7 @@ type Config struct {
 	Disks     []Disk                           // virtio-blk disks, in order /dev/vda, /dev/vdb, ...
 	Files     map[string]string                // guest path -> host file or directory; modes kept, shared libraries of ELF files added
 	Programs  []string                         // host programs (PATH, then /usr/local/sbin, /usr/sbin, /sbin), added at the same path with their libraries
-	Modules   []string                         // kernel modules to ship, with dependencies; virtio_blk is always shipped and loaded
+	Modules   []string                         // kernel modules to ship, with dependencies (load them with modprobe); virtio_pci and virtio_blk are always shipped and loaded
 	Script    string                           // busybox ash script run as root once the guest is set up
 	Timeout   time.Duration                    // limit for the whole run, all boots included; default 10 minutes
 	Logf      func(format string, args ...any) // progress and boot-retry notes; may be nil

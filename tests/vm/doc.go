@@ -42,7 +42,7 @@
 // second) holds the host's static /bin/busybox with all its applets, the
 // requested programs, files and modules, and a generated /init that mounts
 // proc, sysfs, devtmpfs, devpts and tmpfs (/tmp, /run, /dev/shm), loads
-// virtio_blk, waits for the disks, prints a start marker on the console and
+// virtio_pci and virtio_blk where they are modules, waits for the disks, prints a start marker on the console and
 // runs the script as /bin/sh /dbd/script.sh in /root with stdin from
 // /dev/null. PATH is /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin.
 // A requested program replaces any busybox applet of the same name.

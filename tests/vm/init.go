@@ -29,7 +29,7 @@ func diskName(i int) string { return "vd" + string(rune('a'+i)) }
 // minimal system, runs /dbd/script.sh with output on the results port and
 // powers the VM off. Failing setup steps are reported, never ignored: a
 // script running on a half-built system would fail in confusing ways.
-func initScript(cfg *Config) string {
+func initScript(cfg *Config, bootMods []string) string {
 	var disks []string
 	for i := range cfg.Disks {
 		disks = append(disks, "/dev/"+diskName(i))
@@ -61,7 +61,9 @@ ln -sf /proc/self/fd/2 /dev/stderr
 hostname dbd-vm
 ip link set lo up 2>/dev/null
 
-[ -d /sys/module/virtio_blk ] || modprobe virtio_blk || fail "modprobe virtio_blk"
+for m in %s; do
+	modprobe "$m" || fail "modprobe $m"
+done
 for d in %s; do
 	n=0
 	while [ ! -b "$d" ]; do
@@ -85,6 +87,7 @@ poweroff -f
 `,
 		guestPath,
 		initFailMarker, markerEnd, resultsTTY,
+		strings.Join(bootMods, " "),
 		strings.Join(disks, " "),
 		resultsTTY, resultsTTY,
 		startMarker,

@@ -39,7 +39,8 @@ func buildInitramfs(k *Kernel, cfg *Config) (*archive, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := addModules(a, k, cfg.Modules); err != nil {
+	bootMods, err := addModules(a, k, cfg.Modules)
+	if err != nil {
 		return nil, err
 	}
 	var userPaths []string
@@ -69,7 +70,7 @@ func buildInitramfs(k *Kernel, cfg *Config) (*archive, error) {
 			}
 		}
 	}
-	a.data("/init", []byte(initScript(cfg)), 0o755)
+	a.data("/init", []byte(initScript(cfg, bootMods)), 0o755)
 	a.data("/dbd/script.sh", []byte(cfg.Script), 0o755)
 	return a, nil
 }
@@ -126,38 +127,53 @@ func addBusybox(a *archive) (map[string][]string, error) {
 	return byName, nil
 }
 
-// addModules copies the wanted modules plus virtio_blk and all their
+// bootModules are what the guest needs to see its disks. Whether they are
+// modules or built in differs between kernels (6.1 builds virtio_pci as a
+// module, 6.12 builds it in), so each is shipped and loaded only if it is a
+// module.
+var bootModules = []string{"virtio_pci", "virtio_blk"}
+
+// addModules copies the wanted modules, the boot modules and all their
 // dependencies, with a modules.dep and modules.alias covering exactly them.
-func addModules(a *archive, k *Kernel, want []string) error {
+// It returns the boot modules the guest init must load.
+func addModules(a *archive, k *Kernel, want []string) ([]string, error) {
 	ix, err := loadModuleIndex(k.ModulesDir)
 	if err != nil {
-		return fmt.Errorf("vm: module index of %s: %w", k.Release, err)
+		return nil, fmt.Errorf("vm: module index of %s: %w", k.Release, err)
 	}
-	names, err := ix.closure(append([]string{"virtio_blk"}, want...))
+	var load []string
+	for _, m := range bootModules {
+		if _, ok := ix.path[m]; ok {
+			load = append(load, m)
+		} else if !ix.builtin[m] {
+			return nil, fmt.Errorf("vm: kernel %s has no %s, needed for virtio disks", k.Release, m)
+		}
+	}
+	names, err := ix.closure(append(load, want...))
 	if err != nil {
-		return fmt.Errorf("%w (kernel %s)", err, k.Release)
+		return nil, fmt.Errorf("%w (kernel %s)", err, k.Release)
 	}
 	guestDir := "/lib/modules/" + k.Release
 	a.dir(guestDir, 0o755)
 	for _, n := range names {
 		rel := ix.path[n]
 		if err := a.file(guestDir+"/"+rel, filepath.Join(k.ModulesDir, filepath.FromSlash(rel))); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	var dep, alias strings.Builder
 	if err := ix.writeDep(&dep, names); err != nil {
-		return err
+		return nil, err
 	}
 	if err := ix.writeAlias(&alias, names); err != nil {
-		return err
+		return nil, err
 	}
 	a.data(guestDir+"/modules.dep", []byte(dep.String()), 0o644)
 	a.data(guestDir+"/modules.alias", []byte(alias.String()), 0o644)
 	if b, err := os.ReadFile(filepath.Join(k.ModulesDir, "modules.builtin")); err == nil {
 		a.data(guestDir+"/modules.builtin", b, 0o644)
 	}
-	return nil
+	return load, nil
 }
 
 // lookProgram finds a host program by name in $PATH and then programDirs.

@@ -38,8 +38,10 @@ var kernelSources = map[string]kernelSource{
 }
 
 // kernelPackagePrefixes are the dependencies worth following from the meta
-// package: newer kernels split the image into binary and modules packages.
-var kernelPackagePrefixes = []string{"linux-image-", "linux-binary-", "linux-modules-"}
+// package: newer kernels split the image into binary, modules and base
+// packages, the last holding modules.builtin. The plain "linux-base" package
+// (maintainer scripts) does not match.
+var kernelPackagePrefixes = []string{"linux-image-", "linux-binary-", "linux-modules-", "linux-base-"}
 
 // resolveKernelVersion applies the defaults: explicit value, then
 // $DBD_KERNEL, then DefaultKernel.

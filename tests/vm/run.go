@@ -56,13 +56,20 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, err
 	}
 
+	return bootWithRetries(ctx, &cfg, k, dir, backends)
+}
+
+// bootWithRetries boots until one boot gets past the start marker, at most
+// maxBoots times, and turns the last boot's logs into a Result.
+func bootWithRetries(ctx context.Context, cfg *Config, k *Kernel, dir string, backends []diskBackend) (*Result, error) {
+	initrd := filepath.Join(dir, "initramfs.cpio")
 	consoleLog := filepath.Join(dir, "console.log")
 	resultsLog := filepath.Join(dir, "results.log")
 	res := &Result{}
 	for res.Boots < maxBoots {
 		res.Boots++
 		t := time.Now()
-		args := qemuArgs(k, &cfg, initrd, consoleLog, resultsLog, backends)
+		args := qemuArgs(k, cfg, initrd, consoleLog, resultsLog, backends)
 		o, err := bootOnce(ctx, args, consoleLog, resultsLog)
 		res.Console, res.BootTime = o.console, o.bootTime
 		out, code, perr := parseResults(o.results)

@@ -259,12 +259,15 @@ func TestBuildInitramfs(t *testing.T) {
 	if err != nil {
 		t.Skip(err)
 	}
-	extra := filepath.Join(t.TempDir(), "extra")
+	tmp := t.TempDir()
+	extra := filepath.Join(tmp, "extra")
 	os.WriteFile(extra, []byte("data"), 0o640)
+	os.MkdirAll(filepath.Join(tmp, "tree", "sub"), 0o755)
+	os.WriteFile(filepath.Join(tmp, "tree", "sub", "f"), []byte("f"), 0o644)
 	cfg := &Config{
 		Programs: []string{"dd"},
 		Modules:  []string{"xfs", "ext4"}, // ext4 is built in: no error, nothing shipped
-		Files:    map[string]string{"/opt/extra": extra},
+		Files:    map[string]string{"/opt/extra": extra, "/srv/tree": filepath.Join(tmp, "tree")},
 		Disks:    []Disk{{Path: "x"}},
 		Script:   "echo hi",
 	}
@@ -278,7 +281,7 @@ func TestBuildInitramfs(t *testing.T) {
 	}
 	hdrs, data, _ := readCpio(t, &buf)
 	mods := "lib/modules/" + k.Release + "/"
-	for _, want := range []string{"init", "bin/busybox", "bin/sh", "sbin/modprobe", "dbd/script.sh", "opt/extra",
+	for _, want := range []string{"init", "bin/busybox", "bin/sh", "sbin/modprobe", "dbd/script.sh", "opt/extra", "srv/tree/sub/f",
 		strings.TrimPrefix(dd, "/"), "lib64/ld-linux-x86-64.so.2",
 		mods + "kernel/fs/xfs/xfs.ko", mods + "kernel/drivers/block/virtio_blk.ko", mods + "modules.dep", mods + "modules.alias"} {
 		if _, ok := hdrs[want]; !ok {
@@ -307,7 +310,7 @@ func TestBuildInitramfs(t *testing.T) {
 			}
 		}
 	}
-	if init := string(data["init"]); !strings.Contains(init, "for d in /dev/vda;") || !strings.Contains(init, startMarker) {
+	if init := string(data["init"]); !strings.Contains(init, "for d in /dev/vda;") || !strings.Contains(init, "virtio_blk") || !strings.Contains(init, startMarker) {
 		t.Errorf("init script:\n%s", init)
 	}
 }

@@ -1,0 +1,228 @@
+// Command frontbench measures the ublk front device against the raw disk
+// under it, inside the VM rig: 4k random read and write at QD32, 1M
+// sequential read and write, interleaved (raw, front, raw, front...) over
+// several rounds, reported as medians and ratios, plus the server's CPU time
+// per I/O. With -record it appends the table to bench/RESULTS.md.
+package main
+
+import (
+	"bufio"
+	"context"
+	_ "embed"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/dbdublk/dbdublk/tests/vm"
+)
+
+//go:embed bench.sh
+var script string
+
+var (
+	rounds  = flag.Int("rounds", 3, "interleaved rounds")
+	runtime = flag.Int("runtime", 5, "seconds per fio run")
+	record  = flag.String("record", "", "append the table to this markdown file (e.g. bench/RESULTS.md)")
+)
+
+func main() {
+	flag.Parse()
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "frontbench:", err)
+		os.Exit(1)
+	}
+}
+
+// sample is one fio run.
+type sample struct {
+	iops, bw float64 // I/O per second, bytes per second
+	ios      float64 // I/Os completed
+	cpuTicks float64 // server CPU ticks (USER_HZ) during the run
+}
+
+func run() error {
+	work, err := os.MkdirTemp("", "frontbench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	dbdctl := filepath.Join(work, "dbdctl")
+	build := exec.Command("go", "build", "-o", dbdctl, "./ctl/dbdctl")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		return fmt.Errorf("build dbdctl: %v\n%s", err, out)
+	}
+	sh := filepath.Join(work, "bench.sh")
+	if err := os.WriteFile(sh, []byte(script), 0o755); err != nil {
+		return err
+	}
+	// Fully allocated images, so neither side reads host-file holes.
+	var disks []vm.Disk
+	for _, name := range []string{"raw.img", "front.img"} {
+		p := filepath.Join(work, name)
+		if out, err := exec.Command("fallocate", "-l", "1G", p).CombinedOutput(); err != nil {
+			return fmt.Errorf("fallocate: %v: %s", err, out)
+		}
+		disks = append(disks, vm.Disk{Path: p, Size: 1 << 30})
+	}
+	fmt.Printf("booting the VM; %d rounds x 4 jobs x 2 targets x %ds\n", *rounds, *runtime)
+	res, err := vm.Run(context.Background(), vm.Config{
+		Disks:    disks,
+		Files:    map[string]string{"/usr/local/bin/dbdctl": dbdctl, "/usr/local/bin/bench.sh": sh},
+		Programs: []string{"fio"},
+		Modules:  []string{"ublk_drv"},
+		Script:   fmt.Sprintf("mkdir -p /var/log\nROUNDS=%d RUNTIME=%d /bin/sh /usr/local/bin/bench.sh", *rounds, *runtime),
+		Timeout:  60 * time.Minute,
+		Logf:     func(f string, a ...any) { fmt.Printf("[vm] "+f+"\n", a...) },
+	})
+	if err != nil {
+		return err
+	}
+	if res.ExitCode != 0 || !strings.Contains(res.Output, "@@DONE") {
+		return fmt.Errorf("bench script failed (status %d):\n%s", res.ExitCode, res.Output)
+	}
+	raw := filepath.Join(os.TempDir(), "frontbench-output.txt")
+	os.WriteFile(raw, []byte(res.Output), 0o644)
+	samples, err := parse(res.Output)
+	if err != nil {
+		return fmt.Errorf("%w (guest output kept in %s)", err, raw)
+	}
+	table := render(samples)
+	fmt.Print(table)
+	if *record != "" {
+		f, err := os.OpenFile(*record, os.O_APPEND|os.O_WRONLY|os.O_CREATE, 0o644)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		fmt.Fprintf(f, "\n## %s — front device vs raw virtio disk\n\n%s", time.Now().UTC().Format("2006-01-02"), table)
+	}
+	return nil
+}
+
+// parse reads the markers and fio JSON the guest printed.
+func parse(out string) (map[string]map[string][]sample, error) {
+	samples := map[string]map[string][]sample{}
+	sc := bufio.NewScanner(strings.NewReader(out))
+	sc.Buffer(make([]byte, 1<<20), 1<<24)
+	var job, target string
+	var js strings.Builder
+	for sc.Scan() {
+		line := sc.Text()
+		// fio's JSON may end without a newline before the next marker.
+		if i := strings.Index(line, "@@"); i > 0 {
+			if job != "" {
+				js.WriteString(line[:i])
+				js.WriteByte('\n')
+			}
+			line = line[i:]
+		}
+		switch {
+		case strings.HasPrefix(line, "@@JOB "):
+			f := strings.Fields(line)
+			job, target = f[2], f[3]
+			js.Reset()
+		case strings.HasPrefix(line, "@@CPU "):
+			ticks, _ := strconv.ParseFloat(strings.Fields(line)[1], 64)
+			s, err := fioSample(js.String())
+			if err != nil {
+				return nil, fmt.Errorf("%s on %s: %w", job, target, err)
+			}
+			s.cpuTicks = ticks
+			if samples[job] == nil {
+				samples[job] = map[string][]sample{}
+			}
+			samples[job][target] = append(samples[job][target], s)
+			job = ""
+		default:
+			if job != "" {
+				js.WriteString(line)
+				js.WriteByte('\n')
+			}
+		}
+	}
+	return samples, nil
+}
+
+func fioSample(text string) (sample, error) {
+	if i := strings.Index(text, "{"); i > 0 {
+		text = text[i:]
+	}
+	var doc struct {
+		Jobs []struct {
+			Read, Write struct {
+				IOPS     float64 `json:"iops"`
+				BW       float64 `json:"bw_bytes"`
+				TotalIOs float64 `json:"total_ios"`
+			}
+		} `json:"jobs"`
+	}
+	if err := json.Unmarshal([]byte(text), &doc); err != nil || len(doc.Jobs) == 0 {
+		return sample{}, fmt.Errorf("unreadable fio output: %v", err)
+	}
+	j := doc.Jobs[0]
+	return sample{iops: j.Read.IOPS + j.Write.IOPS, bw: j.Read.BW + j.Write.BW, ios: j.Read.TotalIOs + j.Write.TotalIOs}, nil
+}
+
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func render(samples map[string]map[string][]sample) string {
+	var b strings.Builder
+	b.WriteString("| job | raw (median) | front (median) | front/raw (medians) | front/raw (sums) | server CPU per I/O |\n")
+	b.WriteString("|---|---|---|---|---|---|\n")
+	for _, job := range []string{"randread", "randwrite", "seqread", "seqwrite"} {
+		raw, front := samples[job]["raw"], samples[job]["front"]
+		seq := strings.HasPrefix(job, "seq")
+		val := func(s sample) float64 {
+			if seq {
+				return s.bw / 1e6
+			}
+			return s.iops
+		}
+		var rv, fv, cpu []float64
+		var rs, fs float64
+		for _, s := range raw {
+			rv = append(rv, val(s))
+			rs += val(s)
+		}
+		for _, s := range front {
+			fv = append(fv, val(s))
+			fs += val(s)
+			if s.ios > 0 {
+				cpu = append(cpu, s.cpuTicks*1e4/s.ios) // ticks are 10 ms: µs per I/O
+			}
+		}
+		unit, name := "IOPS", map[string]string{"randread": "4k random read QD32", "randwrite": "4k random write QD32",
+			"seqread": "1M sequential read QD8", "seqwrite": "1M sequential write QD8"}[job]
+		if seq {
+			unit = "MB/s"
+		}
+		mr, mf := median(rv), median(fv)
+		ratio, sumRatio := 0.0, 0.0
+		if mr > 0 {
+			ratio = mf / mr
+		}
+		if rs > 0 {
+			sumRatio = fs / rs
+		}
+		fmt.Fprintf(&b, "| %s | %.0f %s | %.0f %s | %.2f | %.2f | %.1f µs |\n", name, mr, unit, mf, unit, ratio, sumRatio, median(cpu))
+	}
+	return b.String()
+}

@@ -1,0 +1,299 @@
+package ctl
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"net"
+	"os"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/dbdublk/dbdublk/server"
+)
+
+// useRunDir points server.RunDir at a fresh directory so no test talks to a
+// real server of this host.
+func useRunDir(t *testing.T) {
+	t.Helper()
+	dir := t.TempDir()
+	if len(dir) > 80 { // keep socket paths under sun_path's 108 bytes
+		d, err := os.MkdirTemp("", "run")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(d) })
+		dir = d
+	}
+	old := server.RunDir
+	server.RunDir = dir
+	t.Cleanup(func() { server.RunDir = old })
+}
+
+func run(args ...string) (code int, stdout, stderr string) {
+	var out, errb bytes.Buffer
+	code = Main(args, &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+// wantOneLineError checks the failure contract: a non-zero status and one
+// line on stderr, never a stack trace.
+func wantOneLineError(t *testing.T, args []string, code int, stdout, stderr string) {
+	t.Helper()
+	if code == 0 {
+		t.Errorf("Main(%q) = 0, want non-zero", args)
+	}
+	if strings.Count(stderr, "\n") != 1 || !strings.HasSuffix(stderr, "\n") {
+		t.Errorf("Main(%q) stderr is not exactly one line: %q", args, stderr)
+	}
+	if !strings.HasPrefix(stderr, "dbdctl: ") {
+		t.Errorf("Main(%q) stderr = %q, want a \"dbdctl: \" prefix", args, stderr)
+	}
+	for _, bad := range []string{"panic", "goroutine", "internal error", ".go:"} {
+		if strings.Contains(stderr, bad) {
+			t.Errorf("Main(%q) stderr contains %q: %q", args, bad, stderr)
+		}
+	}
+	if stdout != "" {
+		t.Errorf("Main(%q) wrote to stdout on failure: %q", args, stdout)
+	}
+}
+
+func isRoot() bool { return os.Geteuid() == 0 }
+
+func TestMainErrors(t *testing.T) {
+	useRunDir(t)
+	tests := []struct {
+		args     []string
+		code     int
+		want     string // substring of stderr
+		needRoot bool   // want holds only when running as root
+	}{
+		{nil, 2, `expected one of "attach", "detach", "info", "version"`, false},
+		{[]string{"frobnicate"}, 2, "unexpected argument frobnicate", false},
+		{[]string{"--no-such-flag"}, 2, "unknown flag --no-such-flag", false},
+		{[]string{"attach", "onlyonearg"}, 2, `expected "<minor>"`, false},
+		{[]string{"attach"}, 2, `expected "<block-device> <minor>"`, false},
+		{[]string{"detach"}, 2, `expected "<minor>"`, false},
+		{[]string{"attach", "/dev/vda", "1", "extra"}, 2, "unexpected argument extra", false},
+		{[]string{"attach", "--queues=x", "/dev/vda", "1"}, 2, "--queues", false},
+		{[]string{"attach", "/dev/vda", "abc"}, 1, `minor "abc" is not a number`, false},
+		{[]string{"attach", "/dev/vda", "256"}, 1, "minor 256 is out of range 0..255", false},
+		{[]string{"attach", "/dev/vda", ""}, 1, "minor is empty", false},
+		{[]string{"detach", "x"}, 1, `minor "x" is not a number`, false},
+		{[]string{"detach", "-1"}, 2, "unknown flag -1", false},
+		{[]string{"info", "300"}, 1, "minor 300 is out of range 0..255", false},
+		{[]string{"info", "1.5"}, 1, `minor "1.5" is not a number`, false},
+		{[]string{"attach", "/nonexistent", "0"}, 1, "/nonexistent does not exist", true},
+		{[]string{"attach", "/dev/null", "0"}, 1, "/dev/null is not a block device", true},
+		{[]string{"detach", "5"}, 1, "minor 5 is not attached", true},
+		{[]string{"info", "17"}, 1, "minor 17 is not attached", true},
+	}
+	for _, tt := range tests {
+		code, stdout, stderr := run(tt.args...)
+		wantOneLineError(t, tt.args, code, stdout, stderr)
+		if code != tt.code {
+			t.Errorf("Main(%q) = %d, want %d", tt.args, code, tt.code)
+		}
+		if tt.needRoot && !isRoot() {
+			continue
+		}
+		if !strings.Contains(stderr, tt.want) {
+			t.Errorf("Main(%q) stderr = %q, want it to contain %q", tt.args, stderr, tt.want)
+		}
+	}
+}
+
+func TestMainHelp(t *testing.T) {
+	code, stdout, stderr := run("--help")
+	if code != 0 {
+		t.Errorf("--help = %d, want 0", code)
+	}
+	if stderr != "" {
+		t.Errorf("--help wrote to stderr: %q", stderr)
+	}
+	for _, want := range []string{"Usage: dbdctl <command>", "attach", "detach", "info", "version"} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("--help output lacks %q:\n%s", want, stdout)
+		}
+	}
+	if strings.Contains(stdout, "Run a device server") {
+		t.Errorf("--help lists the hidden serve command:\n%s", stdout)
+	}
+
+	code, stdout, stderr = run("attach", "--help")
+	if code != 0 || stderr != "" {
+		t.Errorf("attach --help = %d, stderr %q; want 0 and nothing", code, stderr)
+	}
+	for _, want := range []string{"Usage: dbdctl attach <block-device> <minor>", "--foreground", "--queues", "--max-io"} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("attach --help output lacks %q:\n%s", want, stdout)
+		}
+	}
+}
+
+func TestMainVersion(t *testing.T) {
+	code, stdout, stderr := run("version")
+	if code != 0 || stderr != "" {
+		t.Fatalf("version = %d, stderr %q", code, stderr)
+	}
+	if want := "dbdctl " + server.Version + "\n"; stdout != want {
+		t.Errorf("version printed %q, want %q", stdout, want)
+	}
+}
+
+// fakeServer answers dbdctl's control protocol for one minor in RunDir.
+type fakeServer struct {
+	ln     net.Listener
+	answer func(server.Request) server.Response
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	ops    []string
+}
+
+func startFake(t *testing.T, minor int, answer func(server.Request) server.Response) *fakeServer {
+	t.Helper()
+	ln, err := net.Listen("unix", server.SocketPath(minor))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fakeServer{ln: ln, answer: answer}
+	f.wg.Add(1)
+	go func() {
+		defer f.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			var req server.Request
+			line, _ := bufio.NewReader(c).ReadString('\n')
+			if json.Unmarshal([]byte(line), &req) == nil {
+				f.mu.Lock()
+				f.ops = append(f.ops, req.Op)
+				f.mu.Unlock()
+				json.NewEncoder(c).Encode(f.answer(req))
+			}
+			c.Close()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); f.wg.Wait() })
+	return f
+}
+
+func (f *fakeServer) received() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]string(nil), f.ops...)
+}
+
+func fakeDevice(minor int) *server.DeviceInfo {
+	return &server.DeviceInfo{Minor: minor, BlockDevice: "/dev/sdz", State: server.StateAttached,
+		Mode: "passthrough", FrontDevice: "/dev/ublkb3", Size: 1 << 30, Stats: server.IOCounters{Writes: 9}}
+}
+
+func TestMainInfo(t *testing.T) {
+	if !isRoot() {
+		t.Skip("info needs root")
+	}
+	useRunDir(t)
+	startFake(t, 3, func(server.Request) server.Response { return server.Response{Device: fakeDevice(3)} })
+
+	for _, args := range [][]string{{"info"}, {"info", "3"}, {"info", "003"}} {
+		code, stdout, stderr := run(args...)
+		if code != 0 || stderr != "" {
+			t.Fatalf("Main(%q) = %d, stderr %q", args, code, stderr)
+		}
+		var doc struct {
+			Version string              `json:"version"`
+			Devices []server.DeviceInfo `json:"devices"`
+		}
+		if err := json.Unmarshal([]byte(stdout), &doc); err != nil {
+			t.Fatalf("Main(%q) printed invalid JSON %q: %v", args, stdout, err)
+		}
+		if doc.Version != server.Version {
+			t.Errorf("Main(%q) version = %q", args, doc.Version)
+		}
+		if len(doc.Devices) != 1 || !reflect.DeepEqual(doc.Devices[0], *fakeDevice(3)) {
+			t.Errorf("Main(%q) devices = %+v, want the fake device", args, doc.Devices)
+		}
+	}
+}
+
+func TestMainInfoNoDevices(t *testing.T) {
+	if !isRoot() {
+		t.Skip("info needs root")
+	}
+	useRunDir(t)
+	code, stdout, stderr := run("info")
+	if code != 0 || stderr != "" {
+		t.Fatalf("info = %d, stderr %q", code, stderr)
+	}
+	// "devices" must be an empty list, not null, as in /proc/datto-info.
+	if !strings.Contains(stdout, `"devices": []`) {
+		t.Errorf("info with nothing attached printed %q, want an empty devices list", stdout)
+	}
+}
+
+func TestMainDetach(t *testing.T) {
+	if !isRoot() {
+		t.Skip("detach needs root")
+	}
+	useRunDir(t)
+	f := startFake(t, 3, func(req server.Request) server.Response {
+		if req.Op == "info" {
+			return server.Response{Device: fakeDevice(3)}
+		}
+		return server.Response{}
+	})
+	code, stdout, stderr := run("detach", "3")
+	if code != 0 || stderr != "" {
+		t.Fatalf("detach 3 = %d, stderr %q", code, stderr)
+	}
+	if want := "detached /dev/sdz from /dev/ublkb3\n"; stdout != want {
+		t.Errorf("detach 3 printed %q, want %q", stdout, want)
+	}
+	if got := f.received(); !reflect.DeepEqual(got, []string{"info", "detach"}) {
+		t.Errorf("server received %q, want [info detach]", got)
+	}
+}
+
+func TestMainDetachRefused(t *testing.T) {
+	if !isRoot() {
+		t.Skip("detach needs root")
+	}
+	useRunDir(t)
+	// A multi-line server message still becomes one line.
+	msg := "/dev/ublkb4 is in use (mounted or open);\nunmount or close it before detaching"
+	startFake(t, 4, func(req server.Request) server.Response {
+		if req.Op == "info" {
+			return server.Response{Device: fakeDevice(4)}
+		}
+		return server.Response{Error: msg}
+	})
+	args := []string{"detach", "4"}
+	code, stdout, stderr := run(args...)
+	wantOneLineError(t, args, code, stdout, stderr)
+	if code != 1 {
+		t.Errorf("refused detach = %d, want 1", code)
+	}
+	if want := "dbdctl: /dev/ublkb4 is in use (mounted or open); unmount or close it before detaching\n"; stderr != want {
+		t.Errorf("refused detach stderr = %q, want %q", stderr, want)
+	}
+}
+
+func TestOneLine(t *testing.T) {
+	tests := map[string]string{
+		"":                       "",
+		"simple":                 "simple",
+		"a\nb":                   "a b",
+		"  lead\ttab\r\n trail ": "lead tab trail",
+	}
+	for in, want := range tests {
+		if got := oneLine(in); got != want {
+			t.Errorf("oneLine(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
