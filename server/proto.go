@@ -73,6 +73,7 @@ type DeviceInfo struct {
 	QueueDepth  int        `json:"queue_depth"`
 	MaxIOBytes  int        `json:"max_io_bytes"`
 	Features    string     `json:"ublk_features"`
+	KernelFeat  string     `json:"kernel_ublk_features"`
 	Log         string     `json:"log"`
 	Stats       IOCounters `json:"io"`
 }

@@ -40,6 +40,9 @@ type Server struct {
 	bdev *BlockDevice
 	dev  *ublk.Device
 	ln   *net.UnixListener
+	// kernelFeatures is what GET_FEATURES reported (0 before Linux 6.5,
+	// which lacks the command); it decides optional paths such as zero copy.
+	kernelFeatures uint64
 
 	mu       sync.Mutex // serialises control requests
 	detached chan struct{}
@@ -63,6 +66,11 @@ func Start(cfg Config, logger *log.Logger) (s *Server, err error) {
 	}
 	if s.ctrl, err = ublk.OpenControl(); err != nil {
 		return nil, err
+	}
+	if f, ferr := s.ctrl.Features(); ferr == nil {
+		s.kernelFeatures = uint64(f)
+	} else {
+		s.log.Printf("GET_FEATURES unsupported (%v): assuming the Linux 6.0 feature set", ferr)
 	}
 	if err := os.MkdirAll(RunDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", RunDir, err)
@@ -93,9 +101,9 @@ func Start(cfg Config, logger *log.Logger) (s *Server, err error) {
 		return nil, err
 	}
 	info := s.dev.Info()
-	s.log.Printf("attached %s as %s: %d bytes, %d/%d-byte blocks, %d queues x %d tags, flags %#x",
+	s.log.Printf("attached %s as %s: %d bytes, %d/%d-byte blocks, %d queues x %d tags, device flags %#x, kernel features %#x",
 		cfg.BlockDevice, s.dev.BlockPath(), s.bdev.Size, s.bdev.LogicalBlockSize, s.bdev.PhysicalBlockSize,
-		info.NrHWQueues, info.QueueDepth, uint64(info.Flags))
+		info.NrHWQueues, info.QueueDepth, uint64(info.Flags), s.kernelFeatures)
 	return s, nil
 }
 
@@ -258,6 +266,7 @@ func (s *Server) Info() DeviceInfo {
 		QueueDepth:  int(info.QueueDepth),
 		MaxIOBytes:  spec.MaxIOBytes,
 		Features:    fmt.Sprintf("%#x", uint64(info.Flags)),
+		KernelFeat:  fmt.Sprintf("%#x", s.kernelFeatures),
 		Log:         LogPath(s.cfg.Minor),
 		Stats: IOCounters{
 			Reads: st.Reads, Writes: st.Writes, Flushes: st.Flushes, Discards: st.Discards,

@@ -162,6 +162,14 @@ func TestInfo(t *testing.T) {
 	if dev.Queues < 1 || dev.QueueDepth < 64 {
 		t.Errorf("queues %d depth %d: want >=1 queue of depth >= 64", dev.Queues, dev.QueueDepth)
 	}
+	// GET_FEATURES is matched by its exact ioctl value; 6.12 answers 0x1fe.
+	// Device flags always carry CMD_IOCTL_ENCODE (bit 6) once negotiated.
+	if dev.KernelFeat == "" || dev.KernelFeat == "0x0" {
+		t.Errorf("GET_FEATURES gave nothing: %q", dev.KernelFeat)
+	}
+	if !strings.HasPrefix(dev.DevFeatures, "0x") {
+		t.Errorf("device flags missing: %q", dev.DevFeatures)
+	}
 	if !alive(dev.ServerPID) {
 		t.Errorf("server pid %d not alive after the CLI exited", dev.ServerPID)
 	}

@@ -130,6 +130,8 @@ type infoDevice struct {
 	Size        int64  `json:"size"`
 	Queues      int    `json:"queues"`
 	QueueDepth  int    `json:"queue_depth"`
+	DevFeatures string `json:"ublk_features"`
+	KernelFeat  string `json:"kernel_ublk_features"`
 	IO          struct {
 		Reads  uint64 `json:"reads"`
 		Writes uint64 `json:"writes"`
