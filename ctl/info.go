@@ -25,6 +25,17 @@ func (c *DetachCmd) Run(env *Env) error {
 		return err
 	}
 	resp, err := server.Call(minor, server.Request{Op: "info"}, 5*time.Second)
+	if errors.Is(err, server.ErrNotAttached) {
+		// No server answers; its ublk device may have outlived it.
+		removed, oerr := server.RemoveOrphan(minor)
+		if oerr != nil {
+			return oerr
+		}
+		if removed {
+			fmt.Fprintf(env.Stdout, "removed /dev/ublkc%d, left behind by a server that died\n", minor)
+			return nil
+		}
+	}
 	if err != nil {
 		return err
 	}

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/ublk"
+	"github.com/dbdublk/dbdublk/ublk/uapi"
 )
 
 // ParseMinor accepts a decimal minor in 0..MaxMinor, as dattobd does.
@@ -58,7 +59,7 @@ func CheckAttach(path string, minor int) error {
 	}
 	for _, p := range []string{fmt.Sprintf("/dev/ublkb%d", minor), fmt.Sprintf("/dev/ublkc%d", minor)} {
 		if _, err := os.Stat(p); err == nil {
-			return fmt.Errorf("minor %d is taken: %s already exists", minor, p)
+			return fmt.Errorf("minor %d is taken: %s already exists (if its server died, `dbdctl detach %d` removes it)", minor, p, minor)
 		}
 	}
 	for _, d := range ListDevices() {
@@ -108,4 +109,46 @@ func isUblkDisk(rdev uint64) bool {
 		return false
 	}
 	return strings.Contains(target, "/ublkb")
+}
+
+// RemoveOrphan deletes the ublk device of minor when its server has died
+// (killed, crashed) and left the kernel object behind: without a server the
+// kernel has already stopped the block device, but the id stays taken until
+// someone deletes it. It reports whether there was an orphan to remove, and
+// refuses a device that a live process still serves.
+func RemoveOrphan(minor int) (bool, error) {
+	if _, err := os.Stat(fmt.Sprintf("/dev/ublkc%d", minor)); err != nil {
+		return false, nil
+	}
+	ctrl, err := ublk.OpenControl()
+	if err != nil {
+		return false, err
+	}
+	defer ctrl.Close()
+	info, err := ctrl.DevInfo(uint32(minor))
+	if err != nil {
+		if errors.Is(err, unix.ENODEV) || errors.Is(err, unix.ENOENT) {
+			return false, nil
+		}
+		return false, err
+	}
+	if info.UblksrvPID > 0 && processAlive(int(info.UblksrvPID)) && info.State == uapi.DevLive {
+		return false, fmt.Errorf("minor %d is served by another program (pid %d), not by dbdctl", minor, info.UblksrvPID)
+	}
+	// STOP is harmless on a dead device and needed on a quiesced one.
+	ctrl.Stop(uint32(minor))
+	if err := ctrl.Delete(uint32(minor)); err != nil {
+		return false, fmt.Errorf("delete orphaned ublk device %d: %w", minor, err)
+	}
+	os.Remove(SocketPath(minor))
+	return true, nil
+}
+
+func processAlive(pid int) bool {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	i := strings.LastIndexByte(string(data), ')')
+	return i > 0 && i+2 < len(data) && data[i+2] != 'Z'
 }
