@@ -63,6 +63,8 @@ func wantOneLineError(t *testing.T, args []string, code int, stdout, stderr stri
 
 func isRoot() bool { return os.Geteuid() == 0 }
 
+func exists(path string) bool { _, err := os.Stat(path); return err == nil }
+
 func TestMainErrors(t *testing.T) {
 	useRunDir(t)
 	tests := []struct {
@@ -92,6 +94,12 @@ func TestMainErrors(t *testing.T) {
 		{[]string{"info", "17"}, 1, "minor 17 is not attached", true},
 	}
 	for _, tt := range tests {
+		if len(tt.args) == 2 && tt.args[0] == "detach" && exists("/dev/ublkc"+tt.args[1]) {
+			// detach would treat a real ublk device of that minor as an orphan
+			// and delete it.
+			t.Logf("skipping %q: /dev/ublkc%s exists on this host", tt.args, tt.args[1])
+			continue
+		}
 		code, stdout, stderr := run(tt.args...)
 		wantOneLineError(t, tt.args, code, stdout, stderr)
 		if code != tt.code {
@@ -295,5 +303,24 @@ func TestOneLine(t *testing.T) {
 		if got := oneLine(in); got != want {
 			t.Errorf("oneLine(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// A server whose info answer lacks the device must not be detached blind,
+// and the user gets one line, not an internal error.
+func TestMainDetachNoDeviceInfo(t *testing.T) {
+	if !isRoot() {
+		t.Skip("detach needs root")
+	}
+	useRunDir(t)
+	f := startFake(t, 6, func(server.Request) server.Response { return server.Response{} })
+	args := []string{"detach", "6"}
+	code, stdout, stderr := run(args...)
+	wantOneLineError(t, args, code, stdout, stderr)
+	if !strings.Contains(stderr, "no device info") {
+		t.Errorf("stderr = %q", stderr)
+	}
+	if got := f.received(); !reflect.DeepEqual(got, []string{"info"}) {
+		t.Errorf("server received %q, want only [info]", got)
 	}
 }

@@ -39,6 +39,9 @@ func (c *DetachCmd) Run(env *Env) error {
 	if err != nil {
 		return err
 	}
+	if resp.Device == nil {
+		return errors.New("server sent no device info")
+	}
 	if _, err := server.Call(minor, server.Request{Op: "detach"}, 10*time.Minute); err != nil {
 		return err
 	}

@@ -96,7 +96,7 @@ func MountPoint(rdev uint64) string {
 		// id parent major:minor root mountpoint ...
 		fields := strings.Fields(sc.Text())
 		if len(fields) >= 5 && fields[2] == want {
-			return fields[4]
+			return unescapeOctal(fields[4])
 		}
 	}
 	return ""
@@ -151,4 +151,20 @@ func processAlive(pid int) bool {
 	}
 	i := strings.LastIndexByte(string(data), ')')
 	return i > 0 && i+2 < len(data) && data[i+2] != 'Z'
+}
+
+// unescapeOctal undoes mountinfo's \ooo escapes (space, tab, newline, backslash).
+func unescapeOctal(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }

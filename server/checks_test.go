@@ -4,9 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -202,9 +204,113 @@ func findMountedBlockDevice(t *testing.T) string {
 	return ""
 }
 
+// TestMountPointEveryMount checks MountPoint against every entry of
+// mountinfo whose mount point is not hidden by a later mount: the path it
+// returns must be on the device looked up.
+func TestMountPointEveryMount(t *testing.T) {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Skipf("no mountinfo: %v", err)
+	}
+	type entry struct{ dev, mnt string }
+	var entries []entry
+	uses := map[string]int{}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 {
+			continue
+		}
+		entries = append(entries, entry{f[2], f[4]})
+		uses[f[4]]++
+	}
+	seen := map[string]bool{}
+	checked := 0
+	for _, e := range entries {
+		if seen[e.dev] {
+			continue // MountPoint reports the first mount of a device
+		}
+		seen[e.dev] = true
+		if uses[e.mnt] > 1 || strings.Contains(e.mnt, "\\") {
+			continue // overmounted, or an escaped name stat cannot take
+		}
+		var major, minor uint32
+		if _, err := fmt.Sscanf(e.dev, "%d:%d", &major, &minor); err != nil {
+			t.Fatalf("bad major:minor %q in mountinfo", e.dev)
+		}
+		dev := unix.Mkdev(major, minor)
+		got := MountPoint(dev)
+		var st unix.Stat_t
+		if err := unix.Stat(got, &st); err != nil {
+			if got == "" {
+				t.Errorf("MountPoint(%s) = \"\", want %s", e.dev, e.mnt)
+			}
+			continue
+		}
+		if uint64(st.Dev) != dev {
+			t.Errorf("MountPoint(%s) = %q, which is on %d:%d (want %s)", e.dev, got,
+				unix.Major(uint64(st.Dev)), unix.Minor(uint64(st.Dev)), e.mnt)
+		}
+		checked++
+	}
+	if checked == 0 {
+		t.Skip("no usable mountinfo entries")
+	}
+}
+
 func TestMountPointNotMounted(t *testing.T) {
 	// The largest major and minor Linux encodes; nothing is mounted from it.
 	if mnt := MountPoint(unix.Mkdev(4095, 1<<20-1)); mnt != "" {
 		t.Errorf("MountPoint(4095:1048575) = %q, want \"\"", mnt)
+	}
+}
+
+func TestProcessAlive(t *testing.T) {
+	if !processAlive(os.Getpid()) {
+		t.Errorf("processAlive(own pid %d) = false", os.Getpid())
+	}
+	cmd := exec.Command("sleep", "0")
+	if err := cmd.Start(); err != nil {
+		t.Skipf("cannot start a child: %v", err)
+	}
+	pid := cmd.Process.Pid
+	// Unreaped, the exited child is a zombie: not alive.
+	deadline := time.Now().Add(10 * time.Second)
+	for processAlive(pid) {
+		if time.Now().After(deadline) {
+			cmd.Wait()
+			t.Fatalf("processAlive(%d) still true for an exited, unreaped child", pid)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err != nil || !strings.Contains(string(data), ") Z ") {
+		t.Errorf("child %d is not a zombie (%q, %v): the test did not check the zombie case", pid, data, err)
+	}
+	cmd.Wait()
+	if processAlive(pid) {
+		t.Errorf("processAlive(%d) = true for a reaped child", pid)
+	}
+}
+
+func TestRemoveOrphanWithoutDevice(t *testing.T) {
+	const minor = 251
+	if _, err := os.Stat(fmt.Sprintf("/dev/ublkc%d", minor)); err == nil {
+		t.Skipf("/dev/ublkc%d exists on this host", minor)
+	}
+	removed, err := RemoveOrphan(minor)
+	if removed || err != nil {
+		t.Errorf("RemoveOrphan(%d) with no char device = %v, %v; want false, nil", minor, removed, err)
+	}
+}
+
+func TestUnescapeOctal(t *testing.T) {
+	for in, want := range map[string]string{
+		`/mnt/my\040disk`: "/mnt/my disk",
+		`/a\134b`:         `/a\b`,
+		`/plain`:          "/plain",
+		`/trail\04`:       `/trail\04`,
+	} {
+		if got := unescapeOctal(in); got != want {
+			t.Errorf("unescapeOctal(%q) = %q, want %q", in, got, want)
+		}
 	}
 }

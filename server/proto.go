@@ -127,7 +127,7 @@ func Minors() []int {
 		if !ok {
 			continue
 		}
-		if n, err := strconv.Atoi(name); err == nil {
+		if n, err := ParseMinor(name); err == nil {
 			out = append(out, n)
 		}
 	}

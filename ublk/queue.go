@@ -322,6 +322,7 @@ func (q *queue) handleSync(tag int, d *uapi.IODesc) int32 {
 	switch d.Op() {
 	case uapi.IOOpRead:
 		if n > q.bufSize {
+			q.stats.errors.Add(1)
 			return -int32(unix.EINVAL)
 		}
 		res = errnoResult(q.backend.ReadAt(q.buf(tag)[:n], off))
@@ -331,6 +332,7 @@ func (q *queue) handleSync(tag int, d *uapi.IODesc) int32 {
 		q.count(&q.stats.reads, &q.stats.bytesRead, res)
 	case uapi.IOOpWrite:
 		if n > q.bufSize {
+			q.stats.errors.Add(1)
 			return -int32(unix.EINVAL)
 		}
 		p := q.buf(tag)[:n]
@@ -359,6 +361,9 @@ func (q *queue) handleSync(tag int, d *uapi.IODesc) int32 {
 		q.stats.discards.Add(1)
 		if dc, ok := q.backend.(Discarder); ok {
 			res = errnoResult(0, dc.Discard(off, int64(n)))
+			if res == -int32(unix.EOPNOTSUPP) {
+				res = 0 // a hint the backend cannot act on, as on the file path
+			}
 		}
 	case uapi.IOOpWriteZeroes:
 		q.stats.writeZeroes.Add(1)
