@@ -7,7 +7,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -22,36 +21,6 @@ var guestPrograms = []string{
 	"mkfs.ext4", "mke2fs", "e2fsck", "fio", "/usr/sbin/blkdiscard", "blockdev",
 }
 
-// build compiles a static binary (the guest has no Go toolchain or libc
-// beyond what the rig ships).
-func build(t *testing.T, out string, args ...string) {
-	t.Helper()
-	cmd := exec.Command("go", args...)
-	cmd.Dir = repoRoot(t)
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go %s: %v\n%s", strings.Join(args, " "), err, b)
-	}
-}
-
-func repoRoot(t *testing.T) string {
-	t.Helper()
-	dir, err := os.Getwd()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatal("go.mod not found above the working directory")
-		}
-		dir = parent
-	}
-}
-
 // guestResult is one guest test's verdict.
 var guestResult = regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): (\S+) \(([0-9.]+)s\)`)
 
@@ -62,8 +31,14 @@ func TestGuest(t *testing.T) {
 	work := t.TempDir()
 	dbdctl := filepath.Join(work, "dbdctl")
 	guest := filepath.Join(work, "guest.test")
-	build(t, dbdctl, "build", "-o", dbdctl, "./ctl/dbdctl")
-	build(t, guest, "test", "-c", "-o", guest, "./tests/guest")
+	for _, args := range [][]string{
+		{"build", "-o", dbdctl, "./ctl/dbdctl"},
+		{"test", "-c", "-o", guest, "./tests/guest"},
+	} {
+		if err := vm.GoBuild(args...); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	run := os.Getenv("DBD_GUEST_RUN")
 	if run == "" {

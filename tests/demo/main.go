@@ -33,11 +33,8 @@ func run() error {
 	}
 	defer os.RemoveAll(work)
 	dbdctl := filepath.Join(work, "dbdctl")
-	build := exec.Command("go", "build", "-o", dbdctl, "./ctl/dbdctl")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		return fmt.Errorf("build dbdctl: %w", err)
+	if err := vm.GoBuild("build", "-o", dbdctl, "./ctl/dbdctl"); err != nil {
+		return err
 	}
 	if native() {
 		return runNative(work, dbdctl)

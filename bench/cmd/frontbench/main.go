@@ -54,10 +54,8 @@ func run() error {
 	}
 	defer os.RemoveAll(work)
 	dbdctl := filepath.Join(work, "dbdctl")
-	build := exec.Command("go", "build", "-o", dbdctl, "./ctl/dbdctl")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		return fmt.Errorf("build dbdctl: %v\n%s", err, out)
+	if err := vm.GoBuild("build", "-o", dbdctl, "./ctl/dbdctl"); err != nil {
+		return err
 	}
 	sh := filepath.Join(work, "bench.sh")
 	if err := os.WriteFile(sh, []byte(script), 0o755); err != nil {
