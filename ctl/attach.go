@@ -60,9 +60,13 @@ func (c *AttachCmd) Run(env *Env) error {
 	return c.spawn(env, minor)
 }
 
-// spawn starts the server as its own process, in its own session and mount
-// namespace (so its exit can never trigger an unmount flush it would have to
-// serve itself), logging to a file, and waits for it to report readiness.
+// spawn starts the server as its own process in its own session, logging to
+// a file, and waits for it to report readiness. The server stays in the
+// caller's mount namespace: it must see filesystems mounted after attach
+// (the one on its own front device, to freeze it, and the one holding a COW
+// file). A private namespace would also be torn down at the server's exit,
+// taking any copied mount of its own device with it, a flush it could no
+// longer serve.
 func (c *AttachCmd) spawn(env *Env, minor int) error {
 	if err := os.MkdirAll(server.LogDir, 0o755); err != nil {
 		return fmt.Errorf("create log directory %s: %w", server.LogDir, err)
@@ -87,7 +91,7 @@ func (c *AttachCmd) spawn(env *Env, minor int) error {
 	cmd := exec.Command(exe, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = []*os.File{w}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Unshareflags: syscall.CLONE_NEWNS}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		w.Close()
 		return fmt.Errorf("start server: %w", err)

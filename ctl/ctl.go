@@ -16,9 +16,19 @@ import (
 
 // CLI is the root of dbdctl's command tree.
 type CLI struct {
-	Attach  AttachCmd  `cmd:"" help:"Front a block device as /dev/ublkb<minor> (the volume is then used through that device)."`
-	Detach  DetachCmd  `cmd:"" help:"Flush and remove the front device of <minor>; the real device is released."`
-	Info    InfoCmd    `cmd:"" help:"Print the state of attached devices as JSON, in the shape of dattobd's /proc/datto-info."`
+	Attach AttachCmd `cmd:"" help:"Front a block device as /dev/ublkb<minor> (the volume is then used through that device)."`
+	Detach DetachCmd `cmd:"" help:"Flush and remove the front device of <minor>; the real device is released."`
+	Info   InfoCmd   `cmd:"" help:"Print the state of attached devices as JSON, in the shape of dattobd's /proc/datto-info."`
+
+	SetupSnapshot           SetupSnapshotCmd           `cmd:"" name:"setup-snapshot" help:"Take a snapshot of a device, served read-only as /dev/datto<minor>."`
+	TransitionToIncremental TransitionToIncrementalCmd `cmd:"" name:"transition-to-incremental" help:"End the snapshot; keep recording changed blocks in its COW file."`
+	TransitionToSnapshot    TransitionToSnapshotCmd    `cmd:"" name:"transition-to-snapshot" help:"Take the next snapshot into a new COW file; the old one lists the changed blocks."`
+	Destroy                 DestroyCmd                 `cmd:"" help:"Stop tracking <minor> and remove its current COW file (the device stays attached)."`
+	Reconfigure             ReconfigureCmd             `cmd:"" help:"Change the index cache limit (-c bytes)."`
+	ExpandCowFile           ExpandCowFileCmd           `cmd:"" name:"expand-cow-file" help:"Grow an active snapshot's COW store by <size> MiB."`
+	ReconfigureAutoExpand   ReconfigureAutoExpandCmd   `cmd:"" name:"reconfigure-auto-expand" help:"Grow a full COW store by <step> MiB while -r MiB stay free."`
+	UpdateImg               UpdateImgCmd               `cmd:"" name:"update-img" aliases:"img-merge" help:"Copy the blocks changed since the previous snapshot into its image."`
+
 	Serve   ServeCmd   `cmd:"" hidden:"" help:"Run a device server (started by attach)."`
 	Version VersionCmd `cmd:"" help:"Print the version."`
 }

@@ -73,7 +73,7 @@ func TestMainErrors(t *testing.T) {
 		want     string // substring of stderr
 		needRoot bool   // want holds only when running as root
 	}{
-		{nil, 2, `expected one of "attach", "detach", "info", "version"`, false},
+		{nil, 2, `expected one of "attach", "detach", "info", "setup-snapshot"`, false},
 		{[]string{"frobnicate"}, 2, "unexpected argument frobnicate", false},
 		{[]string{"--no-such-flag"}, 2, "unknown flag --no-such-flag", false},
 		{[]string{"attach", "onlyonearg"}, 2, `expected "<minor>"`, false},

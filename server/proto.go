@@ -46,7 +46,12 @@ func LogPath(minor int) string { return filepath.Join(LogDir, "ublk"+strconv.Ito
 
 // Request is one command sent to a server.
 type Request struct {
-	Op string `json:"op"` // "info" or "detach"
+	Op         string `json:"op"`                    // info, detach, setup-snapshot, transition-to-incremental, transition-to-snapshot, destroy, reconfigure, expand-cow-file, reconfigure-auto-expand
+	CowFile    string `json:"cow_file,omitempty"`    // absolute path
+	CacheBytes int64  `json:"cache_bytes,omitempty"` // -c
+	FallocMiB  int64  `json:"falloc_mib,omitempty"`  // -f
+	SizeMiB    int64  `json:"size_mib,omitempty"`    // expand-cow-file, auto-expand step
+	ReserveMiB int64  `json:"reserve_mib,omitempty"` // auto-expand -r
 }
 
 // Response is a server's answer.
@@ -63,19 +68,34 @@ type DeviceInfo struct {
 	State       int    `json:"state"`
 	Error       int    `json:"error"`
 
-	Mode        string     `json:"mode"`
-	FrontDevice string     `json:"front_device"`
-	ServerPID   int        `json:"server_pid"`
-	Size        int64      `json:"size"`
-	LogicalBS   int        `json:"logical_block_size"`
-	PhysicalBS  int        `json:"physical_block_size"`
-	Queues      int        `json:"queues"`
-	QueueDepth  int        `json:"queue_depth"`
-	MaxIOBytes  int        `json:"max_io_bytes"`
-	Features    string     `json:"ublk_features"`
-	KernelFeat  string     `json:"kernel_ublk_features"`
-	Log         string     `json:"log"`
-	Stats       IOCounters `json:"io"`
+	CowFile         string `json:"cow_file,omitempty"`
+	MaxCache        int64  `json:"max_cache,omitempty"`
+	Fallocate       int64  `json:"fallocate,omitempty"`
+	CowSizeCurrent  int64  `json:"cow_size_current,omitempty"`
+	SeqID           uint64 `json:"seq_id,omitempty"`
+	UUID            string `json:"uuid,omitempty"`
+	Version         uint64 `json:"version,omitempty"`
+	NrChangedBlocks uint64 `json:"nr_changed_blocks,omitempty"`
+	AutoExpand      *struct {
+		StepSizeMiB      int64 `json:"step_size_mib"`
+		ReservedSpaceMiB int64 `json:"reserved_space_mib"`
+	} `json:"auto_expand,omitempty"`
+
+	Mode           string     `json:"mode"`
+	SnapshotDevice string     `json:"snapshot_device,omitempty"`
+	CacheInUse     int64      `json:"cache_in_use,omitempty"`
+	FrontDevice    string     `json:"front_device"`
+	ServerPID      int        `json:"server_pid"`
+	Size           int64      `json:"size"`
+	LogicalBS      int        `json:"logical_block_size"`
+	PhysicalBS     int        `json:"physical_block_size"`
+	Queues         int        `json:"queues"`
+	QueueDepth     int        `json:"queue_depth"`
+	MaxIOBytes     int        `json:"max_io_bytes"`
+	Features       string     `json:"ublk_features"`
+	KernelFeat     string     `json:"kernel_ublk_features"`
+	Log            string     `json:"log"`
+	Stats          IOCounters `json:"io"`
 }
 
 // IOCounters are the requests served since attach.

@@ -38,6 +38,8 @@ type Server struct {
 	log  *log.Logger
 	ctrl *ublk.Control
 	bdev *BlockDevice
+	trk  *tracker  // the front device's backend: bdev plus snapshot and change tracking
+	snap *snapshot // nil while not tracking
 	dev  *ublk.Device
 	ln   *net.UnixListener
 	// kernelFeatures is what GET_FEATURES reported (0 before Linux 6.5,
@@ -91,7 +93,8 @@ func Start(cfg Config, logger *log.Logger) (s *Server, err error) {
 		WriteZeroes:        true,
 		VolatileCache:      true,
 	}
-	if s.dev, err = ublk.Create(s.ctrl, spec, s.bdev, s.log.Printf); err != nil {
+	s.trk = newTracker(s.bdev, s.log.Printf)
+	if s.dev, err = ublk.Create(s.ctrl, spec, s.trk, s.log.Printf); err != nil {
 		if errors.Is(err, unix.EEXIST) {
 			return nil, fmt.Errorf("minor %d is taken: ublk device %d already exists", cfg.Minor, cfg.Minor)
 		}
@@ -215,18 +218,46 @@ func (s *Server) handle(conn *net.UnixConn) {
 		return
 	}
 	var resp Response
+	var err error
 	switch req.Op {
 	case "info":
 		info := s.Info()
 		resp.Device = &info
 	case "detach":
-		if err := s.detach(); err != nil {
-			resp.Error = err.Error()
-		}
+		err = s.detach()
 	default:
-		resp.Error = fmt.Sprintf("unknown request %q", req.Op)
+		err = s.tracking(req)
+	}
+	if err != nil {
+		resp.Error = err.Error()
 	}
 	json.NewEncoder(conn).Encode(resp)
+}
+
+// tracking runs a snapshot or incremental command.
+func (s *Server) tracking(req Request) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.dev == nil {
+		return fmt.Errorf("minor %d is detaching", s.cfg.Minor)
+	}
+	switch req.Op {
+	case "setup-snapshot":
+		return s.setupSnapshot(req)
+	case "transition-to-incremental":
+		return s.transitionToIncremental()
+	case "transition-to-snapshot":
+		return s.transitionToSnapshot(req)
+	case "destroy":
+		return s.destroy()
+	case "reconfigure":
+		return s.reconfigure(req)
+	case "expand-cow-file":
+		return s.expandCowFile(req)
+	case "reconfigure-auto-expand":
+		return s.reconfigureAutoExpand(req)
+	}
+	return fmt.Errorf("unknown request %q", req.Op)
 }
 
 func peerIsRoot(conn *net.UnixConn) bool {
@@ -252,7 +283,7 @@ func (s *Server) Info() DeviceInfo {
 	info := s.dev.Info()
 	st := s.dev.Stats()
 	spec := s.dev.Spec()
-	return DeviceInfo{
+	d := DeviceInfo{
 		Minor:       s.cfg.Minor,
 		BlockDevice: s.cfg.BlockDevice,
 		State:       StateAttached,
@@ -273,6 +304,8 @@ func (s *Server) Info() DeviceInfo {
 			WriteZeroes: st.WriteZeroes, Errors: st.Errors, BytesRead: st.BytesRead, BytesWritten: st.BytesWritten,
 		},
 	}
+	s.fillTrackingInfo(&d)
+	return d
 }
 
 // detach removes the front device once nobody uses it: the kernel flushes
@@ -285,6 +318,9 @@ func (s *Server) detach() error {
 	case <-s.detached:
 		return nil
 	default:
+	}
+	if m := s.mode(); m != ModePassthrough {
+		return fmt.Errorf("minor %d is tracking (%s mode); destroy it before detaching", s.cfg.Minor, m)
 	}
 	// Holding the front device exclusively keeps anyone from mounting it
 	// between this check and the stop.
@@ -318,6 +354,13 @@ func (s *Server) detach() error {
 
 // release frees whatever is still held, in reverse order of acquisition.
 func (s *Server) release() {
+	if s.snap != nil {
+		s.stopSnapshotDevice()
+		if c := s.trk.current().cow; c != nil {
+			c.Close(false)
+		}
+		s.snap = nil
+	}
 	if s.dev != nil {
 		s.dev.Stop()
 		s.dev.Delete()

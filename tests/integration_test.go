@@ -19,6 +19,7 @@ import (
 // guestPrograms are the real clients the guest tests drive.
 var guestPrograms = []string{
 	"mkfs.ext4", "mke2fs", "e2fsck", "fio", "/usr/sbin/blkdiscard", "blockdev",
+	"mkfs.xfs", "xfs_repair", "qemu-img", "/usr/bin/cmp", "mountpoint",
 }
 
 // guestResult is one guest test's verdict.
@@ -50,13 +51,14 @@ func TestGuest(t *testing.T) {
 			{Path: filepath.Join(work, "ext4.img"), Size: 512 << 20},
 			{Path: filepath.Join(work, "fio.img"), Size: 512 << 20},
 			{Path: filepath.Join(work, "spare.img"), Size: 64 << 20},
+			{Path: filepath.Join(work, "scratch.img"), Size: 3 << 30},
 		},
 		Files: map[string]string{
 			"/usr/local/bin/dbdctl":     dbdctl,
 			"/usr/local/bin/guest.test": guest,
 		},
 		Programs: guestPrograms,
-		Modules:  []string{"ublk_drv"},
+		Modules:  []string{"ublk_drv", "xfs", "loop"},
 		Script: fmt.Sprintf(`
 export DBD_GUEST=1
 mkdir -p /mnt /var/log

@@ -3,6 +3,8 @@ package ublk
 import (
 	"errors"
 	"syscall"
+
+	"github.com/dbdublk/dbdublk/ublk/uapi"
 )
 
 // Backend stores the blocks a ublk device serves. Offsets and lengths are in
@@ -45,6 +47,32 @@ type FileBackend interface {
 	FD() int
 	// CanDiscard reports whether DISCARD should be forwarded as a hole punch.
 	CanDiscard() bool
+}
+
+// WriteAction is a WriteInterceptor's verdict on one modifying request.
+type WriteAction int
+
+const (
+	// WriteProceed issues the request to the file.
+	WriteProceed WriteAction = iota
+	// WriteSkip completes the request successfully without touching the
+	// file (a discard that would destroy data a snapshot still needs).
+	WriteSkip
+)
+
+// WriteInterceptor is a FileBackend that must see every modifying request
+// (write, discard, write-zeroes) before it reaches the file, as snapshot and
+// change tracking need. The queue calls BeforeWrite on its own thread and
+// issues the request only after it returns; an error fails the request with
+// that errno and nothing is written. AfterWrite is called with BeforeWrite's
+// token once the request has completed (issued or not), so the interceptor
+// can tell when every write admitted under an old state has drained.
+// BeforeWrite must never wait for other requests to complete: the queue
+// thread that would complete them is the one waiting.
+type WriteInterceptor interface {
+	FileBackend
+	BeforeWrite(op uapi.IOOp, off, n int64) (token uint64, action WriteAction, err error)
+	AfterWrite(token uint64)
 }
 
 // errnoResult turns a backend outcome into the value committed to the

@@ -225,8 +225,12 @@ func (d *Device) Start() error {
 		runtime.GOMAXPROCS(nq + 2)
 	}
 	var file FileBackend
+	var hook WriteInterceptor
 	if fb, ok := d.backend.(FileBackend); ok {
 		file = fb
+	}
+	if wi, ok := d.backend.(WriteInterceptor); ok {
+		hook = wi
 	}
 	ready := make(chan error, nq)
 	done := make(chan error, nq)
@@ -234,7 +238,7 @@ func (d *Device) Start() error {
 	for i := 0; i < nq; i++ {
 		q := &queue{
 			id: i, depth: int(d.info.QueueDepth), bufSize: d.spec.MaxIOBytes,
-			charFd: d.charFd, backend: d.backend, file: file, logf: d.logf,
+			charFd: d.charFd, backend: d.backend, file: file, hook: hook, logf: d.logf,
 		}
 		d.queues = append(d.queues, q)
 		go q.run(ready, done)

@@ -43,7 +43,9 @@ type queueCounters struct {
 type tagState struct {
 	desc    uapi.IODesc // copy taken when the request arrived
 	aborted bool
-	busy    bool // a backend operation is in flight for this tag
+	busy    bool   // a backend operation is in flight for this tag
+	hooked  bool   // BeforeWrite admitted this request; AfterWrite is owed
+	token   uint64 // BeforeWrite's token
 }
 
 // queue serves one hardware queue of a device on one locked OS thread with
@@ -55,7 +57,8 @@ type queue struct {
 	bufSize int
 	charFd  int
 	backend Backend
-	file    FileBackend // nil unless the fast path applies
+	file    FileBackend      // nil unless the fast path applies
+	hook    WriteInterceptor // nil unless the file backend intercepts writes
 	logf    func(string, ...any)
 
 	ring   *uring.Ring
@@ -228,11 +231,26 @@ func (q *queue) issueFile(tag int, st *tagState) {
 	d := &st.desc
 	off := d.StartSector << 9
 	n := d.NrSectors << 9
+	if q.hook != nil && (d.Op() == uapi.IOOpWrite || d.Op() == uapi.IOOpDiscard || d.Op() == uapi.IOOpWriteZeroes) {
+		token, action, err := q.hook.BeforeWrite(d.Op(), int64(off), int64(n))
+		if err != nil {
+			q.stats.errors.Add(1)
+			q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, errnoResult(0, err))
+			return
+		}
+		if action == WriteSkip {
+			q.hook.AfterWrite(token)
+			q.countOp(d.Op(), int32(n))
+			q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, 0)
+			return
+		}
+		st.hooked, st.token = true, token
+	}
 	var s *uapi.SQE
 	switch d.Op() {
 	case uapi.IOOpRead, uapi.IOOpWrite:
 		if int(n) > q.bufSize {
-			q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, -int32(unix.EINVAL))
+			q.finishEarly(tag, -int32(unix.EINVAL))
 			return
 		}
 		s = q.sqe()
@@ -251,7 +269,7 @@ func (q *queue) issueFile(tag int, st *tagState) {
 	case uapi.IOOpDiscard:
 		if !q.file.CanDiscard() {
 			q.stats.discards.Add(1)
-			q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, 0)
+			q.finishEarly(tag, 0)
 			return
 		}
 		s = q.sqe()
@@ -260,7 +278,7 @@ func (q *queue) issueFile(tag int, st *tagState) {
 		s = q.sqe()
 		uring.PrepFallocate(s, fixedFile, uapi.FallocZeroRange|uapi.FallocKeepSize, off, uint64(n))
 	default:
-		q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, -int32(unix.EOPNOTSUPP))
+		q.finishEarly(tag, -int32(unix.EOPNOTSUPP))
 		return
 	}
 	s.Flags |= uapi.SQEFixedFile
@@ -269,11 +287,29 @@ func (q *queue) issueFile(tag int, st *tagState) {
 	q.inflight++
 }
 
+// finishEarly commits a request that never reached the file, settling a
+// write interceptor's admission first.
+func (q *queue) finishEarly(tag int, res int32) {
+	st := &q.tags[tag]
+	if st.hooked {
+		st.hooked = false
+		q.hook.AfterWrite(st.token)
+	}
+	if res < 0 {
+		q.stats.errors.Add(1)
+	}
+	q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, res)
+}
+
 // onBackendDone commits the result of a file operation to the kernel.
 func (q *queue) onBackendDone(tag int, res int32) {
 	st := &q.tags[tag]
 	st.busy = false
 	q.inflight--
+	if st.hooked {
+		st.hooked = false
+		q.hook.AfterWrite(st.token)
+	}
 	d := &st.desc
 	n := int32(d.NrSectors << 9)
 	switch d.Op() {
@@ -304,6 +340,18 @@ func (q *queue) onBackendDone(tag int, res int32) {
 		res = 0
 	}
 	q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, res)
+}
+
+// countOp counts a request completed without backend I/O.
+func (q *queue) countOp(op uapi.IOOp, n int32) {
+	switch op {
+	case uapi.IOOpWrite:
+		q.count(&q.stats.writes, &q.stats.bytesWritten, n)
+	case uapi.IOOpDiscard:
+		q.stats.discards.Add(1)
+	case uapi.IOOpWriteZeroes:
+		q.stats.writeZeroes.Add(1)
+	}
 }
 
 func (q *queue) count(ops, bytes *atomic.Uint64, res int32) {

@@ -69,7 +69,7 @@ func must(t *testing.T, name string, args ...string) string {
 // sh runs a shell snippet that has to succeed.
 func sh(t *testing.T, script string) string {
 	t.Helper()
-	return must(t, "/bin/sh", "-ec", script)
+	return must(t, "/bin/sh", "-ec", "set -o pipefail\n"+script)
 }
 
 func ensureUblk(t *testing.T) {

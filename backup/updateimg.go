@@ -1,0 +1,190 @@
+// Package backup brings a backup image up to date: given the current
+// snapshot device and the previous snapshot's COW file (its changed-block
+// list), it copies only the blocks that changed into the image. This is
+// dattobd's update-img, checked more strictly and run in parallel.
+package backup
+
+import (
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/dbdublk/dbdublk/cow"
+)
+
+// Snapshot identifies the snapshot an image is brought up to.
+type Snapshot struct {
+	Path  string   // the snapshot device, e.g. /dev/datto0
+	UUID  [16]byte // its series
+	SeqID uint64   // its sequence number
+	Size  int64    // bytes
+}
+
+// Options tune a run.
+type Options struct {
+	Workers  int                               // parallel copiers; 0 = 4
+	ChunkMax int64                             // largest single copy; 0 = 1 MiB
+	Progress func(doneBytes, totalBytes int64) // called as copies finish; may be nil
+}
+
+// Summary is what a run did.
+type Summary struct {
+	BlocksChanged uint64
+	BytesCopied   int64
+	Seconds       float64
+}
+
+// Check validates the COW file and the image against the snapshot without
+// changing anything, and returns the open COW file.
+func Check(snap Snapshot, cowPath, imagePath string) (*cow.File, error) {
+	c, err := cow.OpenReadOnly(cowPath)
+	if err != nil {
+		return nil, err
+	}
+	h := c.Header()
+	fail := func(err error) (*cow.File, error) {
+		c.Close(false)
+		return nil, err
+	}
+	if h.UUID != snap.UUID {
+		return fail(fmt.Errorf("COW file %s belongs to another snapshot series (uuid %s, the snapshot's is %s)",
+			cowPath, hex.EncodeToString(h.UUID[:]), hex.EncodeToString(snap.UUID[:])))
+	}
+	if h.SeqID+1 != snap.SeqID {
+		return fail(fmt.Errorf("COW file %s is the changed-block list of snapshot %d, but %s is snapshot %d: it needs snapshot %d's COW file",
+			cowPath, h.SeqID, snap.Path, snap.SeqID, snap.SeqID-1))
+	}
+	if h.Flags&cow.FlagClean == 0 {
+		return fail(fmt.Errorf("COW file %s was not closed cleanly; its changed-block list cannot be trusted", cowPath))
+	}
+	if err := c.SetDeviceSize(snap.Size); err != nil {
+		return fail(fmt.Errorf("COW file %s does not match the snapshot's size: %w", cowPath, err))
+	}
+	st, err := os.Stat(imagePath)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return fail(fmt.Errorf("image %s does not exist", imagePath))
+		}
+		return fail(fmt.Errorf("image %s: %w", imagePath, err))
+	}
+	size := st.Size()
+	if !st.Mode().IsRegular() {
+		if size, err = deviceSize(imagePath); err != nil {
+			return fail(err)
+		}
+	}
+	if size != snap.Size {
+		return fail(fmt.Errorf("image %s is %d bytes, but the snapshot is %d bytes", imagePath, size, snap.Size))
+	}
+	return c, nil
+}
+
+func deviceSize(path string) (int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	n, err := f.Seek(0, 2)
+	if err != nil {
+		return 0, fmt.Errorf("size of %s: %w", path, err)
+	}
+	return n, nil
+}
+
+// extent is one copy: a byte range of the snapshot.
+type extent struct{ off, n int64 }
+
+// UpdateImage copies every block the COW file marks as changed from the
+// snapshot to the image, adjacent blocks coalesced into large copies, then
+// fsyncs the image. When a check fails the image is not touched.
+func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary, error) {
+	start := time.Now()
+	c, err := Check(snap, cowPath, imagePath)
+	if err != nil {
+		return Summary{}, err
+	}
+	defer c.Close(false)
+	if opt.Workers <= 0 {
+		opt.Workers = 4
+	}
+	if opt.ChunkMax <= 0 {
+		opt.ChunkMax = 1 << 20
+	}
+	var extents []extent
+	var blocks uint64
+	var total int64
+	err = c.ChangedRuns(func(first, count uint64) error {
+		blocks += count
+		off := int64(first) * cow.BlockSize
+		end := min(int64(first+count)*cow.BlockSize, snap.Size)
+		for ; off < end; off += opt.ChunkMax {
+			n := min(opt.ChunkMax, end-off)
+			extents = append(extents, extent{off, n})
+			total += n
+		}
+		return nil
+	})
+	if err != nil {
+		return Summary{}, fmt.Errorf("read changed-block list %s: %w", cowPath, err)
+	}
+	src, err := os.Open(snap.Path)
+	if err != nil {
+		return Summary{}, fmt.Errorf("open snapshot %s: %w", snap.Path, err)
+	}
+	defer src.Close()
+	dst, err := os.OpenFile(imagePath, os.O_WRONLY, 0)
+	if err != nil {
+		return Summary{}, fmt.Errorf("open image %s: %w", imagePath, err)
+	}
+	defer dst.Close()
+
+	var done atomic.Int64
+	var firstErr error
+	var errOnce sync.Once
+	work := make(chan extent)
+	var wg sync.WaitGroup
+	for i := 0; i < opt.Workers; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, opt.ChunkMax)
+			for e := range work {
+				if err := copyExtent(src, dst, buf[:e.n], e.off); err != nil {
+					errOnce.Do(func() { firstErr = err })
+					continue
+				}
+				d := done.Add(e.n)
+				if opt.Progress != nil {
+					opt.Progress(d, total)
+				}
+			}
+		}()
+	}
+	for _, e := range extents {
+		work <- e
+	}
+	close(work)
+	wg.Wait()
+	if firstErr != nil {
+		return Summary{}, firstErr
+	}
+	if err := dst.Sync(); err != nil {
+		return Summary{}, fmt.Errorf("fsync image %s: %w", imagePath, err)
+	}
+	return Summary{BlocksChanged: blocks, BytesCopied: total, Seconds: time.Since(start).Seconds()}, nil
+}
+
+func copyExtent(src, dst *os.File, buf []byte, off int64) error {
+	if _, err := src.ReadAt(buf, off); err != nil {
+		return fmt.Errorf("read snapshot at %d: %w", off, err)
+	}
+	if _, err := dst.WriteAt(buf, off); err != nil {
+		return fmt.Errorf("write image at %d: %w", off, err)
+	}
+	return nil
+}

@@ -1,0 +1,859 @@
+package cow
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+)
+
+// Options configure Create.
+type Options struct {
+	// DeviceSize is the size in bytes of the tracked device (> 0).
+	DeviceSize int64
+	// FileSize is the number of bytes to preallocate for the whole file:
+	// header, index and data store. It is rounded up to BlockSize and must
+	// hold at least the header and index (DataOffset). 0 means 10% of
+	// DeviceSize (rounded up to BlockSize), but never less than
+	// DataOffset+MinDataBytes. Ignored with IndexOnly.
+	FileSize int64
+	// CacheBytes bounds the memory of the index cache (at least one 32 KiB
+	// section is always allowed). 0 means DefaultCacheBytes.
+	CacheBytes int64
+	// UUID identifies the snapshot series; zero means a new random
+	// (version 4) UUID.
+	UUID [16]byte
+	// SeqID is the snapshot sequence number; 0 means 1.
+	SeqID uint64
+	// IndexOnly creates an incremental file: header and index only, no
+	// data store.
+	IndexOnly bool
+}
+
+// File is an open COW file. All methods are safe for concurrent use.
+type File struct {
+	path     string
+	f        *os.File
+	readOnly bool
+
+	// opMu serializes the operations that change the file's extent or
+	// lifecycle (Expand, TruncateToIndex, Sync, Close). It is taken before mu.
+	opMu sync.Mutex
+
+	mu     sync.Mutex
+	hdr    Header
+	blocks uint64
+	// dataOffset is where the data store starts. For a read-only file whose
+	// index extent is not known yet (see OpenReadOnly) it is an upper bound.
+	dataOffset int64
+	// indexEnd is the end of the index as far as the file itself tells
+	// (read-only files); extentKnown says whether it is exact.
+	indexEnd    int64
+	extentKnown bool
+	closed      bool
+	cache       indexCache
+	inflight    map[uint64]chan struct{} // blocks whose CopyOnWrite is doing data I/O
+	idle        sync.Cond                // broadcast when inflight becomes empty
+}
+
+var bufPool = sync.Pool{New: func() any { return new([BlockSize]byte) }}
+
+func newFile(path string, fh *os.File, readOnly bool, hdr Header, blocks uint64, dataOffset int64, cacheBytes int64) *File {
+	f := &File{
+		path: path, f: fh, readOnly: readOnly, hdr: hdr, blocks: blocks,
+		dataOffset: dataOffset, indexEnd: dataOffset, extentKnown: true,
+		inflight: make(map[uint64]chan struct{}),
+	}
+	f.idle.L = &f.mu
+	f.cache.init(limitSections(cacheBytes))
+	return f
+}
+
+// Create makes a new COW file at path: it refuses an existing path,
+// preallocates the whole file (removing it again if that fails), and
+// writes a dirty header. Every index entry reads as 0.
+func Create(path string, opt Options) (*File, error) {
+	if opt.DeviceSize <= 0 {
+		return nil, fmt.Errorf("cow file %s: device size %d is not a positive number of bytes", path, opt.DeviceSize)
+	}
+	blocks := Blocks(opt.DeviceSize)
+	dataOff := DataOffset(blocks)
+	size, err := fileSize(opt, dataOff)
+	if err != nil {
+		return nil, fmt.Errorf("cow file %s: %w", path, err)
+	}
+	hdr := Header{
+		FPos: uint64(dataOff) / BlockSize, FSize: uint64(size),
+		SeqID: opt.SeqID, UUID: opt.UUID, Version: Version,
+	}
+	if opt.IndexOnly {
+		hdr.Flags = FlagIndexOnly
+	}
+	if hdr.SeqID == 0 {
+		hdr.SeqID = 1
+	}
+	if hdr.UUID == ([16]byte{}) {
+		if _, err := rand.Read(hdr.UUID[:]); err != nil {
+			return nil, fmt.Errorf("cow file %s: generate uuid: %w", path, err)
+		}
+		hdr.UUID[6] = hdr.UUID[6]&0x0f | 0x40 // version 4
+		hdr.UUID[8] = hdr.UUID[8]&0x3f | 0x80 // RFC 4122 variant
+	}
+
+	fh, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, createError(path, err)
+	}
+	fail := func(err error) (*File, error) {
+		fh.Close()
+		os.Remove(path)
+		return nil, err
+	}
+	if err := preallocate(fh, 0, size); err != nil {
+		switch {
+		case errors.Is(err, syscall.ENOSPC):
+			return fail(&wrapErr{msg: fmt.Sprintf("cow file %s: not enough space to preallocate %d bytes", path, size), target: err})
+		case errors.Is(err, syscall.EFBIG):
+			return fail(&wrapErr{msg: fmt.Sprintf("cow file %s: %d bytes is more than the filesystem allows for one file", path, size), target: err})
+		}
+		return fail(fmt.Errorf("cow file %s: preallocate %d bytes: %w", path, size, err))
+	}
+	f := newFile(path, fh, false, hdr, blocks, dataOff, opt.CacheBytes)
+	if err := f.writeHeader(); err != nil {
+		return fail(fmt.Errorf("cow file %s: write header: %w", path, err))
+	}
+	if err := fh.Sync(); err != nil {
+		return fail(fmt.Errorf("cow file %s: fsync: %w", path, err))
+	}
+	return f, nil
+}
+
+func fileSize(opt Options, dataOff int64) (int64, error) {
+	if opt.IndexOnly {
+		return dataOff, nil
+	}
+	switch {
+	case opt.FileSize < 0:
+		return 0, fmt.Errorf("file size %d is negative", opt.FileSize)
+	case opt.FileSize == 0:
+		size := roundUp(opt.DeviceSize / 10)
+		return max(size, dataOff+MinDataBytes), nil
+	case opt.FileSize > math.MaxInt64-BlockSize:
+		return 0, fmt.Errorf("file size %d is out of range", opt.FileSize)
+	}
+	size := roundUp(opt.FileSize)
+	if size < dataOff {
+		return 0, fmt.Errorf("file size %d is too small: the header and index of a %d-byte device take %d bytes",
+			opt.FileSize, opt.DeviceSize, dataOff)
+	}
+	return size, nil
+}
+
+func roundUp(n int64) int64 { return (n + BlockSize - 1) / BlockSize * BlockSize }
+
+func createError(path string, err error) error {
+	switch {
+	case errors.Is(err, syscall.EEXIST):
+		return &wrapErr{msg: fmt.Sprintf("cow file %s already exists", path), target: os.ErrExist}
+	case errors.Is(err, syscall.ENOENT):
+		return &wrapErr{msg: fmt.Sprintf("cow file %s: directory %s does not exist", path, filepath.Dir(path)), target: os.ErrNotExist}
+	case errors.Is(err, syscall.ENOTDIR):
+		return &wrapErr{msg: fmt.Sprintf("cow file %s: %s is not a directory", path, filepath.Dir(path)), target: err}
+	}
+	return fmt.Errorf("cow file %s: %w", path, unwrapPath(err))
+}
+
+func openError(path string, err error) error {
+	if errors.Is(err, syscall.ENOENT) {
+		return &wrapErr{msg: fmt.Sprintf("cow file %s does not exist", path), target: os.ErrNotExist}
+	}
+	return fmt.Errorf("cow file %s: %w", path, unwrapPath(err))
+}
+
+// unwrapPath drops os.PathError's "open <path>:" prefix; the caller names
+// the path itself.
+func unwrapPath(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
+
+// readHeader checks that fh is a regular file long enough for a header,
+// then reads and parses the header; it also returns the file's size.
+func readHeader(fh *os.File, path string) (Header, int64, error) {
+	st, err := fh.Stat()
+	if err != nil {
+		return Header{}, 0, fmt.Errorf("cow file %s: %w", path, unwrapPath(err))
+	}
+	if !st.Mode().IsRegular() {
+		return Header{}, 0, fmt.Errorf("cow file %s is not a regular file", path)
+	}
+	size := st.Size()
+	if size == 0 {
+		return Header{}, 0, corrupt("cow file %s is empty", path)
+	}
+	if size < HeaderSize {
+		return Header{}, 0, corrupt("cow file %s is truncated: %d bytes, shorter than the %d-byte header", path, size, HeaderSize)
+	}
+	b := make([]byte, HeaderSize)
+	if _, err := fh.ReadAt(b, 0); err != nil {
+		return Header{}, 0, fmt.Errorf("cow file %s: read header: %w", path, unwrapPath(err))
+	}
+	h, err := ParseHeader(b)
+	if err != nil {
+		return Header{}, 0, fmt.Errorf("cow file %s: %w", path, err)
+	}
+	return h, size, nil
+}
+
+// Open reopens a cleanly closed COW file for a device of deviceSize bytes
+// (dattobd's reload). It refuses a file without FlagClean (ErrNotClean), a
+// file whose index would overlap its data for this device size, and a
+// truncated file (ErrCorrupt); it then rewrites the header without
+// FlagClean (and fsyncs it) before anything else can change the file. The
+// caller checks the mode it expects in Header().Flags (FlagIndexOnly).
+func Open(path string, deviceSize int64, cacheBytes int64) (*File, error) {
+	fh, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, openError(path, err)
+	}
+	fail := func(err error) (*File, error) {
+		fh.Close()
+		return nil, err
+	}
+	hdr, size, err := readHeader(fh, path)
+	if err != nil {
+		return fail(err)
+	}
+	if hdr.Flags&FlagClean == 0 {
+		return fail(&wrapErr{msg: fmt.Sprintf("cow file %s not left in clean state", path), target: ErrNotClean})
+	}
+	if deviceSize <= 0 {
+		return fail(fmt.Errorf("cow file %s: device size %d is not a positive number of bytes", path, deviceSize))
+	}
+	blocks := Blocks(deviceSize)
+	dataOff := DataOffset(blocks)
+	dataEnd := int64(hdr.FPos) * BlockSize
+	switch {
+	case dataEnd < dataOff:
+		return fail(corrupt("cow file %s: its data starts at byte %d, inside the %d-byte index of a %d-byte device (a file of another device?)",
+			path, dataEnd, dataOff, deviceSize))
+	case size < dataOff:
+		return fail(corrupt("cow file %s is truncated: %d bytes, its index needs %d", path, size, dataOff))
+	case hdr.Flags&FlagIndexOnly == 0 && size < int64(hdr.FSize):
+		return fail(corrupt("cow file %s is truncated: %d bytes, its header says %d are allocated", path, size, hdr.FSize))
+	}
+	hdr.Flags &^= FlagClean
+	f := newFile(path, fh, false, hdr, blocks, dataOff, cacheBytes)
+	if err := f.writeHeader(); err != nil {
+		return fail(fmt.Errorf("cow file %s: write header: %w", path, err))
+	}
+	if err := fh.Sync(); err != nil {
+		return fail(fmt.Errorf("cow file %s: fsync: %w", path, err))
+	}
+	return f, nil
+}
+
+// OpenReadOnly opens a COW file for reading only (update-img); it never
+// writes. It validates the header and checks that the file is long enough
+// for its index and data. The header does not record the device size, so
+// the extent of the index is taken from the file:
+//
+//   - an index-only file truncated to its index (the normal case, and what
+//     update-img is given) ends where its index ends: Blocks() is exact up
+//     to the last section (4096 blocks);
+//   - for any other file (snapshot mode) only an upper bound is known (the
+//     index ends at or before fpos); Blocks() reports that bound and
+//     ChangedRuns refuses to run until SetDeviceSize gives the device size.
+//
+// A file without FlagClean is accepted; its index is untrusted, and the
+// caller decides (update-img should refuse it).
+func OpenReadOnly(path string) (*File, error) {
+	fh, err := os.Open(path)
+	if err != nil {
+		return nil, openError(path, err)
+	}
+	hdr, size, err := readHeader(fh, path)
+	if err != nil {
+		fh.Close()
+		return nil, err
+	}
+	dataEnd := int64(hdr.FPos) * BlockSize
+	var indexEnd int64
+	known := false
+	if hdr.Flags&FlagIndexOnly != 0 && size <= dataEnd {
+		// Truncated to its index: the file's length is the data offset.
+		if size < HeaderSize+SectionBytes || (size-HeaderSize)%SectionBytes != 0 {
+			fh.Close()
+			return nil, corrupt("cow file %s is truncated: %d bytes is not a header plus whole %d-byte index sections", path, size, SectionBytes)
+		}
+		indexEnd, known = size, true
+	} else {
+		if size < dataEnd {
+			fh.Close()
+			return nil, corrupt("cow file %s is truncated: %d bytes, but its data runs to byte %d", path, size, dataEnd)
+		}
+		indexEnd = HeaderSize + (dataEnd-HeaderSize)/SectionBytes*SectionBytes
+	}
+	f := newFile(path, fh, true, hdr, uint64(indexEnd-HeaderSize)/8, indexEnd, 0)
+	f.indexEnd, f.extentKnown = indexEnd, known
+	return f, nil
+}
+
+// SetDeviceSize tells a read-only file the size of its device. It checks
+// that the file's index matches that size (exactly, when the index extent
+// is known from the file; otherwise that it fits below the data) and
+// limits Blocks, Lookup and ChangedRuns to the device's blocks.
+func (f *File) SetDeviceSize(deviceSize int64) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.readOnly {
+		return modeErr("cow file %s: SetDeviceSize is for read-only files; Open takes the device size", f.path)
+	}
+	if deviceSize <= 0 {
+		return fmt.Errorf("cow file %s: device size %d is not a positive number of bytes", f.path, deviceSize)
+	}
+	blocks := Blocks(deviceSize)
+	need := DataOffset(blocks)
+	have := uint64(f.indexEnd-HeaderSize) / SectionBytes
+	if f.extentKnown && need != f.indexEnd {
+		return fmt.Errorf("cow file %s: its index covers %d sections (a device of %d to %d bytes), not %d bytes",
+			f.path, have, (have-1)*SectionEntries*BlockSize+1, have*SectionEntries*BlockSize, deviceSize)
+	}
+	if need > f.indexEnd {
+		return fmt.Errorf("cow file %s: a %d-byte device needs a %d-byte index, which would overlap the file's data at byte %d",
+			f.path, deviceSize, need-HeaderSize, f.indexEnd)
+	}
+	f.blocks, f.dataOffset = blocks, need
+	f.extentKnown = true
+	f.indexEnd = need
+	return nil
+}
+
+func (f *File) writeHeader() error {
+	b, _ := f.hdr.MarshalBinary()
+	_, err := f.f.WriteAt(b, 0)
+	return err
+}
+
+func (f *File) closedErr() error {
+	return &wrapErr{msg: fmt.Sprintf("cow file %s is closed", f.path), target: os.ErrClosed}
+}
+
+// usable checks, with mu held, that the file is open and in range.
+func (f *File) usable(block uint64) error {
+	if f.closed {
+		return f.closedErr()
+	}
+	if block >= f.blocks {
+		return fmt.Errorf("cow file %s: block %d is beyond the device's %d blocks", f.path, block, f.blocks)
+	}
+	return nil
+}
+
+// writable checks, with mu held, that the file may be modified.
+func (f *File) writable() error {
+	if f.closed {
+		return f.closedErr()
+	}
+	if f.readOnly {
+		return modeErr("cow file %s is open read-only", f.path)
+	}
+	return nil
+}
+
+// Path returns the file's path.
+func (f *File) Path() string { return f.path }
+
+// Header returns the current header (with FlagClean clear while the file
+// is open read-write).
+func (f *File) Header() Header {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.hdr
+}
+
+// Blocks returns the number of index entries in use: Blocks(deviceSize).
+// For a read-only file see OpenReadOnly and SetDeviceSize.
+func (f *File) Blocks() uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.blocks
+}
+
+// NrChangedBlocks returns the number of entries that went from 0 to
+// non-zero (dattobd counts them for version 1 files only).
+func (f *File) NrChangedBlocks() uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.hdr.NrChangedBlocks
+}
+
+// firstSlot is the lowest slot a valid entry may name. Caller holds mu.
+func (f *File) firstSlot() uint64 {
+	if f.readOnly && !f.extentKnown {
+		return minSlot
+	}
+	return uint64(f.dataOffset) / BlockSize
+}
+
+// Lookup returns block's index entry: 0 (unchanged), 1 (changed, no data
+// kept) or the slot holding its pre-snapshot data. In a file with a data
+// store, an entry that names no written slot is reported as ErrCorrupt.
+func (f *File) Lookup(block uint64) (uint64, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.usable(block); err != nil {
+		return 0, err
+	}
+	e, err := f.entry(block)
+	if err != nil {
+		return 0, err
+	}
+	if e > 1 && f.hdr.Flags&FlagIndexOnly == 0 && (e < f.firstSlot() || e >= f.hdr.FPos) {
+		return 0, corrupt("cow file %s: index entry of block %d is %d, outside the data slots %d..%d",
+			f.path, block, e, f.firstSlot(), f.hdr.FPos)
+	}
+	return e, nil
+}
+
+func (f *File) countChange(old uint64) {
+	if old == 0 && f.hdr.Version >= Version {
+		f.hdr.NrChangedBlocks++
+	}
+}
+
+// CopyOnWrite preserves block's pre-snapshot data, first write wins: if
+// the block's entry is 0 it calls readOld to fill a zeroed 4 KiB buffer
+// (which readOld must not keep), writes it to the slot at fpos, and only
+// then sets the entry; it returns true if it copied. Concurrent calls for
+// one block copy once: later callers wait for the first and return false.
+// The data I/O runs without the file's lock, so copies of different blocks
+// proceed in parallel. When no slot is free it returns ErrFull (wrapping
+// EFBIG) and changes nothing. If readOld or the write fails, the block
+// stays unchanged (entry 0) and the error is returned.
+func (f *File) CopyOnWrite(block uint64, readOld func(p []byte) error) (bool, error) {
+	f.mu.Lock()
+	var ch chan struct{}
+	for {
+		if err := f.writable(); err != nil {
+			f.mu.Unlock()
+			return false, err
+		}
+		if f.hdr.Flags&FlagIndexOnly != 0 {
+			f.mu.Unlock()
+			return false, modeErr("cow file %s is index-only: it has no data store to copy block %d into", f.path, block)
+		}
+		if err := f.usable(block); err != nil {
+			f.mu.Unlock()
+			return false, err
+		}
+		e, err := f.entry(block)
+		if err != nil {
+			f.mu.Unlock()
+			return false, err
+		}
+		if e != 0 {
+			f.mu.Unlock()
+			return false, nil
+		}
+		busy, ok := f.inflight[block]
+		if !ok {
+			break
+		}
+		f.mu.Unlock()
+		<-busy
+		f.mu.Lock()
+	}
+	if f.hdr.FPos >= f.hdr.FSize/BlockSize {
+		err := full("cow file %s max size exceeded (%d/%d)", f.path, f.hdr.FPos*BlockSize, f.hdr.FSize)
+		f.mu.Unlock()
+		return false, err
+	}
+	slot := f.hdr.FPos
+	f.hdr.FPos++
+	ch = make(chan struct{})
+	f.inflight[block] = ch
+	f.mu.Unlock()
+
+	finished := false
+	defer func() {
+		if !finished { // readOld panicked: release the block, then let the panic go on
+			f.finishCopy(block, slot, ch, errors.New("readOld panicked"))
+		}
+	}()
+	buf := bufPool.Get().(*[BlockSize]byte)
+	clear(buf[:])
+	err := readOld(buf[:])
+	if err == nil {
+		if _, werr := f.f.WriteAt(buf[:], int64(slot)*BlockSize); werr != nil {
+			err = fmt.Errorf("cow file %s: write data slot %d: %w", f.path, slot, unwrapPath(werr))
+		}
+	}
+	bufPool.Put(buf)
+	finished = true
+	return f.finishCopy(block, slot, ch, err)
+}
+
+// finishCopy publishes a finished copy (data first, then the entry) or
+// undoes its slot reservation, and wakes the block's waiters.
+func (f *File) finishCopy(block, slot uint64, ch chan struct{}, err error) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err == nil {
+		var old uint64
+		if old, err = f.setEntry(block, slot); err == nil {
+			f.countChange(old) // old is 1 if MarkChanged ran meanwhile: counted already
+		}
+	}
+	if err != nil && f.hdr.FPos == slot+1 {
+		f.hdr.FPos = slot // nothing was allocated after us: give the slot back
+	}
+	delete(f.inflight, block)
+	close(ch)
+	if len(f.inflight) == 0 {
+		f.idle.Broadcast()
+	}
+	return err == nil, err
+}
+
+// ReadBlock reads the 4 KiB of preserved data in slot (an entry returned by
+// Lookup) into p, which must be BlockSize bytes.
+func (f *File) ReadBlock(slot uint64, p []byte) error {
+	if len(p) != BlockSize {
+		return fmt.Errorf("cow file %s: ReadBlock needs a %d-byte buffer, got %d", f.path, BlockSize, len(p))
+	}
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return f.closedErr()
+	}
+	if f.hdr.Flags&FlagIndexOnly != 0 {
+		f.mu.Unlock()
+		return modeErr("cow file %s is index-only: it holds no data", f.path)
+	}
+	lo, hi := f.firstSlot(), f.hdr.FPos
+	f.mu.Unlock()
+	if slot < lo || slot >= hi {
+		return fmt.Errorf("cow file %s: slot %d is outside the data slots %d..%d", f.path, slot, lo, hi)
+	}
+	n, err := f.f.ReadAt(p, int64(slot)*BlockSize)
+	if n == BlockSize {
+		return nil
+	}
+	if errors.Is(err, io.EOF) {
+		return corrupt("cow file %s is truncated: data slot %d is past its end", f.path, slot)
+	}
+	return fmt.Errorf("cow file %s: read data slot %d: %w", f.path, slot, unwrapPath(err))
+}
+
+// MarkChanged records an incremental change: an entry of 0 becomes 1 and
+// is counted. It reports whether it changed anything. It is allowed in
+// both modes (writes tracked between the switch to incremental and
+// TruncateToIndex land in a file that still has its data store).
+func (f *File) MarkChanged(block uint64) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.writable(); err != nil {
+		return false, err
+	}
+	if err := f.usable(block); err != nil {
+		return false, err
+	}
+	e, err := f.entry(block)
+	if err != nil || e != 0 {
+		return false, err
+	}
+	if _, err := f.setEntry(block, 1); err != nil {
+		return false, err
+	}
+	f.countChange(0)
+	return true, nil
+}
+
+// Expand grows the data store by bytes (rounded up to BlockSize): it
+// preallocates them at the end of the allowed size and only then raises
+// fsize, so no slot is ever handed out beyond allocated space and no
+// existing slot is touched.
+func (f *File) Expand(bytes int64) error {
+	if bytes <= 0 {
+		return fmt.Errorf("cow file %s: expansion of %d bytes is not positive", f.path, bytes)
+	}
+	f.opMu.Lock()
+	defer f.opMu.Unlock()
+	f.mu.Lock()
+	err := f.writable()
+	if err == nil && f.hdr.Flags&FlagIndexOnly != 0 {
+		err = modeErr("cow file %s is index-only: it has no data store to expand", f.path)
+	}
+	off := int64(f.hdr.FSize)
+	f.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if bytes > math.MaxInt64-BlockSize-off {
+		return fmt.Errorf("cow file %s: expansion by %d bytes is out of range", f.path, bytes)
+	}
+	n := roundUp(bytes)
+	if err := preallocate(f.f, off, n); err != nil {
+		if errors.Is(err, syscall.ENOSPC) {
+			return &wrapErr{msg: fmt.Sprintf("cow file %s: not enough space to expand by %d bytes", f.path, n), target: err}
+		}
+		return fmt.Errorf("cow file %s: expand by %d bytes: %w", f.path, n, unwrapPath(err))
+	}
+	f.mu.Lock()
+	f.hdr.FSize = uint64(off + n)
+	f.mu.Unlock()
+	return nil
+}
+
+// SetCacheLimit changes the index cache budget (0 = DefaultCacheBytes; at
+// least one section) and evicts down to it, writing dirty sections back.
+// If a write-back fails the section stays resident and the next eviction
+// retries; the cache never grows while it is over the limit.
+func (f *File) SetCacheLimit(bytes int64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.cache.limit = limitSections(bytes)
+	if !f.closed {
+		f.shrink()
+	}
+}
+
+// CacheBytes returns the memory held by resident index sections (32 KiB
+// each; a few dozen bytes of bookkeeping per section come on top).
+func (f *File) CacheBytes() int64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return int64(len(f.cache.m)) * SectionBytes
+}
+
+// TruncateToIndex turns a snapshot file into an incremental one: it sets
+// FlagIndexOnly (from then on CopyOnWrite fails), waits for copies in
+// progress, sets fsize to the data offset and fpos to the first slot
+// (the data store is gone), writes back the index and the header, and
+// truncates the file to its index. Entries keep their values: a slot
+// number still means "changed". If it fails it may be called again; on a
+// file that is index-only already it redoes the write-back and truncation.
+func (f *File) TruncateToIndex() error {
+	f.opMu.Lock()
+	defer f.opMu.Unlock()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.writable(); err != nil {
+		return err
+	}
+	if f.hdr.Flags&FlagIndexOnly == 0 {
+		f.hdr.Flags |= FlagIndexOnly
+		for len(f.inflight) > 0 {
+			f.idle.Wait()
+		}
+		f.hdr.FSize = uint64(f.dataOffset)
+		f.hdr.FPos = uint64(f.dataOffset) / BlockSize
+	}
+	if err := f.flushSections(); err != nil {
+		return fmt.Errorf("cow file %s: write index: %w", f.path, unwrapPath(err))
+	}
+	if err := f.writeHeader(); err != nil {
+		return fmt.Errorf("cow file %s: write header: %w", f.path, unwrapPath(err))
+	}
+	if err := f.f.Truncate(f.dataOffset); err != nil {
+		return fmt.Errorf("cow file %s: truncate to its index: %w", f.path, unwrapPath(err))
+	}
+	if err := f.f.Sync(); err != nil {
+		return fmt.Errorf("cow file %s: fsync: %w", f.path, unwrapPath(err))
+	}
+	return nil
+}
+
+// Sync writes back the dirty index sections and the (dirty) header, then
+// fsyncs the file. The fsync runs without the file's lock.
+func (f *File) Sync() error {
+	f.opMu.Lock()
+	defer f.opMu.Unlock()
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return f.closedErr()
+	}
+	if f.readOnly {
+		f.mu.Unlock()
+		return nil
+	}
+	err := f.flushSections()
+	if err == nil {
+		err = f.writeHeader()
+	}
+	f.mu.Unlock()
+	if err == nil {
+		err = f.f.Sync()
+	}
+	if err != nil {
+		return fmt.Errorf("cow file %s: sync: %w", f.path, unwrapPath(err))
+	}
+	return nil
+}
+
+// Close refuses new operations, waits for copies in progress, writes back
+// the index and the header and fsyncs. With clean, and only if all of that
+// succeeded, it then sets FlagClean in the header and fsyncs again, so a
+// clean header never describes an index that is not on disk. A read-only
+// file is just closed.
+func (f *File) Close(clean bool) error {
+	f.opMu.Lock()
+	defer f.opMu.Unlock()
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return f.closedErr()
+	}
+	f.closed = true
+	if f.readOnly {
+		f.cache.init(1)
+		f.mu.Unlock()
+		return f.f.Close()
+	}
+	for len(f.inflight) > 0 {
+		f.idle.Wait()
+	}
+	err := f.flushSections()
+	if err == nil {
+		err = f.writeHeader()
+	}
+	if err == nil {
+		err = f.f.Sync()
+	}
+	if err == nil && clean {
+		f.hdr.Flags |= FlagClean
+		if err = f.writeHeader(); err == nil {
+			err = f.f.Sync()
+		}
+	}
+	f.cache.init(1) // drop the sections
+	f.mu.Unlock()
+	if cerr := f.f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("cow file %s: close: %w", f.path, unwrapPath(err))
+	}
+	return nil
+}
+
+// ChangedRuns calls fn for every maximal run of blocks whose entry is not
+// 0, in block order. It reads the index from the file 256 KiB at a time
+// (taking the newer contents of cached sections), so its memory does not
+// depend on the device size; on a read-only file it also skips holes
+// (SEEK_DATA), so a sparse or unwritten index costs no reads. fn runs
+// without the file's lock. ChangedRuns stops at fn's first error and
+// returns it.
+func (f *File) ChangedRuns(fn func(first, count uint64) error) error {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return f.closedErr()
+	}
+	if !f.extentKnown {
+		f.mu.Unlock()
+		return fmt.Errorf("cow file %s has a data store, so its header does not tell where its index ends; give the device size (SetDeviceSize)", f.path)
+	}
+	blocks := f.blocks
+	f.mu.Unlock()
+
+	const chunk = 8 // sections per read
+	buf := make([]byte, chunk*SectionBytes)
+	r := runs{fn: fn}
+	nsect := sections(blocks)
+	for s := uint64(0); s < nsect; {
+		if f.readOnly {
+			// Nothing caches dirty sections here: the file is the truth.
+			next, ok := nextData(f.f, sectionOffset(s))
+			if !ok {
+				break // zeros to the end
+			}
+			if skip := uint64(next-HeaderSize) / SectionBytes; skip > s {
+				if err := r.end(); err != nil {
+					return err
+				}
+				s = skip
+				continue
+			}
+		}
+		k := min(chunk, nsect-s)
+		b := buf[:k*SectionBytes]
+		f.mu.Lock()
+		if f.closed {
+			f.mu.Unlock()
+			return f.closedErr()
+		}
+		n, err := f.f.ReadAt(b, sectionOffset(s))
+		if n != len(b) {
+			f.mu.Unlock()
+			if errors.Is(err, io.EOF) {
+				return corrupt("cow file %s is truncated: its index ends before byte %d", f.path, sectionOffset(s+k))
+			}
+			return fmt.Errorf("cow file %s: read index: %w", f.path, unwrapPath(err))
+		}
+		for i := range k {
+			if sec, ok := f.cache.m[s+i]; ok {
+				copy(b[i*SectionBytes:], sec.b[:])
+			}
+		}
+		f.mu.Unlock()
+		base := s * SectionEntries
+		if err := r.scan(b[:8*min(blocks-base, k*SectionEntries)], base); err != nil {
+			return err
+		}
+		s += k
+	}
+	return r.end()
+}
+
+// runs accumulates maximal runs of non-zero entries for ChangedRuns.
+type runs struct {
+	fn          func(first, count uint64) error
+	first, size uint64
+}
+
+var zeroGroup [512]byte // 64 entries
+
+// scan feeds the little-endian entries in b, the first one for block base.
+func (r *runs) scan(b []byte, base uint64) error {
+	for i := 0; i < len(b); {
+		if i%len(zeroGroup) == 0 && len(b)-i >= len(zeroGroup) && bytes.Equal(b[i:i+len(zeroGroup)], zeroGroup[:]) {
+			if err := r.end(); err != nil {
+				return err
+			}
+			i += len(zeroGroup)
+			continue
+		}
+		if binary.LittleEndian.Uint64(b[i:]) != 0 {
+			if r.size == 0 {
+				r.first = base + uint64(i/8)
+			}
+			r.size++
+		} else if err := r.end(); err != nil {
+			return err
+		}
+		i += 8
+	}
+	return nil
+}
+
+func (r *runs) end() error {
+	if r.size == 0 {
+		return nil
+	}
+	first, size := r.first, r.size
+	r.size = 0
+	return r.fn(first, size)
+}

@@ -1,0 +1,400 @@
+package server
+
+import (
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/dbdublk/dbdublk/bitmap"
+	"github.com/dbdublk/dbdublk/cow"
+	"github.com/dbdublk/dbdublk/ublk"
+)
+
+// Defaults and units follow dattobd: -c is bytes, -f and sizes are MiB.
+const (
+	DefaultCacheBytes = 300 << 20
+	mib               = 1 << 20
+	// snapshotIDBase offsets snapshot devices' ublk ids past every minor.
+	snapshotIDBase = MaxMinor + 1
+)
+
+// Filesystem freeze ioctls (linux/fs.h: _IOWR('X', 119/120, int)); x/sys
+// does not name them.
+const (
+	ioctlFIFREEZE = 0xC0045877
+	ioctlFITHAW   = 0xC0045878
+)
+
+// dattobd's /proc/datto-info state values for active devices.
+const (
+	stateActiveIncremental = 2
+	stateActiveSnapshot    = 3
+)
+
+// DattoPath is the dattobd-compatible name of minor's snapshot device.
+func DattoPath(minor int) string { return fmt.Sprintf("/dev/datto%d", minor) }
+
+// SnapshotBlockPath is the ublk block device serving minor's snapshot.
+func SnapshotBlockPath(minor int) string { return fmt.Sprintf("/dev/ublkb%d", snapshotIDBase+minor) }
+
+// snapshot is the tracking state a server adds to its front device.
+type snapshot struct {
+	cowPath    string
+	cacheBytes int64
+	fallocMiB  int64 // as requested; 0 = default
+	dev        *ublk.Device
+}
+
+func (s *Server) mode() Mode { return s.trk.current().mode }
+
+func (s *Server) setupSnapshot(req Request) error {
+	if m := s.mode(); m != ModePassthrough {
+		return fmt.Errorf("minor %d is already tracking (%s mode); destroy it first", s.cfg.Minor, m)
+	}
+	if err := s.checkCowPath(req.CowFile); err != nil {
+		return err
+	}
+	cache := req.CacheBytes
+	if cache <= 0 {
+		cache = DefaultCacheBytes
+	}
+	c, err := cow.Create(req.CowFile, cow.Options{
+		DeviceSize: s.trk.Size, FileSize: req.FallocMiB * mib, CacheBytes: cache,
+	})
+	if err != nil {
+		return err
+	}
+	abandon := func(err error) error {
+		c.Close(false)
+		os.Remove(req.CowFile)
+		return err
+	}
+	if err := s.transition(ModeSnapshot, c, nil); err != nil {
+		return abandon(err)
+	}
+	s.snap = &snapshot{cowPath: req.CowFile, cacheBytes: cache, fallocMiB: req.FallocMiB}
+	if err := s.startSnapshotDevice(); err != nil {
+		s.trk.swap(ModePassthrough, nil, nil)
+		s.snap = nil
+		return abandon(err)
+	}
+	s.log.Printf("snapshot set up: COW file %s, seq %d, snapshot device %s", req.CowFile, c.Header().SeqID, DattoPath(s.cfg.Minor))
+	return nil
+}
+
+func (s *Server) transitionToIncremental() error {
+	st := s.trk.current()
+	if st.mode != ModeSnapshot {
+		return fmt.Errorf("minor %d is not in snapshot mode (it is %s)", s.cfg.Minor, st.mode)
+	}
+	if errno := s.trk.Failed(); errno != 0 {
+		return fmt.Errorf("minor %d has failed (%v); destroy it and set up a new snapshot", s.cfg.Minor, errno)
+	}
+	if err := s.snapshotDeviceIdle(); err != nil {
+		return err
+	}
+	if err := s.transition(ModeIncremental, st.cow, s.newBitmap(st.cow)); err != nil {
+		return err
+	}
+	s.stopSnapshotDevice()
+	s.trk.autoExpand.stepBytes, s.trk.autoExpand.reserveBytes = 0, 0
+	if err := st.cow.TruncateToIndex(); err != nil {
+		s.log.Printf("truncate %s to its index: %v", s.snap.cowPath, err)
+	}
+	s.log.Printf("now incremental: tracking changes in %s", s.snap.cowPath)
+	return nil
+}
+
+func (s *Server) transitionToSnapshot(req Request) error {
+	st := s.trk.current()
+	if st.mode != ModeIncremental {
+		return fmt.Errorf("minor %d is not in incremental mode (it is %s)", s.cfg.Minor, st.mode)
+	}
+	if errno := s.trk.Failed(); errno != 0 {
+		return fmt.Errorf("minor %d has failed (%v); destroy it and set up a new snapshot", s.cfg.Minor, errno)
+	}
+	if filepath.Clean(req.CowFile) == filepath.Clean(s.snap.cowPath) {
+		return fmt.Errorf("%s is the current COW file, which holds the changed-block list; give a new path", req.CowFile)
+	}
+	if err := s.checkCowPath(req.CowFile); err != nil {
+		return err
+	}
+	falloc := req.FallocMiB
+	if falloc == 0 {
+		falloc = s.snap.fallocMiB // dattobd: 0 reuses the previous size
+	}
+	h := st.cow.Header()
+	c, err := cow.Create(req.CowFile, cow.Options{
+		DeviceSize: s.trk.Size, FileSize: falloc * mib, CacheBytes: s.snap.cacheBytes,
+		UUID: h.UUID, SeqID: h.SeqID + 1,
+	})
+	if err != nil {
+		return err
+	}
+	if err := s.transition(ModeSnapshot, c, nil); err != nil {
+		c.Close(false)
+		os.Remove(req.CowFile)
+		return err
+	}
+	old := s.snap.cowPath
+	if err := st.cow.Close(true); err != nil {
+		s.log.Printf("close %s clean: %v", old, err)
+	}
+	s.snap.cowPath, s.snap.fallocMiB = req.CowFile, falloc
+	if err := s.startSnapshotDevice(); err != nil {
+		s.trk.fail(syscall.EIO, err)
+		return fmt.Errorf("snapshot taken but its device could not start: %w", err)
+	}
+	s.log.Printf("snapshot %d taken: COW file %s; %s holds the changes since the previous one", h.SeqID+1, req.CowFile, old)
+	return nil
+}
+
+func (s *Server) destroy() error {
+	st := s.trk.current()
+	if st.mode == ModePassthrough {
+		return fmt.Errorf("minor %d is not tracking", s.cfg.Minor)
+	}
+	if err := s.snapshotDeviceIdle(); err != nil {
+		return err
+	}
+	s.stopSnapshotDevice()
+	if err := s.trk.swap(ModePassthrough, nil, nil); err != nil {
+		return err
+	}
+	st.cow.Close(false)
+	if err := os.Remove(s.snap.cowPath); err != nil && !errors.Is(err, os.ErrNotExist) {
+		s.log.Printf("remove %s: %v", s.snap.cowPath, err)
+	}
+	s.trk.failed.Store(0)
+	s.trk.autoExpand.stepBytes, s.trk.autoExpand.reserveBytes = 0, 0
+	s.log.Printf("tracking destroyed; %s removed", s.snap.cowPath)
+	s.snap = nil
+	return nil
+}
+
+func (s *Server) reconfigure(req Request) error {
+	if req.CacheBytes <= 0 {
+		return errors.New("cache size must be a positive number of bytes")
+	}
+	st := s.trk.current()
+	if st.mode == ModePassthrough {
+		return fmt.Errorf("minor %d is not tracking", s.cfg.Minor)
+	}
+	st.cow.SetCacheLimit(req.CacheBytes)
+	s.snap.cacheBytes = req.CacheBytes
+	return nil
+}
+
+func (s *Server) expandCowFile(req Request) error {
+	st := s.trk.current()
+	if st.mode != ModeSnapshot {
+		return fmt.Errorf("minor %d is not in snapshot mode (it is %s)", s.cfg.Minor, st.mode)
+	}
+	if req.SizeMiB <= 0 {
+		return errors.New("expansion size must be a positive number of MiB")
+	}
+	if errno := s.trk.Failed(); errno != 0 {
+		return fmt.Errorf("minor %d has failed (%v); expanding cannot repair it", s.cfg.Minor, errno)
+	}
+	s.trk.expandMu.Lock()
+	defer s.trk.expandMu.Unlock()
+	return st.cow.Expand(req.SizeMiB * mib)
+}
+
+func (s *Server) reconfigureAutoExpand(req Request) error {
+	st := s.trk.current()
+	if st.mode != ModeSnapshot {
+		return fmt.Errorf("minor %d is not in snapshot mode (it is %s)", s.cfg.Minor, st.mode)
+	}
+	if req.SizeMiB < 0 || req.ReserveMiB < 0 {
+		return errors.New("step and reserve must not be negative")
+	}
+	s.trk.expandMu.Lock()
+	defer s.trk.expandMu.Unlock()
+	s.trk.autoExpand.stepBytes, s.trk.autoExpand.reserveBytes = req.SizeMiB*mib, req.ReserveMiB*mib
+	return nil
+}
+
+// transition swaps the tracking state at one instant, with the filesystem
+// on the front device (if any) frozen around it, so the snapshot is a
+// clean filesystem.
+func (s *Server) transition(mode Mode, c *cow.File, bits *bitmap.Bitmap) error {
+	thaw, err := s.freeze()
+	if err != nil {
+		return err
+	}
+	err = s.trk.swap(mode, c, bits)
+	thaw()
+	return err
+}
+
+// freeze freezes the filesystem mounted on the front device; with none
+// mounted there is nothing to quiesce.
+func (s *Server) freeze() (thaw func(), err error) {
+	var st unix.Stat_t
+	if err := unix.Stat(s.FrontPath(), &st); err != nil {
+		return nil, fmt.Errorf("stat %s: %w", s.FrontPath(), err)
+	}
+	mnt := MountPoint(uint64(st.Rdev))
+	if mnt == "" {
+		return func() {}, nil
+	}
+	fd, err := unix.Open(mnt, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s to freeze it: %w", mnt, err)
+	}
+	if err := unix.IoctlSetInt(fd, ioctlFIFREEZE, 0); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("freeze %s: %w", mnt, err)
+	}
+	return func() {
+		if err := unix.IoctlSetInt(fd, ioctlFITHAW, 0); err != nil {
+			s.log.Printf("thaw %s: %v", mnt, err)
+		}
+		unix.Close(fd)
+	}, nil
+}
+
+// checkCowPath refuses a COW path that cannot work, before anything changes.
+func (s *Server) checkCowPath(path string) error {
+	if path == "" {
+		return errors.New("COW file path is empty")
+	}
+	if !filepath.IsAbs(path) {
+		return fmt.Errorf("COW file path %s must be absolute", path)
+	}
+	dir := filepath.Dir(path)
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("directory %s of the COW file does not exist", dir)
+		}
+		return fmt.Errorf("COW file directory %s: %w", dir, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return fmt.Errorf("%s is not a directory", dir)
+	}
+	if _, err := os.Lstat(path); err == nil {
+		return fmt.Errorf("COW file %s already exists; give a new path", path)
+	}
+	var front unix.Stat_t
+	if err := unix.Stat(s.FrontPath(), &front); err == nil && st.Dev == front.Rdev {
+		return fmt.Errorf("COW file %s is on the tracked device's own filesystem (%s); this release needs it on another filesystem",
+			path, s.FrontPath())
+	}
+	if st.Dev == s.trk.Rdev {
+		return fmt.Errorf("COW file %s is on the tracked device %s itself", path, s.cfg.BlockDevice)
+	}
+	return nil
+}
+
+// newBitmap returns a fast filter for incremental tracking, or nil when its
+// memory would not fit a quarter of the cache budget (the COW index, which
+// is bounded by the cache, is then the only record).
+func (s *Server) newBitmap(c *cow.File) *bitmap.Bitmap {
+	if bitmap.BytesFor(c.Blocks()) > uint64(s.snap.cacheBytes/4) {
+		return nil
+	}
+	return bitmap.New(c.Blocks())
+}
+
+func (s *Server) startSnapshotDevice() error {
+	st := s.trk.current()
+	spec := ublk.DeviceSpec{
+		ID:                snapshotIDBase + s.cfg.Minor,
+		Queues:            s.cfg.Queues,
+		Depth:             64,
+		MaxIOBytes:        s.cfg.MaxIOBytes,
+		Size:              s.trk.Size,
+		LogicalBlockSize:  s.trk.LogicalBlockSize,
+		PhysicalBlockSize: s.trk.PhysicalBlockSize,
+		ReadOnly:          true,
+	}
+	dev, err := ublk.Create(s.ctrl, spec, &snapView{t: s.trk, st: st}, s.log.Printf)
+	if err != nil {
+		return fmt.Errorf("create snapshot device: %w", err)
+	}
+	if err := dev.Start(); err != nil {
+		dev.Stop()
+		dev.Delete()
+		return fmt.Errorf("start snapshot device: %w", err)
+	}
+	s.snap.dev = dev
+	link := DattoPath(s.cfg.Minor)
+	os.Remove(link)
+	if err := os.Symlink(dev.BlockPath(), link); err != nil {
+		s.log.Printf("symlink %s: %v", link, err)
+	}
+	return nil
+}
+
+// snapshotDeviceIdle refuses while someone has the snapshot device open:
+// tearing it down would fail their reads.
+func (s *Server) snapshotDeviceIdle() error {
+	if s.snap == nil || s.snap.dev == nil {
+		return nil
+	}
+	fd, err := unix.Open(s.snap.dev.BlockPath(), unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("snapshot device %s is in use (mounted or open); unmount or close it first", DattoPath(s.cfg.Minor))
+		}
+		return nil
+	}
+	unix.Close(fd)
+	return nil
+}
+
+func (s *Server) stopSnapshotDevice() {
+	if s.snap == nil || s.snap.dev == nil {
+		return
+	}
+	if err := s.snap.dev.Stop(); err != nil {
+		s.log.Printf("stop snapshot device: %v", err)
+	}
+	if err := s.snap.dev.Delete(); err != nil {
+		s.log.Printf("delete snapshot device: %v", err)
+	}
+	s.snap.dev = nil
+	os.Remove(DattoPath(s.cfg.Minor))
+}
+
+// fillTrackingInfo adds dattobd's per-device fields.
+func (s *Server) fillTrackingInfo(d *DeviceInfo) {
+	st := s.trk.current()
+	d.Mode = st.mode.String()
+	if st.mode == ModePassthrough || s.snap == nil {
+		d.State = StateAttached
+		return
+	}
+	h := st.cow.Header()
+	d.CowFile = s.snap.cowPath
+	d.MaxCache = s.snap.cacheBytes
+	d.Fallocate = s.snap.fallocMiB * mib
+	d.CowSizeCurrent = int64(h.FSize)
+	d.SeqID = h.SeqID
+	d.UUID = hex.EncodeToString(h.UUID[:])
+	d.Version = h.Version
+	d.NrChangedBlocks = st.cow.NrChangedBlocks()
+	d.CacheInUse = st.cow.CacheBytes()
+	d.Error = -int(s.trk.Failed())
+	if st.mode == ModeSnapshot {
+		d.State = stateActiveSnapshot
+		if s.snap.dev != nil {
+			d.SnapshotDevice = DattoPath(s.cfg.Minor)
+		}
+		if step := s.trk.autoExpand.stepBytes; step > 0 {
+			d.AutoExpand = &struct {
+				StepSizeMiB      int64 `json:"step_size_mib"`
+				ReservedSpaceMiB int64 `json:"reserved_space_mib"`
+			}{step / mib, s.trk.autoExpand.reserveBytes / mib}
+		}
+	} else {
+		d.State = stateActiveIncremental
+	}
+}

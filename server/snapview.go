@@ -1,0 +1,93 @@
+package server
+
+import (
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/dbdublk/dbdublk/cow"
+)
+
+// snapView is the backend of the snapshot device: the real device as it was
+// at the snapshot instant. A block whose old contents were preserved is read
+// from the COW file, any other block from the real device. Once the
+// snapshot has failed (COW store full, I/O error), every read returns EIO:
+// a failed snapshot fails closed, never with data written after it.
+type snapView struct {
+	t  *tracker
+	st *trackState // the snapshot state this device serves
+}
+
+// ReadAt serves a snapshot read. p is a queue buffer (page aligned) and
+// off is aligned to the logical block size.
+func (v *snapView) ReadAt(p []byte, off int64) (int, error) {
+	if v.broken() {
+		return 0, syscall.EIO
+	}
+	end := off + int64(len(p))
+	if end > v.t.Size {
+		end = v.t.Size
+	}
+	if off >= end {
+		return 0, nil
+	}
+	p = p[:end-off]
+	// Read the real device first, straight into p, then overlay every block
+	// the COW file holds. The overlay looks the index up after the device
+	// read: a front write to a block is only issued after its old data is
+	// in the COW file and indexed, so a block still unindexed after our read
+	// was read before any post-snapshot write reached it.
+	if err := v.readDevice(p, off); err != nil {
+		return 0, err
+	}
+	first := uint64(off) / cow.BlockSize
+	last := (uint64(end) + cow.BlockSize - 1) / cow.BlockSize
+	var blk []byte
+	for b := first; b < last; b++ {
+		e, err := v.st.cow.Lookup(b)
+		if err != nil {
+			return 0, syscall.EIO
+		}
+		if e <= 1 {
+			continue
+		}
+		if blk == nil {
+			blk = make([]byte, cow.BlockSize)
+		}
+		if err := v.st.cow.ReadBlock(e, blk); err != nil {
+			return 0, syscall.EIO
+		}
+		bstart := int64(b) * cow.BlockSize
+		lo, hi := max(bstart, off), min(bstart+cow.BlockSize, end)
+		copy(p[lo-off:hi-off], blk[lo-bstart:hi-bstart])
+	}
+	// A failure during the read may mean a block was overwritten without
+	// being preserved: refuse the whole read.
+	if v.broken() {
+		return 0, syscall.EIO
+	}
+	return len(p), nil
+}
+
+// broken reports a failed snapshot, or one that is no longer current.
+func (v *snapView) broken() bool {
+	return v.t.failed.Load() != 0 || v.t.current().cow != v.st.cow || v.t.current().mode != ModeSnapshot
+}
+
+func (v *snapView) readDevice(p []byte, off int64) error {
+	for done := 0; done < len(p); {
+		n, err := unix.Pread(v.t.fd, p[done:], off+int64(done))
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return syscall.EIO
+		}
+		done += n
+	}
+	return nil
+}
+
+// WriteAt refuses: the snapshot device is read-only (the kernel already
+// rejects writes to a read-only disk; this is the second line).
+func (v *snapView) WriteAt(p []byte, off int64) (int, error) { return 0, syscall.EROFS }

@@ -1,0 +1,247 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/dbdublk/dbdublk/bitmap"
+	"github.com/dbdublk/dbdublk/cow"
+	"github.com/dbdublk/dbdublk/ublk"
+	"github.com/dbdublk/dbdublk/ublk/uapi"
+)
+
+// Mode is what the front device does with writes.
+type Mode int32
+
+const (
+	// ModePassthrough forwards writes untouched.
+	ModePassthrough Mode = iota
+	// ModeSnapshot copies a block's old data to the COW file before its
+	// first write, so the snapshot device keeps serving the old view.
+	ModeSnapshot
+	// ModeIncremental records which blocks were written.
+	ModeIncremental
+)
+
+func (m Mode) String() string {
+	switch m {
+	case ModeSnapshot:
+		return "snapshot"
+	case ModeIncremental:
+		return "incremental"
+	}
+	return "passthrough"
+}
+
+// trackState is immutable: a transition builds a new one and swaps it in,
+// so a write sees one consistent (mode, COW file, bitmap) triple.
+type trackState struct {
+	mode  Mode
+	cow   *cow.File
+	bits  *bitmap.Bitmap // fast filter for incremental mode; nil when it would not fit the cache budget
+	epoch uint64
+}
+
+// tracker is the front device's backend: the real device, plus the snapshot
+// and change-tracking hook the queues call before every modifying request.
+type tracker struct {
+	*BlockDevice
+	state    atomic.Pointer[trackState]
+	inflight [2]atomic.Int64 // admitted, unfinished writes by epoch parity
+	failed   atomic.Int32    // sticky errno of a failed snapshot or tracking; 0 = healthy
+	logf     func(string, ...any)
+
+	expandMu sync.Mutex
+	// autoExpand, when stepBytes > 0, grows a full COW store by stepBytes as
+	// long as reserveBytes stay free on the COW file's filesystem.
+	autoExpand struct{ stepBytes, reserveBytes int64 }
+}
+
+var _ ublk.WriteInterceptor = (*tracker)(nil)
+
+func newTracker(b *BlockDevice, logf func(string, ...any)) *tracker {
+	t := &tracker{BlockDevice: b, logf: logf}
+	t.state.Store(&trackState{mode: ModePassthrough})
+	return t
+}
+
+func (t *tracker) current() *trackState { return t.state.Load() }
+
+// fail records the first error; a failed snapshot serves EIO and a failed
+// tracker no longer promises a correct incremental.
+func (t *tracker) fail(errno syscall.Errno, why error) {
+	if t.failed.CompareAndSwap(0, int32(errno)) {
+		t.logf("tracking failed (%v): %v", errno, why)
+	}
+}
+
+// Failed returns the sticky errno, or 0.
+func (t *tracker) Failed() syscall.Errno { return syscall.Errno(t.failed.Load()) }
+
+// swap installs a new state and waits until every write admitted under the
+// previous one has completed: only then is the new state's view exact (a
+// snapshot never shows a write that was still in flight at its instant).
+func (t *tracker) swap(mode Mode, c *cow.File, bits *bitmap.Bitmap) error {
+	old := t.current()
+	t.state.Store(&trackState{mode: mode, cow: c, bits: bits, epoch: old.epoch + 1})
+	deadline := time.Now().Add(60 * time.Second)
+	for t.inflight[old.epoch&1].Load() != 0 {
+		if time.Now().After(deadline) {
+			return errors.New("writes in flight did not drain within 60 s")
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
+	return nil
+}
+
+// BeforeWrite runs on a queue thread before a write, discard or
+// write-zeroes reaches the real device.
+func (t *tracker) BeforeWrite(op uapi.IOOp, off, n int64) (uint64, ublk.WriteAction, error) {
+	var st *trackState
+	for {
+		st = t.current()
+		t.inflight[st.epoch&1].Add(1)
+		if t.current() == st {
+			break
+		}
+		t.inflight[st.epoch&1].Add(-1) // a transition raced us: admit under the new state
+	}
+	if n <= 0 || st.mode == ModePassthrough || t.failed.Load() != 0 {
+		return st.epoch, ublk.WriteProceed, nil
+	}
+	first := uint64(off) / cow.BlockSize
+	last := (uint64(off+n) + cow.BlockSize - 1) / cow.BlockSize
+	switch st.mode {
+	case ModeIncremental:
+		t.markRange(st, first, last)
+	case ModeSnapshot:
+		if op == uapi.IOOpDiscard {
+			return st.epoch, t.discardAction(st, first, last), nil
+		}
+		for b := first; b < last; b++ {
+			if err := t.copyOnWrite(st, b); err != nil {
+				break // failed closed: the snapshot now serves EIO
+			}
+		}
+	}
+	return st.epoch, ublk.WriteProceed, nil
+}
+
+// AfterWrite settles BeforeWrite's admission.
+func (t *tracker) AfterWrite(token uint64) { t.inflight[token&1].Add(-1) }
+
+func (t *tracker) markRange(st *trackState, first, last uint64) {
+	mark := func(b uint64) {
+		if _, err := st.cow.MarkChanged(b); err != nil {
+			t.fail(syscall.EIO, fmt.Errorf("record changed block %d: %w", b, err))
+		}
+	}
+	if st.bits != nil {
+		st.bits.NewlySet(first, last-first, mark)
+		return
+	}
+	for b := first; b < last; b++ {
+		mark(b)
+	}
+}
+
+// discardAction forwards a discard only when every block it covers is
+// already preserved; otherwise the discard is dropped, since deallocating
+// a block the snapshot still reads from the real device would lose it, and
+// copying a whole trimmed range would fill the COW store for nothing.
+func (t *tracker) discardAction(st *trackState, first, last uint64) ublk.WriteAction {
+	if last-first > 4096 {
+		return ublk.WriteSkip
+	}
+	for b := first; b < last; b++ {
+		e, err := st.cow.Lookup(b)
+		if err != nil || e <= 1 {
+			return ublk.WriteSkip
+		}
+	}
+	return ublk.WriteProceed
+}
+
+// copyOnWrite preserves block b's current contents before its first write.
+func (t *tracker) copyOnWrite(st *trackState, b uint64) error {
+	for {
+		_, err := st.cow.CopyOnWrite(b, func(p []byte) error { return t.readBlock(b, p) })
+		if err == nil {
+			return nil
+		}
+		if errors.Is(err, cow.ErrFull) {
+			if t.tryAutoExpand(st) {
+				continue
+			}
+			t.fail(syscall.EFBIG, fmt.Errorf("COW file %s is full", st.cow.Path()))
+			return err
+		}
+		t.fail(syscall.EIO, fmt.Errorf("copy block %d: %w", b, err))
+		return err
+	}
+}
+
+// tryAutoExpand grows a full COW store by one step when that leaves the
+// reserve free on its filesystem.
+func (t *tracker) tryAutoExpand(st *trackState) bool {
+	t.expandMu.Lock()
+	defer t.expandMu.Unlock()
+	step, reserve := t.autoExpand.stepBytes, t.autoExpand.reserveBytes
+	if step <= 0 {
+		return false
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(st.cow.Path(), &fs); err != nil {
+		return false
+	}
+	if int64(fs.Bavail)*int64(fs.Bsize) < step+reserve {
+		t.logf("auto-expand refused: fewer than %d bytes free beyond the %d-byte reserve", step, reserve)
+		return false
+	}
+	if err := st.cow.Expand(step); err != nil {
+		t.logf("auto-expand by %d bytes: %v", step, err)
+		return false
+	}
+	t.logf("auto-expanded COW file %s by %d bytes", st.cow.Path(), step)
+	return true
+}
+
+// readBlock reads block b of the real device into p (4 KiB); the device's
+// last block may be partial, its tail reads as zeros.
+func (t *tracker) readBlock(b uint64, p []byte) error {
+	buf := alignedBlock()
+	off := int64(b) * cow.BlockSize
+	n := int64(cow.BlockSize)
+	if off+n > t.Size {
+		n = t.Size - off
+	}
+	if n <= 0 {
+		clear(p)
+		return nil
+	}
+	got, err := unix.Pread(t.fd, buf[:n], off)
+	if err != nil {
+		return err
+	}
+	if int64(got) != n {
+		return fmt.Errorf("short read of block %d: %d of %d bytes", b, got, n)
+	}
+	copy(p, buf[:n])
+	clear(p[n:])
+	return nil
+}
+
+// alignedBlock returns a 4 KiB buffer aligned for O_DIRECT. It is used
+// synchronously, so ordinary heap memory is fine.
+func alignedBlock() []byte {
+	raw := make([]byte, 2*cow.BlockSize)
+	skip := (cow.BlockSize - int(uintptr(unsafe.Pointer(&raw[0]))%cow.BlockSize)) % cow.BlockSize
+	return raw[skip : skip+cow.BlockSize]
+}
