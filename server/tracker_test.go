@@ -1,0 +1,283 @@
+package server
+
+import (
+	"bytes"
+	"crypto/rand"
+	"errors"
+	mrand "math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/dbdublk/dbdublk/bitmap"
+	"github.com/dbdublk/dbdublk/cow"
+	"github.com/dbdublk/dbdublk/ublk"
+	"github.com/dbdublk/dbdublk/ublk/uapi"
+)
+
+// fakeDevice is a BlockDevice over a regular file (no O_DIRECT), holding
+// random content.
+func fakeDevice(t *testing.T, blocks int) (*BlockDevice, []byte) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "dev")
+	data := make([]byte, blocks*cow.BlockSize)
+	rand.Read(data)
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	return &BlockDevice{Path: path, Size: int64(len(data)), LogicalBlockSize: 512, PhysicalBlockSize: 4096, fd: fd}, data
+}
+
+// write goes through the tracker exactly as a queue does: admission, the
+// write itself, then settlement.
+func write(t *testing.T, trk *tracker, p []byte, off int64) {
+	token, action, err := trk.BeforeWrite(uapi.IOOpWrite, off, int64(len(p)))
+	if err != nil {
+		t.Errorf("BeforeWrite: %v", err)
+		return
+	}
+	if action == ublk.WriteProceed {
+		if _, err := unix.Pwrite(trk.fd, p, off); err != nil {
+			t.Errorf("pwrite: %v", err)
+		}
+	}
+	trk.AfterWrite(token)
+}
+
+func newCow(t *testing.T, size int64, fileSize int64) *cow.File {
+	t.Helper()
+	c, err := cow.Create(filepath.Join(t.TempDir(), "cow"), cow.Options{DeviceSize: size, FileSize: fileSize, CacheBytes: 64 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(false) })
+	return c
+}
+
+// TestSnapshotReadsRaceWrites: readers of the snapshot racing writers of
+// the same blocks always see the pre-snapshot data, at any offset and
+// length (sub-block writes included).
+func TestSnapshotReadsRaceWrites(t *testing.T) {
+	const blocks = 256
+	dev, orig := fakeDevice(t, blocks)
+	trk := newTracker(dev, t.Logf)
+	c := newCow(t, dev.Size, 0)
+	if err := trk.swap(ModeSnapshot, c, nil); err != nil {
+		t.Fatal(err)
+	}
+	view := &snapView{t: trk, st: trk.current()}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func(seed uint64) {
+			defer wg.Done()
+			r := mrand.New(mrand.NewPCG(seed, 1))
+			for i := 0; i < 400; i++ {
+				off := int64(r.IntN(blocks*8)) * 512 // 512-byte aligned, any block
+				n := int64(1+r.IntN(16)) * 512
+				if off+n > dev.Size {
+					n = dev.Size - off
+				}
+				p := make([]byte, n)
+				rand.Read(p)
+				write(t, trk, p, off)
+			}
+		}(uint64(w))
+	}
+	var reads int
+	var rmu sync.Mutex
+	for rd := 0; rd < 4; rd++ {
+		wg.Add(1)
+		go func(seed uint64) {
+			defer wg.Done()
+			r := mrand.New(mrand.NewPCG(seed, 2))
+			buf := make([]byte, 64<<10)
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				off := int64(r.IntN(blocks*8)) * 512
+				n := int64(1+r.IntN(128)) * 512
+				if off+n > dev.Size {
+					n = dev.Size - off
+				}
+				got, err := view.ReadAt(buf[:n], off)
+				if err != nil {
+					t.Errorf("snapshot read at %d: %v", off, err)
+					return
+				}
+				if !bytes.Equal(buf[:got], orig[off:off+int64(got)]) {
+					t.Errorf("snapshot read at %d+%d returned post-snapshot data", off, n)
+					return
+				}
+				rmu.Lock()
+				reads++
+				rmu.Unlock()
+			}
+		}(uint64(rd))
+	}
+	time.Sleep(50 * time.Millisecond)
+	// Writers finish on their own; then stop the readers.
+	done := make(chan struct{})
+	go func() {
+		for trk.inflight[0].Load()+trk.inflight[1].Load() > 0 {
+			time.Sleep(time.Millisecond)
+		}
+		close(done)
+	}()
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	<-done
+	full := make([]byte, dev.Size)
+	if _, err := view.ReadAt(full, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(full, orig) {
+		t.Fatal("the whole snapshot differs from the pre-snapshot device")
+	}
+	if reads == 0 {
+		t.Fatal("no snapshot read ran concurrently with the writers")
+	}
+	if trk.Failed() != 0 {
+		t.Fatalf("tracker failed: %v", trk.Failed())
+	}
+}
+
+// TestSwapWaitsForAdmittedWrites: a transition does not complete while a
+// write admitted under the old state is still in flight.
+func TestSwapWaitsForAdmittedWrites(t *testing.T) {
+	dev, _ := fakeDevice(t, 16)
+	trk := newTracker(dev, t.Logf)
+	token, _, _ := trk.BeforeWrite(uapi.IOOpWrite, 0, 4096)
+	c := newCow(t, dev.Size, 0)
+	swapped := make(chan error, 1)
+	go func() { swapped <- trk.swap(ModeSnapshot, c, nil) }()
+	select {
+	case <-swapped:
+		t.Fatal("swap returned while a write admitted before it was in flight")
+	case <-time.After(100 * time.Millisecond):
+	}
+	trk.AfterWrite(token)
+	select {
+	case err := <-swapped:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("swap did not return after the write completed")
+	}
+}
+
+// TestIncrementalMarksEveryWrite: every block a write touches is recorded,
+// with and without the bitmap filter.
+func TestIncrementalMarksEveryWrite(t *testing.T) {
+	for _, withBits := range []bool{true, false} {
+		dev, _ := fakeDevice(t, 300)
+		trk := newTracker(dev, t.Logf)
+		c := newCow(t, dev.Size, 0)
+		var bits *bitmap.Bitmap
+		if withBits {
+			bits = bitmap.New(c.Blocks())
+		}
+		if err := trk.swap(ModeIncremental, c, bits); err != nil {
+			t.Fatal(err)
+		}
+		want := map[uint64]bool{}
+		r := mrand.New(mrand.NewPCG(7, 7))
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		for g := 0; g < 4; g++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; i < 100; i++ {
+					mu.Lock()
+					off := int64(r.IntN(300*8)) * 512
+					n := int64(1+r.IntN(20)) * 512
+					mu.Unlock()
+					if off+n > dev.Size {
+						n = dev.Size - off
+					}
+					write(t, trk, make([]byte, n), off)
+					mu.Lock()
+					for b := off / 4096; b < (off+n+4095)/4096; b++ {
+						want[uint64(b)] = true
+					}
+					mu.Unlock()
+				}
+			}()
+		}
+		wg.Wait()
+		for b := range want {
+			if e, err := c.Lookup(b); err != nil || e == 0 {
+				t.Errorf("bits=%v: block %d was written but not recorded (entry %d, %v)", withBits, b, e, err)
+			}
+		}
+		if got := c.NrChangedBlocks(); got != uint64(len(want)) {
+			t.Errorf("bits=%v: %d blocks recorded, %d written", withBits, got, len(want))
+		}
+	}
+}
+
+// TestFullCowFailsClosed: when the COW store fills, the front write still
+// happens, the tracker records EFBIG and the snapshot serves only EIO.
+func TestFullCowFailsClosed(t *testing.T) {
+	dev, _ := fakeDevice(t, 64)
+	trk := newTracker(dev, t.Logf)
+	c := newCow(t, dev.Size, cow.DataOffset(cow.Blocks(dev.Size))+2*cow.BlockSize)
+	if err := trk.swap(ModeSnapshot, c, nil); err != nil {
+		t.Fatal(err)
+	}
+	view := &snapView{t: trk, st: trk.current()}
+	newData := bytes.Repeat([]byte{0xAB}, 3*cow.BlockSize)
+	write(t, trk, newData, 0)
+	if got := trk.Failed(); got != syscall.EFBIG {
+		t.Fatalf("Failed() = %v, want EFBIG", got)
+	}
+	got := make([]byte, 3*cow.BlockSize)
+	if _, err := unix.Pread(trk.fd, got, 0); err != nil || !bytes.Equal(got, newData) {
+		t.Fatalf("the front write was lost when the snapshot failed")
+	}
+	if _, err := view.ReadAt(make([]byte, cow.BlockSize), 0); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("snapshot read after failure: %v, want EIO", err)
+	}
+	if _, err := view.ReadAt(make([]byte, cow.BlockSize), 40*cow.BlockSize); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("snapshot read of an untouched block after failure: %v, want EIO", err)
+	}
+}
+
+// TestDiscardInSnapshotMode: a discard over blocks the snapshot still reads
+// from the device is dropped; over preserved blocks it is forwarded.
+func TestDiscardInSnapshotMode(t *testing.T) {
+	dev, _ := fakeDevice(t, 32)
+	trk := newTracker(dev, t.Logf)
+	c := newCow(t, dev.Size, 0)
+	if err := trk.swap(ModeSnapshot, c, nil); err != nil {
+		t.Fatal(err)
+	}
+	tok, action, _ := trk.BeforeWrite(uapi.IOOpDiscard, 0, 8*cow.BlockSize)
+	trk.AfterWrite(tok)
+	if action != ublk.WriteSkip {
+		t.Errorf("discard of unpreserved blocks was forwarded")
+	}
+	write(t, trk, make([]byte, 2*cow.BlockSize), 4*cow.BlockSize)
+	tok, action, _ = trk.BeforeWrite(uapi.IOOpDiscard, 4*cow.BlockSize, 2*cow.BlockSize)
+	trk.AfterWrite(tok)
+	if action != ublk.WriteProceed {
+		t.Errorf("discard of preserved blocks was dropped")
+	}
+}
