@@ -74,7 +74,7 @@ func (s *Server) setupSnapshot(req Request) error {
 		os.Remove(req.CowFile)
 		return err
 	}
-	if err := s.transition(ModeSnapshot, c, nil); err != nil {
+	if err := s.transition(ModeSnapshot, c, s.newBitmap(c, cache)); err != nil {
 		return abandon(err)
 	}
 	s.snap = &snapshot{cowPath: req.CowFile, cacheBytes: cache, fallocMiB: req.FallocMiB}
@@ -98,7 +98,7 @@ func (s *Server) transitionToIncremental() error {
 	if err := s.snapshotDeviceIdle(); err != nil {
 		return err
 	}
-	if err := s.transition(ModeIncremental, st.cow, s.newBitmap(st.cow)); err != nil {
+	if err := s.transition(ModeIncremental, st.cow, s.newBitmap(st.cow, s.snap.cacheBytes)); err != nil {
 		return err
 	}
 	s.stopSnapshotDevice()
@@ -136,7 +136,7 @@ func (s *Server) transitionToSnapshot(req Request) error {
 	if err != nil {
 		return err
 	}
-	if err := s.transition(ModeSnapshot, c, nil); err != nil {
+	if err := s.transition(ModeSnapshot, c, s.newBitmap(c, s.snap.cacheBytes)); err != nil {
 		c.Close(false)
 		os.Remove(req.CowFile)
 		return err
@@ -293,11 +293,12 @@ func (s *Server) checkCowPath(path string) error {
 	return nil
 }
 
-// newBitmap returns a fast filter for incremental tracking, or nil when its
-// memory would not fit a quarter of the cache budget (the COW index, which
-// is bounded by the cache, is then the only record).
-func (s *Server) newBitmap(c *cow.File) *bitmap.Bitmap {
-	if bitmap.BytesFor(c.Blocks()) > uint64(s.snap.cacheBytes/4) {
+// newBitmap returns a fast filter in front of the COW index (blocks known
+// preserved in snapshot mode, known recorded in incremental mode), or nil
+// when its memory would not fit a quarter of the cache budget (the COW
+// index, which is bounded by the cache, is then the only record).
+func (s *Server) newBitmap(c *cow.File, cacheBytes int64) *bitmap.Bitmap {
+	if bitmap.BytesFor(c.Blocks()) > uint64(cacheBytes/4) {
 		return nil
 	}
 	return bitmap.New(c.Blocks())

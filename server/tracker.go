@@ -58,6 +58,11 @@ type tracker struct {
 	failed   atomic.Int32    // sticky errno of a failed snapshot or tracking; 0 = healthy
 	logf     func(string, ...any)
 
+	// cowJobs feeds the copy-on-write workers: first writes wait for their
+	// old blocks to be preserved off the queue threads, many at a time.
+	cowJobs  chan cowJob
+	cowStart sync.Once
+
 	expandMu sync.Mutex
 	// autoExpand, when stepBytes > 0, grows a full COW store by stepBytes as
 	// long as reserveBytes stay free on the COW file's filesystem.
@@ -101,9 +106,71 @@ func (t *tracker) swap(mode Mode, c *cow.File, bits *bitmap.Bitmap) error {
 	return nil
 }
 
+// cowJob is one write waiting for its blocks to be preserved.
+type cowJob struct {
+	st          *trackState
+	first, last uint64
+	resume      func(error)
+}
+
+// cowWorkers is how many first writes are preserved concurrently (the
+// queues' depth is what bounds it in practice).
+const cowWorkers = 32
+
+func (t *tracker) startCowWorkers() {
+	t.cowJobs = make(chan cowJob, 256)
+	for i := 0; i < cowWorkers; i++ {
+		go func() {
+			for j := range t.cowJobs {
+				t.preserve(j.st, j.first, j.last)
+				// The write proceeds even if preserving failed: the
+				// snapshot fails closed, the live device keeps working.
+				j.resume(nil)
+			}
+		}()
+	}
+}
+
+// preserve copies blocks [first, last) that are not yet in the COW file.
+func (t *tracker) preserve(st *trackState, first, last uint64) {
+	for b := first; b < last; b++ {
+		if st.bits != nil && st.bits.Test(b) {
+			continue
+		}
+		if err := t.copyOnWrite(st, b); err != nil {
+			return // failed closed: the snapshot now serves EIO
+		}
+		if st.bits != nil {
+			st.bits.Set(b)
+		}
+	}
+}
+
+// preserved reports whether every block in [first, last) is already in the
+// COW file, so a rewrite can go straight to the device.
+func (t *tracker) preserved(st *trackState, first, last uint64) bool {
+	if st.bits != nil && st.bits.TestRange(first, last-first) {
+		return true
+	}
+	for b := first; b < last; b++ {
+		if st.bits != nil && st.bits.Test(b) {
+			continue
+		}
+		e, err := st.cow.Lookup(b)
+		if err != nil || e <= 1 {
+			return false
+		}
+		if st.bits != nil {
+			st.bits.Set(b)
+		}
+	}
+	return true
+}
+
 // BeforeWrite runs on a queue thread before a write, discard or
-// write-zeroes reaches the real device.
-func (t *tracker) BeforeWrite(op uapi.IOOp, off, n int64) (uint64, ublk.WriteAction, error) {
+// write-zeroes reaches the real device. A first write in snapshot mode is
+// deferred (WritePending) until its old blocks are preserved.
+func (t *tracker) BeforeWrite(op uapi.IOOp, off, n int64, resume func(error)) (uint64, ublk.WriteAction, error) {
 	var st *trackState
 	for {
 		st = t.current()
@@ -125,11 +192,16 @@ func (t *tracker) BeforeWrite(op uapi.IOOp, off, n int64) (uint64, ublk.WriteAct
 		if op == uapi.IOOpDiscard {
 			return st.epoch, t.discardAction(st, first, last), nil
 		}
-		for b := first; b < last; b++ {
-			if err := t.copyOnWrite(st, b); err != nil {
-				break // failed closed: the snapshot now serves EIO
-			}
+		if t.preserved(st, first, last) {
+			return st.epoch, ublk.WriteProceed, nil
 		}
+		if resume == nil {
+			t.preserve(st, first, last)
+			return st.epoch, ublk.WriteProceed, nil
+		}
+		t.cowStart.Do(t.startCowWorkers)
+		t.cowJobs <- cowJob{st, first, last, resume}
+		return st.epoch, ublk.WritePending, nil
 	}
 	return st.epoch, ublk.WriteProceed, nil
 }

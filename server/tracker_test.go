@@ -41,10 +41,17 @@ func fakeDevice(t *testing.T, blocks int) (*BlockDevice, []byte) {
 // write goes through the tracker exactly as a queue does: admission, the
 // write itself, then settlement.
 func write(t *testing.T, trk *tracker, p []byte, off int64) {
-	token, action, err := trk.BeforeWrite(uapi.IOOpWrite, off, int64(len(p)))
+	resumed := make(chan error, 1)
+	token, action, err := trk.BeforeWrite(uapi.IOOpWrite, off, int64(len(p)), func(err error) { resumed <- err })
 	if err != nil {
 		t.Errorf("BeforeWrite: %v", err)
 		return
+	}
+	if action == ublk.WritePending {
+		if err := <-resumed; err != nil {
+			t.Errorf("resume: %v", err)
+		}
+		action = ublk.WriteProceed
 	}
 	if action == ublk.WriteProceed {
 		if _, err := unix.Pwrite(trk.fd, p, off); err != nil {
@@ -162,7 +169,7 @@ func TestSnapshotReadsRaceWrites(t *testing.T) {
 func TestSwapWaitsForAdmittedWrites(t *testing.T) {
 	dev, _ := fakeDevice(t, 16)
 	trk := newTracker(dev, t.Logf)
-	token, _, _ := trk.BeforeWrite(uapi.IOOpWrite, 0, 4096)
+	token, _, _ := trk.BeforeWrite(uapi.IOOpWrite, 0, 4096, nil)
 	c := newCow(t, dev.Size, 0)
 	swapped := make(chan error, 1)
 	go func() { swapped <- trk.swap(ModeSnapshot, c, nil) }()
@@ -269,13 +276,13 @@ func TestDiscardInSnapshotMode(t *testing.T) {
 	if err := trk.swap(ModeSnapshot, c, nil); err != nil {
 		t.Fatal(err)
 	}
-	tok, action, _ := trk.BeforeWrite(uapi.IOOpDiscard, 0, 8*cow.BlockSize)
+	tok, action, _ := trk.BeforeWrite(uapi.IOOpDiscard, 0, 8*cow.BlockSize, nil)
 	trk.AfterWrite(tok)
 	if action != ublk.WriteSkip {
 		t.Errorf("discard of unpreserved blocks was forwarded")
 	}
 	write(t, trk, make([]byte, 2*cow.BlockSize), 4*cow.BlockSize)
-	tok, action, _ = trk.BeforeWrite(uapi.IOOpDiscard, 4*cow.BlockSize, 2*cow.BlockSize)
+	tok, action, _ = trk.BeforeWrite(uapi.IOOpDiscard, 4*cow.BlockSize, 2*cow.BlockSize, nil)
 	trk.AfterWrite(tok)
 	if action != ublk.WriteProceed {
 		t.Errorf("discard of preserved blocks was dropped")

@@ -58,6 +58,10 @@ const (
 	// WriteSkip completes the request successfully without touching the
 	// file (a discard that would destroy data a snapshot still needs).
 	WriteSkip
+	// WritePending defers the request: the interceptor calls resume (from
+	// any goroutine, exactly once) when it may proceed or must fail, so slow
+	// preparation such as copy-on-write never blocks the queue thread.
+	WritePending
 )
 
 // WriteInterceptor is a FileBackend that must see every modifying request
@@ -71,7 +75,7 @@ const (
 // thread that would complete them is the one waiting.
 type WriteInterceptor interface {
 	FileBackend
-	BeforeWrite(op uapi.IOOp, off, n int64) (token uint64, action WriteAction, err error)
+	BeforeWrite(op uapi.IOOp, off, n int64, resume func(error)) (token uint64, action WriteAction, err error)
 	AfterWrite(token uint64)
 }
 

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"sync"
 	"sync/atomic"
 	"unsafe"
 
@@ -23,6 +24,7 @@ const (
 const (
 	kindUblk   = 0 // FETCH / COMMIT_AND_FETCH on /dev/ublkcN
 	kindTarget = 1 // backend I/O issued on behalf of a tag
+	kindWake   = 2 // the wake eventfd became readable (tag field unused)
 )
 
 func userData(kind, tag int) uint64 { return uint64(kind)<<16 | uint64(tag) }
@@ -69,8 +71,34 @@ type queue struct {
 	cqes   [128]uapi.CQE
 
 	aborted  int
-	inflight int // backend operations in flight
+	inflight int // backend operations (and interceptor waits) in flight
 	stats    queueCounters
+
+	// Deferred admissions: a WriteInterceptor that answered WritePending
+	// calls resumers[tag] from any goroutine; the tag is queued here and the
+	// queue thread is woken through wakeFd, which it keeps polled on its
+	// ring.
+	resumers []func(error)
+	wakeFd   int
+	wakeBuf  []byte // off-heap 8 bytes the eventfd read lands in
+	resumeMu sync.Mutex
+	resumed  []resumed
+	spare    []resumed
+}
+
+type resumed struct {
+	tag int
+	err error
+}
+
+// resume is called by a WriteInterceptor when a pending write may proceed
+// (err nil) or must fail.
+func (q *queue) resume(tag int, err error) {
+	q.resumeMu.Lock()
+	q.resumed = append(q.resumed, resumed{tag, err})
+	q.resumeMu.Unlock()
+	var one = [8]byte{1}
+	unix.Write(q.wakeFd, one[:])
 }
 
 func (q *queue) buf(tag int) []byte { return q.bufs[tag*q.bufSize : (tag+1)*q.bufSize] }
@@ -125,6 +153,21 @@ func (q *queue) setup() error {
 	if err := q.ring.RegisterFiles(fds); err != nil {
 		return fmt.Errorf("queue %d: register files: %w", q.id, err)
 	}
+	if q.hook != nil {
+		q.wakeFd, err = unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+		if err != nil {
+			return fmt.Errorf("queue %d: eventfd: %w", q.id, err)
+		}
+		q.wakeBuf, err = unix.Mmap(-1, 0, os.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+		if err != nil {
+			return fmt.Errorf("queue %d: wake buffer: %w", q.id, err)
+		}
+		q.resumers = make([]func(error), q.depth)
+		for tag := range q.resumers {
+			q.resumers[tag] = func(err error) { q.resume(tag, err) }
+		}
+		q.armWake()
+	}
 	for tag := 0; tag < q.depth; tag++ {
 		q.prepIOCmd(uapi.IOFetchReq, tag, 0)
 	}
@@ -137,6 +180,11 @@ func (q *queue) setup() error {
 func (q *queue) teardown() {
 	if q.ring != nil {
 		q.ring.Close()
+	}
+	if q.wakeBuf != nil {
+		unix.Close(q.wakeFd)
+		unix.Munmap(q.wakeBuf)
+		q.wakeBuf = nil
 	}
 	if q.descMM != nil {
 		unix.Munmap(q.descMM)
@@ -187,6 +235,10 @@ func (q *queue) serve() error {
 		n := q.ring.ReapCQEs(q.cqes[:])
 		for i := 0; i < n; i++ {
 			c := &q.cqes[i]
+			if c.UserData>>16 == kindWake {
+				q.onWake()
+				continue
+			}
 			tag := int(c.UserData & 0xffff)
 			if tag >= q.depth {
 				q.logf("queue %d: completion for unknown tag %d", q.id, tag)
@@ -226,26 +278,40 @@ func (q *queue) onRequest(tag int, res int32) {
 	q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, q.handleSync(tag, &st.desc))
 }
 
-// issueFile turns a request into one io_uring operation on the backend file.
+// issueFile turns a request into one io_uring operation on the backend
+// file, after a write interceptor has admitted it.
 func (q *queue) issueFile(tag int, st *tagState) {
 	d := &st.desc
-	off := d.StartSector << 9
-	n := d.NrSectors << 9
 	if q.hook != nil && (d.Op() == uapi.IOOpWrite || d.Op() == uapi.IOOpDiscard || d.Op() == uapi.IOOpWriteZeroes) {
-		token, action, err := q.hook.BeforeWrite(d.Op(), int64(off), int64(n))
+		n := int64(d.NrSectors) << 9
+		token, action, err := q.hook.BeforeWrite(d.Op(), int64(d.StartSector<<9), n, q.resumers[tag])
 		if err != nil {
 			q.stats.errors.Add(1)
 			q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, errnoResult(0, err))
 			return
 		}
-		if action == WriteSkip {
-			q.hook.AfterWrite(token)
+		st.hooked, st.token = true, token
+		switch action {
+		case WriteSkip:
 			q.countOp(d.Op(), int32(n))
-			q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, 0)
+			q.finishEarly(tag, 0)
+			return
+		case WritePending:
+			// The interceptor calls resume from another goroutine when
+			// the write may go ahead; until then the tag is busy.
+			st.busy = true
+			q.inflight++
 			return
 		}
-		st.hooked, st.token = true, token
 	}
+	q.issueFileOp(tag, st)
+}
+
+// issueFileOp queues the file operation of an admitted request.
+func (q *queue) issueFileOp(tag int, st *tagState) {
+	d := &st.desc
+	off := d.StartSector << 9
+	n := d.NrSectors << 9
 	var s *uapi.SQE
 	switch d.Op() {
 	case uapi.IOOpRead, uapi.IOOpWrite:
@@ -285,6 +351,36 @@ func (q *queue) issueFile(tag int, st *tagState) {
 	s.UserData = userData(kindTarget, tag)
 	st.busy = true
 	q.inflight++
+}
+
+// armWake keeps one read of the wake eventfd in flight on the ring; its
+// completion means some pending writes were resumed.
+func (q *queue) armWake() {
+	s := q.sqe()
+	uring.PrepRead(s, int32(q.wakeFd), unsafe.Pointer(&q.wakeBuf[0]), 8, 0)
+	s.UserData = userData(kindWake, 0)
+}
+
+// onWake issues (or fails) every write whose admission completed.
+func (q *queue) onWake() {
+	q.resumeMu.Lock()
+	batch := q.resumed
+	q.resumed = q.spare[:0]
+	q.resumeMu.Unlock()
+	for _, r := range batch {
+		st := &q.tags[r.tag]
+		st.busy = false
+		q.inflight--
+		if r.err != nil {
+			q.finishEarly(r.tag, errnoResult(0, r.err))
+			continue
+		}
+		q.issueFileOp(r.tag, st)
+	}
+	q.spare = batch[:0]
+	if q.aborted < q.depth || q.inflight > 0 {
+		q.armWake()
+	}
 }
 
 // finishEarly commits a request that never reached the file, settling a
