@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"os"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/dbdublk/dbdublk/cow"
@@ -54,7 +53,7 @@ func Check(snap Snapshot, cowPath, imagePath string) (*cow.File, error) {
 		return fail(fmt.Errorf("COW file %s belongs to another snapshot series (uuid %s, the snapshot's is %s)",
 			cowPath, hex.EncodeToString(h.UUID[:]), hex.EncodeToString(snap.UUID[:])))
 	}
-	if h.SeqID+1 != snap.SeqID {
+	if snap.SeqID < 2 || h.SeqID+1 != snap.SeqID {
 		return fail(fmt.Errorf("COW file %s is the changed-block list of snapshot %d, but %s is snapshot %d: it needs snapshot %d's COW file",
 			cowPath, h.SeqID, snap.Path, snap.SeqID, snap.SeqID-1))
 	}
@@ -143,7 +142,10 @@ func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary
 	}
 	defer dst.Close()
 
-	var done atomic.Int64
+	// progMu orders progress reports: done only ever grows, as callers
+	// drawing a bar expect.
+	var progMu sync.Mutex
+	var done int64
 	var firstErr error
 	var errOnce sync.Once
 	work := make(chan extent)
@@ -158,10 +160,12 @@ func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary
 					errOnce.Do(func() { firstErr = err })
 					continue
 				}
-				d := done.Add(e.n)
+				progMu.Lock()
+				done += e.n
 				if opt.Progress != nil {
-					opt.Progress(d, total)
+					opt.Progress(done, total)
 				}
+				progMu.Unlock()
 			}
 		}()
 	}

@@ -6,6 +6,13 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/cow"
+	"github.com/dbdublk/dbdublk/ublk"
+	"github.com/dbdublk/dbdublk/ublk/uapi"
+)
+
+var (
+	_ ublk.ReadFinisher     = (*snapView)(nil)
+	_ ublk.WriteInterceptor = (*snapView)(nil)
 )
 
 // snapView is the backend of the snapshot device: the real device as it was
@@ -32,21 +39,46 @@ func (v *snapView) ReadAt(p []byte, off int64) (int, error) {
 		return 0, nil
 	}
 	p = p[:end-off]
-	// Read the real device first, straight into p, then overlay every block
-	// the COW file holds. The overlay looks the index up after the device
-	// read: a front write to a block is only issued after its old data is
-	// in the COW file and indexed, so a block still unindexed after our read
-	// was read before any post-snapshot write reached it.
 	if err := v.readDevice(p, off); err != nil {
 		return 0, err
 	}
+	if err := v.FinishRead(p, off); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// FD lets the queues read the real device through their rings; FinishRead
+// then overlays what the snapshot preserved.
+func (v *snapView) FD() int { return v.t.fd }
+
+// CanDiscard is false: nothing is ever written through a snapshot.
+func (v *snapView) CanDiscard() bool { return false }
+
+// BeforeWrite refuses every modifying request (the kernel already rejects
+// writes to a read-only disk; this keeps them off the real device even so).
+func (v *snapView) BeforeWrite(uapi.IOOp, int64, int64, func(error)) (uint64, ublk.WriteAction, error) {
+	return 0, ublk.WriteProceed, syscall.EROFS
+}
+
+// AfterWrite has nothing to settle.
+func (v *snapView) AfterWrite(uint64) {}
+
+// FinishRead turns bytes read from the real device at off into the
+// snapshot's view: every block the COW file holds is overlaid. The index is
+// looked up after the device read: a front write to a block is only issued
+// after its old data is in the COW file and indexed, so a block still
+// unindexed after the read was read before any post-snapshot write reached
+// it.
+func (v *snapView) FinishRead(p []byte, off int64) error {
+	end := off + int64(len(p))
 	first := uint64(off) / cow.BlockSize
 	last := (uint64(end) + cow.BlockSize - 1) / cow.BlockSize
 	var blk []byte
 	for b := first; b < last; b++ {
 		e, err := v.st.cow.Lookup(b)
 		if err != nil {
-			return 0, syscall.EIO
+			return syscall.EIO
 		}
 		if e <= 1 {
 			continue
@@ -55,18 +87,18 @@ func (v *snapView) ReadAt(p []byte, off int64) (int, error) {
 			blk = make([]byte, cow.BlockSize)
 		}
 		if err := v.st.cow.ReadBlock(e, blk); err != nil {
-			return 0, syscall.EIO
+			return syscall.EIO
 		}
 		bstart := int64(b) * cow.BlockSize
 		lo, hi := max(bstart, off), min(bstart+cow.BlockSize, end)
 		copy(p[lo-off:hi-off], blk[lo-bstart:hi-bstart])
 	}
-	// A failure during the read may mean a block was overwritten without
-	// being preserved: refuse the whole read.
+	// A failure before or during the read may mean a block was overwritten
+	// without being preserved: refuse the whole read.
 	if v.broken() {
-		return 0, syscall.EIO
+		return syscall.EIO
 	}
-	return len(p), nil
+	return nil
 }
 
 // broken reports a failed snapshot, or one that is no longer current.

@@ -79,6 +79,16 @@ type WriteInterceptor interface {
 	AfterWrite(token uint64)
 }
 
+// ReadFinisher is a FileBackend whose reads need a last step on the data
+// before it goes to the kernel (a snapshot overlays preserved blocks and
+// refuses reads once it has failed). The queue reads the file through its
+// ring as usual, then calls FinishRead on its own thread with the bytes
+// read; an error fails the request with that errno.
+type ReadFinisher interface {
+	FileBackend
+	FinishRead(p []byte, off int64) error
+}
+
 // errnoResult turns a backend outcome into the value committed to the
 // kernel: a byte count, or a negative errno. It is the one place where Go
 // errors meet the kernel's error space.

@@ -232,13 +232,17 @@ func (d *Device) Start() error {
 	if wi, ok := d.backend.(WriteInterceptor); ok {
 		hook = wi
 	}
+	var reader ReadFinisher
+	if rf, ok := d.backend.(ReadFinisher); ok {
+		reader = rf
+	}
 	ready := make(chan error, nq)
 	done := make(chan error, nq)
 	d.finished = make(chan struct{})
 	for i := 0; i < nq; i++ {
 		q := &queue{
 			id: i, depth: int(d.info.QueueDepth), bufSize: d.spec.MaxIOBytes,
-			charFd: d.charFd, backend: d.backend, file: file, hook: hook, logf: d.logf,
+			charFd: d.charFd, backend: d.backend, file: file, hook: hook, reader: reader, logf: d.logf,
 		}
 		d.queues = append(d.queues, q)
 		go q.run(ready, done)

@@ -61,6 +61,7 @@ type queue struct {
 	backend Backend
 	file    FileBackend      // nil unless the fast path applies
 	hook    WriteInterceptor // nil unless the file backend intercepts writes
+	reader  ReadFinisher     // nil unless the file backend finishes reads
 	logf    func(string, ...any)
 
 	ring   *uring.Ring
@@ -412,6 +413,11 @@ func (q *queue) onBackendDone(tag int, res int32) {
 	case uapi.IOOpRead:
 		if res == 0 && n > 0 {
 			res = -int32(unix.EIO) // a zero-byte read is end of device: never requeue
+		}
+		if res > 0 && q.reader != nil {
+			if err := q.reader.FinishRead(q.buf(tag)[:res], int64(d.StartSector<<9)); err != nil {
+				res = errnoResult(0, err)
+			}
 		}
 		q.count(&q.stats.reads, &q.stats.bytesRead, res)
 	case uapi.IOOpWrite:
