@@ -61,6 +61,20 @@ func TestSnapshotSemantics(t *testing.T) {
 			}
 		}
 	})
+	t.Run("snapshot reads racing writes to the same block see old data", func(t *testing.T) {
+		orig50 := blockSum(t, snap, 50, 1)
+		out := sh(t, fmt.Sprintf(`
+			( i=0; while [ $i -lt 150 ]; do dd if=/dev/urandom of=%[1]s bs=4k seek=50 count=1 oflag=direct 2>/dev/null; i=$((i+1)); done ) &
+			writer=$!
+			i=0; while [ $i -lt 150 ]; do dd if=%[2]s bs=4k skip=50 count=1 iflag=direct 2>/dev/null | sha256sum; i=$((i+1)); done
+			wait $writer
+		`, front, snap))
+		for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+			if f := strings.Fields(line); len(f) == 0 || f[0] != orig50 {
+				t.Fatalf("a snapshot read racing writes returned other data: %q", line)
+			}
+		}
+	})
 	t.Run("read-only", func(t *testing.T) {
 		r := run(t, "dd", "if=/dev/zero", "of="+snap, "bs=4k", "count=1", "oflag=direct")
 		if r.code == 0 {
