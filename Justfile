@@ -19,9 +19,16 @@ test:
 demo:
 	go run ./tests/demo
 
-# Benchmarks inside the VM: raw virtio disk vs the ublk front device.
-bench:
+# All benchmarks inside the VM: frontbench, then snapbench.
+bench: frontbench snapbench
+
+# Raw virtio disk vs the ublk front device.
+frontbench:
 	go run ./bench/cmd/frontbench
+
+# Snapshots, incremental mode, update-img, setup on 1 TiB, server memory (~11 min).
+snapbench *ARGS:
+	go run ./bench/cmd/snapbench {{ARGS}}
 
 # Fetch and cache the test kernel (DBD_KERNEL=6.12 by default).
 kernel:

@@ -15,16 +15,9 @@ func blockSum(t *testing.T, dev string, block, count int) string {
 // TestSnapshotSemantics proves the snapshot contract on the raw front
 // device, block by block.
 func TestSnapshotSemantics(t *testing.T) {
-	ensureUblk(t)
-	ensureScratch(t)
 	const minor = 6
-	m := fmt.Sprint(minor)
-	front := attach(t, diskFio, minor)
+	front, m, dir := tracked(t, diskFio, minor, "sem")
 	snap := "/dev/datto" + m
-	dir := "/scratch/sem"
-	must(t, "rm", "-rf", dir)
-	must(t, "mkdir", "-p", dir)
-	t.Cleanup(func() { run(t, dbdctl, "destroy", m) })
 	// Known content: blocks 0-255 random.
 	sh(t, fmt.Sprintf(`dd if=/dev/urandom of=%s bs=4k count=256 oflag=direct 2>/dev/null`, front))
 	orig := map[int]string{}
@@ -133,15 +126,8 @@ func TestSnapshotSemantics(t *testing.T) {
 // device keeps working; destroy clears the error; expand and auto-expand
 // grow the store without losing preserved data.
 func TestCowFull(t *testing.T) {
-	ensureUblk(t)
-	ensureScratch(t)
 	const minor = 7
-	m := fmt.Sprint(minor)
-	front := attach(t, diskFio, minor)
-	dir := "/scratch/full"
-	must(t, "rm", "-rf", dir)
-	must(t, "mkdir", "-p", dir)
-	t.Cleanup(func() { run(t, dbdctl, "destroy", m) })
+	front, m, dir := tracked(t, diskFio, minor, "full")
 	sh(t, fmt.Sprintf(`dd if=/dev/urandom of=%s bs=1M count=8 oflag=direct 2>/dev/null`, front))
 	orig := blockSum(t, front, 0, 64)
 

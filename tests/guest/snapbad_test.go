@@ -10,15 +10,9 @@ import (
 // one-line error, a non-zero exit, and changes nothing — in particular
 // update-img leaves the image untouched.
 func TestSnapshotBadInput(t *testing.T) {
-	ensureUblk(t)
-	ensureScratch(t)
 	const minor = 8
-	m := fmt.Sprint(minor)
-	front := attach(t, diskFio, minor)
-	dir := "/scratch/bad"
-	must(t, "rm", "-rf", dir)
-	must(t, "mkdir", "-p", dir)
-	t.Cleanup(func() { run(t, dbdctl, "destroy", m); run(t, "umount", "/mnt") })
+	front, m, dir := tracked(t, diskFio, minor, "bad")
+	t.Cleanup(func() { run(t, "umount", "/mnt") })
 	must(t, "mkfs.ext4", "-q", "-F", front)
 	must(t, "mount", "-t", "ext4", front, "/mnt")
 	must(t, "touch", dir+"/taken")

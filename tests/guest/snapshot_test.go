@@ -21,6 +21,21 @@ func ensureScratch(t *testing.T) {
 	must(t, "mount", "-t", "ext4", diskScratch, "/scratch")
 }
 
+// tracked attaches disk as minor with a fresh scratch directory for its COW
+// files and images, and destroys any tracking at the end of the test.
+func tracked(t *testing.T, disk string, minor int, name string) (front, m, dir string) {
+	t.Helper()
+	ensureUblk(t)
+	ensureScratch(t)
+	m = fmt.Sprint(minor)
+	front = attach(t, disk, minor)
+	dir = "/scratch/" + name
+	must(t, "rm", "-rf", dir)
+	must(t, "mkdir", "-p", dir)
+	t.Cleanup(func() { run(t, dbdctl, "destroy", m) })
+	return front, m, dir
+}
+
 // fsKind describes how to make, check and mount one filesystem type.
 type fsKind struct {
 	name, mkfs, mkfsForce, check string

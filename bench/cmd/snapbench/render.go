@@ -1,0 +1,287 @@
+package main
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+)
+
+// byRound groups samples by round.
+type byRound map[int][]float64
+
+func (b byRound) all() []float64 {
+	var xs []float64
+	for _, v := range b {
+		xs = append(xs, v...)
+	}
+	return xs
+}
+
+func (b byRound) rounds() []int {
+	var rs []int
+	for r := range b {
+		rs = append(rs, r)
+	}
+	sort.Ints(rs)
+	return rs
+}
+
+// cmp is num against den: the ratio of medians over all samples, and each
+// round's ratio of its own medians (the spread shows how far to trust it).
+type cmp struct {
+	ratio    float64
+	perRound []float64
+}
+
+func compare(num, den byRound) cmp {
+	var c cmp
+	if m := median(den.all()); m > 0 {
+		c.ratio = median(num.all()) / m
+	}
+	for _, r := range num.rounds() {
+		if d := median(den[r]); d > 0 && len(num[r]) > 0 {
+			c.perRound = append(c.perRound, median(num[r])/d)
+		}
+	}
+	return c
+}
+
+func (c cmp) rounds() string {
+	if len(c.perRound) < 2 {
+		return ""
+	}
+	var s []string
+	for _, x := range c.perRound {
+		s = append(s, fmt.Sprintf("%.2f", x))
+	}
+	return "; rounds " + strings.Join(s, " / ")
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "yes"
+	}
+	return "**no**"
+}
+
+// seqJob reports a job's throughput in MB/s rather than IOPS.
+func seqJob(job string) bool { return strings.HasPrefix(job, "seq") }
+
+func (d *data) fioVals(group, job, variant string) byRound {
+	b := byRound{}
+	for _, r := range d.runs(group, job, variant) {
+		v := r.iops
+		if seqJob(job) {
+			v = r.bw / 1e6
+		}
+		b[r.round] = append(b[r.round], v)
+	}
+	return b
+}
+
+func (d *data) val(name string) byRound {
+	b := byRound{}
+	for _, v := range d.vals[name] {
+		b[v.round] = append(b[v.round], v.v)
+	}
+	return b
+}
+
+// rate is a per-round quotient of two values (e.g. bytes / seconds).
+func (d *data) rate(num, den string, scale float64) byRound {
+	n, q := d.val(num), d.val(den)
+	b := byRound{}
+	for r, ns := range n {
+		for i, x := range ns {
+			if i < len(q[r]) && q[r][i] > 0 {
+				b[r] = append(b[r], x/q[r][i]*scale)
+			}
+		}
+	}
+	return b
+}
+
+func unit(job string) string {
+	if seqJob(job) {
+		return "MB/s"
+	}
+	return "IOPS"
+}
+
+var jobName = map[string]string{
+	"randwrite": "4k random write QD32", "seqwrite": "1M sequential write QD8",
+	"randread": "4k random read QD32", "seqread": "1M sequential read QD8",
+}
+
+func render(d *data) string {
+	var b strings.Builder
+	row := func(cells ...string) { fmt.Fprintf(&b, "| %s |\n", strings.Join(cells, " | ")) }
+
+	copied := median(d.val("copied_blocks_mixed").all())
+	devBlocks := median(d.val("dev_blocks").all())
+	pct := 0.0
+	if devBlocks > 0 {
+		pct = 100 * copied / devBlocks
+	}
+
+	fmt.Fprintf(&b, "%d interleaved rounds, %d s per timed fio run, %d MiB fio file in ext4; throughput ratios "+
+		"are ratios of medians (per-round ratios after them); \"time\" is the inverse.\n\n", *rounds, *runtime, *fileMB)
+	row("metric", "ours", "target", "met", "dattobd 0.12.1")
+	row("---", "---", "---", "---", "---")
+
+	// 1-3: snapshot first write, rewrite, incremental vs passthrough.
+	type wm struct {
+		variant, name string
+		limit         float64 // time ratio target
+		dattobd       map[string]string
+	}
+	for _, m := range []wm{
+		{"first", "first write in snapshot mode", 2.5, map[string]string{"randwrite": "0.58", "seqwrite": "0.12"}},
+		{"rewrite", "rewrite of an already-copied block", 1.05, map[string]string{"randwrite": "0.55", "seqwrite": "0.28"}},
+		{"incr", "incremental mode", 1.03, map[string]string{"randwrite": "0.77", "seqwrite": "0.74"}},
+	} {
+		for _, job := range []string{"randwrite", "seqwrite"} {
+			c := compare(d.fioVals("W", job, m.variant), d.fioVals("W", job, "pass"))
+			tr := 0.0
+			if c.ratio > 0 {
+				tr = 1 / c.ratio
+			}
+			row(fmt.Sprintf("%s, %s, vs passthrough", m.name, jobName[job]),
+				fmt.Sprintf("%.2f (%.2f× time)%s", c.ratio, tr, c.rounds()),
+				fmt.Sprintf("≤ %.2f× time", m.limit), verdict(c.ratio > 0 && tr <= m.limit), m.dattobd[job])
+		}
+	}
+	// 4: snapshot device reads vs raw disk.
+	for _, job := range []string{"seqread", "randread"} {
+		for _, phase := range []string{"pure", "mixed"} {
+			c := compare(d.fioVals("R", job, "snap-"+phase), d.fioVals("R", job, "raw-"+phase))
+			what := "nothing copied"
+			if phase == "mixed" {
+				what = fmt.Sprintf("%.0f%% of blocks copied", pct)
+			}
+			target, met, dtb := "—", "—", "—"
+			if job == "seqread" {
+				target, met = "≥ 0.90", verdict(c.ratio >= 0.90)
+				if phase == "pure" {
+					dtb = "0.39"
+				}
+			} else if phase == "pure" {
+				dtb = "0.32"
+			}
+			row(fmt.Sprintf("snapshot device %s vs raw disk, %s", jobName[job], what),
+				fmt.Sprintf("%.2f%s", c.ratio, c.rounds()), target, met, dtb)
+		}
+		c := compare(d.fioVals("R", job, "snap-pure"), d.fioVals("R", job, "front-pure"))
+		row("… the same, nothing copied, vs the front device's own read (passthrough, same server)",
+			fmt.Sprintf("%.2f%s", c.ratio, c.rounds()), "—", "—", "—")
+	}
+	// 5: update-img vs raw sequential read of the same bytes.
+	for _, kind := range []string{"contig", "scatter"} {
+		upd := d.rate("upd_"+kind+"_bytes", "upd_"+kind+"_secs", 1e-6)
+		what := fmt.Sprintf("%d MiB changed by one sequential write", *updMB)
+		if kind == "scatter" {
+			what = fmt.Sprintf("%d MiB changed in scattered 4 KiB blocks", *scatMB)
+		}
+		fioRaw := d.fioVals("U", "seqread", "raw-"+kind)
+		ddRaw := d.rate("dd_"+kind+"_bytes", "dd_"+kind+"_us", 1)
+		c1, c2 := compare(upd, fioRaw), compare(upd, ddRaw)
+		target, met := "≥ 0.80", verdict(c1.ratio >= 0.80)
+		if kind == "scatter" {
+			target, met = "— (target is for the sequential case)", "—"
+		}
+		row(fmt.Sprintf("update-img throughput vs raw sequential read of the same bytes (fio 1M QD8), %s", what),
+			fmt.Sprintf("%.2f (%.0f vs %.0f MB/s)%s", c1.ratio, median(upd.all()), median(fioRaw.all()), c1.rounds()),
+			target, met, "—")
+		row(fmt.Sprintf("… the same against `dd bs=1M iflag=direct` (one request at a time), %s", what),
+			fmt.Sprintf("%.2f (%.0f MB/s)%s", c2.ratio, median(ddRaw.all()), c2.rounds()), "—", "—", "—")
+		ddBuf := d.rate("dd_"+kind+"_bytes", "ddbuf_"+kind+"_us", 1)
+		c3 := compare(upd, ddBuf)
+		row(fmt.Sprintf("… the same against buffered `dd bs=1M` after dropping caches (page cache, as update-img reads), %s", what),
+			fmt.Sprintf("%.2f (%.0f MB/s)%s", c3.ratio, median(ddBuf.all()), c3.rounds()), "—", "—", "—")
+	}
+	// 6: setup-snapshot latency.
+	s1t, s1g := d.val("setup1t_us").all(), d.val("setup1g_us").all()
+	row("setup-snapshot latency, 1 TiB sparse device (`-f 2100`, no filesystem mounted)",
+		secs(s1t), "< 1 s", verdict(len(s1t) > 0 && median(s1t) < 1e6), "27 s reported by users")
+	row("destroy latency, 1 TiB sparse device", secs(d.val("destroy1t_us").all()), "—", "—", "—")
+	row("setup-snapshot latency, 1 GiB device, ext4 mounted (freeze/thaw included)",
+		secs(s1g), "—", "—", "0.22 s on a 2 GiB device")
+	// 7: server memory.
+	for _, cache := range []string{"default", "16777216"} {
+		name := "server memory, snapshot mode, default `-c` (300 MiB)"
+		if cache != "default" {
+			name = "server memory, snapshot mode, `-c 16777216` (16 MiB)"
+		}
+		row(name+fmt.Sprintf(", after %d s of 4k random writes QD32 over the whole 1 TiB device", *rssTime),
+			rssCell(d, cache), "bounded (state it)", "—", "—")
+	}
+
+	// Absolute figures, so both systems compare end to end.
+	b.WriteString("\nAbsolute medians of the write runs (fio on the file in ext4), and each against the raw disk with the same ext4 and file:\n\n")
+	row("job", "raw disk", "passthrough", "snapshot, first write", "snapshot, rewrite", "incremental")
+	row("---", "---", "---", "---", "---", "---")
+	for _, job := range []string{"randwrite", "seqwrite"} {
+		raw := median(d.fioVals("W", job, "raw").all())
+		cells := []string{jobName[job], fmt.Sprintf("%.0f %s", raw, unit(job))}
+		for _, v := range []string{"pass", "first", "rewrite", "incr"} {
+			m := median(d.fioVals("W", job, v).all())
+			r := 0.0
+			if raw > 0 {
+				r = m / raw
+			}
+			cells = append(cells, fmt.Sprintf("%.0f %s (%.2f of raw)", m, unit(job), r))
+		}
+		row(cells...)
+	}
+	b.WriteString("\nAbsolute medians of the read runs (whole 1 GiB device, O_DIRECT):\n\n")
+	row("job", "raw disk", "front device (passthrough)", "snapshot device, nothing copied", "raw disk (mixed phase)", fmt.Sprintf("snapshot device, %.0f%% copied", pct))
+	row("---", "---", "---", "---", "---", "---")
+	for _, job := range []string{"seqread", "randread"} {
+		cells := []string{jobName[job]}
+		for _, v := range []string{"raw-pure", "front-pure", "snap-pure", "raw-mixed", "snap-mixed"} {
+			cells = append(cells, fmt.Sprintf("%.0f %s", median(d.fioVals("R", job, v).all()), unit(job)))
+		}
+		row(cells...)
+	}
+	fmt.Fprintf(&b, "\nupdate-img copied %s bytes (%s blocks) in the contiguous case and %s bytes (%s blocks) in the scattered one (medians).\n",
+		num(median(d.val("upd_contig_bytes").all())), num(median(d.val("upd_contig_blocks").all())),
+		num(median(d.val("upd_scatter_bytes").all())), num(median(d.val("upd_scatter_blocks").all())))
+	return b.String()
+}
+
+func num(x float64) string { return fmt.Sprintf("%.0f", x) }
+
+// secs renders microsecond samples as a median in seconds with the range.
+func secs(us []float64) string {
+	if len(us) == 0 {
+		return "n/a"
+	}
+	s := append([]float64(nil), us...)
+	sort.Float64s(s)
+	return fmt.Sprintf("%.3f s (median of %d; %.3f–%.3f)", median(s)/1e6, len(s), s[0]/1e6, s[len(s)-1]/1e6)
+}
+
+func rssCell(d *data, cache string) string {
+	get := func(k string) float64 { return median(d.val("rss_" + cache + "_" + k).all()) }
+	runs := d.runs("M", "randwrite", "snap-"+cache)
+	iops := 0.0
+	if len(runs) > 0 {
+		iops = runs[0].iops
+	}
+	s := fmt.Sprintf("VmRSS %.0f → %.0f MiB (anon %.0f, file %.0f), VmHWM %.0f MiB; index cache in use %.0f MiB; %.0f blocks copied (%.0f IOPS)",
+		get("before_VmRSS_kb")/1024, get("after_VmRSS_kb")/1024, get("after_RssAnon_kb")/1024, get("after_RssFile_kb")/1024,
+		get("after_VmHWM_kb")/1024, get("cache_in_use")/(1<<20), get("changed"), iops)
+	var curve []string
+	c := d.val("rss_" + cache + "_curve")
+	for _, t := range c.rounds() { // the "round" of a curve point is its second
+		curve = append(curve, fmt.Sprintf("%.0f", median(c[t])/1024))
+	}
+	if len(curve) > 0 {
+		s += "; VmRSS every 5 s: " + strings.Join(curve, ", ") + " MiB"
+	}
+	s += fmt.Sprintf("; of the final RSS, %.0f MiB are transparent huge pages", get("after_AnonHugePages_kb")/1024)
+	if e := get("error"); e != 0 {
+		s += fmt.Sprintf("; **snapshot failed with error %.0f**", e)
+	}
+	return s
+}
