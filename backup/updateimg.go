@@ -10,7 +10,9 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/dbdublk/dbdublk/cow"
 )
@@ -95,6 +97,17 @@ func deviceSize(path string) (int64, error) {
 	return n, nil
 }
 
+// directAlign is the alignment O_DIRECT reads are issued with (offsets and
+// lengths); every block device's logical block size divides it.
+const directAlign = 4096
+
+// alignedBuf returns an n-byte buffer aligned for O_DIRECT.
+func alignedBuf(n int) []byte {
+	raw := make([]byte, n+directAlign)
+	skip := (directAlign - int(uintptr(unsafe.Pointer(&raw[0]))%directAlign)) % directAlign
+	return raw[skip : skip+n]
+}
+
 // extent is one copy: a byte range of the snapshot.
 type extent struct{ off, n int64 }
 
@@ -136,6 +149,15 @@ func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary
 		return Summary{}, fmt.Errorf("open snapshot %s: %w", snap.Path, err)
 	}
 	defer src.Close()
+	// Read the snapshot with O_DIRECT where it allows: it bypasses the page
+	// cache, which only slows a one-pass copy down; the buffered descriptor
+	// serves unaligned tails and files that refuse O_DIRECT.
+	direct, err := os.OpenFile(snap.Path, os.O_RDONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		direct = nil
+	} else {
+		defer direct.Close()
+	}
 	dst, err := os.OpenFile(imagePath, os.O_WRONLY, 0)
 	if err != nil {
 		return Summary{}, fmt.Errorf("open image %s: %w", imagePath, err)
@@ -154,9 +176,9 @@ func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			buf := make([]byte, opt.ChunkMax)
+			buf := alignedBuf(int(opt.ChunkMax))
 			for e := range work {
-				if err := copyExtent(src, dst, buf[:e.n], e.off); err != nil {
+				if err := copyExtent(direct, src, dst, buf[:e.n], e.off); err != nil {
 					errOnce.Do(func() { firstErr = err })
 					continue
 				}
@@ -183,8 +205,17 @@ func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary
 	return Summary{BlocksChanged: blocks, BytesCopied: total, Seconds: time.Since(start).Seconds()}, nil
 }
 
-func copyExtent(src, dst *os.File, buf []byte, off int64) error {
-	if _, err := src.ReadAt(buf, off); err != nil {
+func copyExtent(direct, src, dst *os.File, buf []byte, off int64) error {
+	var err error
+	if direct != nil && off%directAlign == 0 && len(buf)%directAlign == 0 {
+		_, err = direct.ReadAt(buf, off)
+		if errors.Is(err, syscall.EINVAL) {
+			_, err = src.ReadAt(buf, off)
+		}
+	} else {
+		_, err = src.ReadAt(buf, off)
+	}
+	if err != nil {
 		return fmt.Errorf("read snapshot at %d: %w", off, err)
 	}
 	if _, err := dst.WriteAt(buf, off); err != nil {

@@ -132,18 +132,66 @@ func (t *tracker) startCowWorkers() {
 }
 
 // preserve copies blocks [first, last) that are not yet in the COW file.
+// The range is read from the device in one request first: a block whose
+// index entry is still unset when it is copied has not been written since
+// the snapshot (writes are issued only after their blocks are preserved),
+// so the bulk read holds its old contents; a block preserved meanwhile by
+// another write is skipped by CopyOnWrite and its bytes are not used.
 func (t *tracker) preserve(st *trackState, first, last uint64) {
+	var bulk []byte
+	if last-first > 1 && last-first <= maxBulkBlocks {
+		bulk = alignedBuf(int(last-first) * cow.BlockSize)
+		if err := t.readRange(bulk, first); err != nil {
+			bulk = nil // fall back to block-by-block reads
+		}
+	}
 	for b := first; b < last; b++ {
 		if st.bits != nil && st.bits.Test(b) {
 			continue
 		}
-		if err := t.copyOnWrite(st, b); err != nil {
+		var err error
+		if bulk != nil {
+			src := bulk[(b-first)*cow.BlockSize : (b-first+1)*cow.BlockSize]
+			err = t.copyOnWriteFrom(st, b, func(p []byte) error { copy(p, src); return nil })
+		} else {
+			err = t.copyOnWrite(st, b)
+		}
+		if err != nil {
 			return // failed closed: the snapshot now serves EIO
 		}
 		if st.bits != nil {
 			st.bits.Set(b)
 		}
 	}
+}
+
+// maxBulkBlocks bounds preserve's single read (1 MiB, the largest request).
+const maxBulkBlocks = 256
+
+// readRange reads blocks starting at first into p (a multiple of 4 KiB);
+// bytes past the end of the device read as zeros.
+func (t *tracker) readRange(p []byte, first uint64) error {
+	off := int64(first) * cow.BlockSize
+	n := int64(len(p))
+	if off+n > t.Size {
+		n = t.Size - off
+	}
+	if n <= 0 {
+		clear(p)
+		return nil
+	}
+	for done := int64(0); done < n; {
+		got, err := unix.Pread(t.fd, p[done:n], off+done)
+		if err != nil {
+			return err
+		}
+		if got == 0 {
+			return fmt.Errorf("short read at %d", off+done)
+		}
+		done += int64(got)
+	}
+	clear(p[n:])
+	return nil
 }
 
 // preserved reports whether every block in [first, last) is already in the
@@ -243,8 +291,14 @@ func (t *tracker) discardAction(st *trackState, first, last uint64) ublk.WriteAc
 
 // copyOnWrite preserves block b's current contents before its first write.
 func (t *tracker) copyOnWrite(st *trackState, b uint64) error {
+	return t.copyOnWriteFrom(st, b, func(p []byte) error { return t.readBlock(b, p) })
+}
+
+// copyOnWriteFrom preserves block b with the old contents readOld supplies,
+// growing a full store when auto-expand allows and failing closed otherwise.
+func (t *tracker) copyOnWriteFrom(st *trackState, b uint64, readOld func([]byte) error) error {
 	for {
-		_, err := st.cow.CopyOnWrite(b, func(p []byte) error { return t.readBlock(b, p) })
+		_, err := st.cow.CopyOnWrite(b, readOld)
 		if err == nil {
 			return nil
 		}
@@ -310,10 +364,13 @@ func (t *tracker) readBlock(b uint64, p []byte) error {
 	return nil
 }
 
-// alignedBlock returns a 4 KiB buffer aligned for O_DIRECT. It is used
+// alignedBlock returns a 4 KiB buffer aligned for O_DIRECT.
+func alignedBlock() []byte { return alignedBuf(cow.BlockSize) }
+
+// alignedBuf returns an n-byte buffer aligned for O_DIRECT. It is used
 // synchronously, so ordinary heap memory is fine.
-func alignedBlock() []byte {
-	raw := make([]byte, 2*cow.BlockSize)
+func alignedBuf(n int) []byte {
+	raw := make([]byte, n+cow.BlockSize)
 	skip := (cow.BlockSize - int(uintptr(unsafe.Pointer(&raw[0]))%cow.BlockSize)) % cow.BlockSize
-	return raw[skip : skip+cow.BlockSize]
+	return raw[skip : skip+n]
 }
