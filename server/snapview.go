@@ -3,8 +3,6 @@ package server
 import (
 	"syscall"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/ublk"
 	"github.com/dbdublk/dbdublk/ublk/uapi"
@@ -39,7 +37,7 @@ func (v *snapView) ReadAt(p []byte, off int64) (int, error) {
 		return 0, nil
 	}
 	p = p[:end-off]
-	if err := v.readDevice(p, off); err != nil {
+	if err := preadFull(v.t.fd, p, off); err != nil {
 		return 0, err
 	}
 	if err := v.FinishRead(p, off); err != nil {
@@ -104,20 +102,6 @@ func (v *snapView) FinishRead(p []byte, off int64) error {
 // broken reports a failed snapshot, or one that is no longer current.
 func (v *snapView) broken() bool {
 	return v.t.failed.Load() != 0 || v.t.current().cow != v.st.cow || v.t.current().mode != ModeSnapshot
-}
-
-func (v *snapView) readDevice(p []byte, off int64) error {
-	for done := 0; done < len(p); {
-		n, err := unix.Pread(v.t.fd, p[done:], off+int64(done))
-		if err != nil {
-			return err
-		}
-		if n == 0 {
-			return syscall.EIO
-		}
-		done += n
-	}
-	return nil
 }
 
 // WriteAt refuses: the snapshot device is read-only (the kernel already

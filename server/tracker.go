@@ -180,15 +180,8 @@ func (t *tracker) readRange(p []byte, first uint64) error {
 		clear(p)
 		return nil
 	}
-	for done := int64(0); done < n; {
-		got, err := unix.Pread(t.fd, p[done:n], off+done)
-		if err != nil {
-			return err
-		}
-		if got == 0 {
-			return fmt.Errorf("short read at %d", off+done)
-		}
-		done += int64(got)
+	if err := preadFull(t.fd, p[:n], off); err != nil {
+		return err
 	}
 	clear(p[n:])
 	return nil
@@ -342,30 +335,28 @@ func (t *tracker) tryAutoExpand(st *trackState) bool {
 // readBlock reads block b of the real device into p (4 KiB); the device's
 // last block may be partial, its tail reads as zeros.
 func (t *tracker) readBlock(b uint64, p []byte) error {
-	buf := alignedBlock()
-	off := int64(b) * cow.BlockSize
-	n := int64(cow.BlockSize)
-	if off+n > t.Size {
-		n = t.Size - off
+	buf := alignedBuf(cow.BlockSize)
+	if err := t.readRange(buf, b); err != nil {
+		return fmt.Errorf("read block %d: %w", b, err)
 	}
-	if n <= 0 {
-		clear(p)
-		return nil
-	}
-	got, err := unix.Pread(t.fd, buf[:n], off)
-	if err != nil {
-		return err
-	}
-	if int64(got) != n {
-		return fmt.Errorf("short read of block %d: %d of %d bytes", b, got, n)
-	}
-	copy(p, buf[:n])
-	clear(p[n:])
+	copy(p, buf)
 	return nil
 }
 
-// alignedBlock returns a 4 KiB buffer aligned for O_DIRECT.
-func alignedBlock() []byte { return alignedBuf(cow.BlockSize) }
+// preadFull fills p from fd at off; running out of device is EIO.
+func preadFull(fd int, p []byte, off int64) error {
+	for done := 0; done < len(p); {
+		n, err := unix.Pread(fd, p[done:], off+int64(done))
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return syscall.EIO
+		}
+		done += n
+	}
+	return nil
+}
 
 // alignedBuf returns an n-byte buffer aligned for O_DIRECT. It is used
 // synchronously, so ordinary heap memory is fine.

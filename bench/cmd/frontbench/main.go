@@ -15,12 +15,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/dbdublk/dbdublk/tests/vm"
+
+	"github.com/dbdublk/dbdublk/bench/internal/stats"
 )
 
 //go:embed bench.sh
@@ -169,18 +170,6 @@ func fioSample(text string) (sample, error) {
 	return sample{iops: j.Read.IOPS + j.Write.IOPS, bw: j.Read.BW + j.Write.BW, ios: j.Read.TotalIOs + j.Write.TotalIOs}, nil
 }
 
-func median(xs []float64) float64 {
-	if len(xs) == 0 {
-		return 0
-	}
-	s := append([]float64(nil), xs...)
-	sort.Float64s(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
-}
-
 func render(samples map[string]map[string][]sample) string {
 	var b strings.Builder
 	b.WriteString("| job | raw (median) | front (median) | front/raw (medians) | front/raw (sums) | server CPU per I/O |\n")
@@ -212,7 +201,7 @@ func render(samples map[string]map[string][]sample) string {
 		if seq {
 			unit = "MB/s"
 		}
-		mr, mf := median(rv), median(fv)
+		mr, mf := stats.Median(rv), stats.Median(fv)
 		ratio, sumRatio := 0.0, 0.0
 		if mr > 0 {
 			ratio = mf / mr
@@ -220,7 +209,7 @@ func render(samples map[string]map[string][]sample) string {
 		if rs > 0 {
 			sumRatio = fs / rs
 		}
-		fmt.Fprintf(&b, "| %s | %.0f %s | %.0f %s | %.2f | %.2f | %.1f µs |\n", name, mr, unit, mf, unit, ratio, sumRatio, median(cpu))
+		fmt.Fprintf(&b, "| %s | %.0f %s | %.0f %s | %.2f | %.2f | %.1f µs |\n", name, mr, unit, mf, unit, ratio, sumRatio, stats.Median(cpu))
 	}
 	return b.String()
 }

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
-	"sort"
 	"strconv"
 	"strings"
 )
@@ -108,16 +107,4 @@ func fioTotals(text string) (fioRun, error) {
 		return fioRun{}, fmt.Errorf("fio reported error %d", j.Error)
 	}
 	return fioRun{iops: j.Read.IOPS + j.Write.IOPS, bw: j.Read.BW + j.Write.BW}, nil
-}
-
-func median(xs []float64) float64 {
-	if len(xs) == 0 {
-		return 0
-	}
-	s := append([]float64(nil), xs...)
-	sort.Float64s(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }

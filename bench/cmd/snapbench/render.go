@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+
+	"github.com/dbdublk/dbdublk/bench/internal/stats"
 )
 
 // byRound groups samples by round.
@@ -35,12 +37,12 @@ type cmp struct {
 
 func compare(num, den byRound) cmp {
 	var c cmp
-	if m := median(den.all()); m > 0 {
-		c.ratio = median(num.all()) / m
+	if m := stats.Median(den.all()); m > 0 {
+		c.ratio = stats.Median(num.all()) / m
 	}
 	for _, r := range num.rounds() {
-		if d := median(den[r]); d > 0 && len(num[r]) > 0 {
-			c.perRound = append(c.perRound, median(num[r])/d)
+		if d := stats.Median(den[r]); d > 0 && len(num[r]) > 0 {
+			c.perRound = append(c.perRound, stats.Median(num[r])/d)
 		}
 	}
 	return c
@@ -117,8 +119,8 @@ func render(d *data) string {
 	var b strings.Builder
 	row := func(cells ...string) { fmt.Fprintf(&b, "| %s |\n", strings.Join(cells, " | ")) }
 
-	copied := median(d.val("copied_blocks_mixed").all())
-	devBlocks := median(d.val("dev_blocks").all())
+	copied := stats.Median(d.val("copied_blocks_mixed").all())
+	devBlocks := stats.Median(d.val("dev_blocks").all())
 	pct := 0.0
 	if devBlocks > 0 {
 		pct = 100 * copied / devBlocks
@@ -190,19 +192,19 @@ func render(d *data) string {
 			target, met = "— (target is for the sequential case)", "—"
 		}
 		row(fmt.Sprintf("update-img throughput vs raw sequential read of the same bytes (fio 1M QD8), %s", what),
-			fmt.Sprintf("%.2f (%.0f vs %.0f MB/s)%s", c1.ratio, median(upd.all()), median(fioRaw.all()), c1.rounds()),
+			fmt.Sprintf("%.2f (%.0f vs %.0f MB/s)%s", c1.ratio, stats.Median(upd.all()), stats.Median(fioRaw.all()), c1.rounds()),
 			target, met, "—")
 		row(fmt.Sprintf("… the same against `dd bs=1M iflag=direct` (one request at a time), %s", what),
-			fmt.Sprintf("%.2f (%.0f MB/s)%s", c2.ratio, median(ddRaw.all()), c2.rounds()), "—", "—", "—")
+			fmt.Sprintf("%.2f (%.0f MB/s)%s", c2.ratio, stats.Median(ddRaw.all()), c2.rounds()), "—", "—", "—")
 		ddBuf := d.rate("dd_"+kind+"_bytes", "ddbuf_"+kind+"_us", 1)
 		c3 := compare(upd, ddBuf)
 		row(fmt.Sprintf("… the same against buffered `dd bs=1M` after dropping caches (page cache, as update-img reads), %s", what),
-			fmt.Sprintf("%.2f (%.0f MB/s)%s", c3.ratio, median(ddBuf.all()), c3.rounds()), "—", "—", "—")
+			fmt.Sprintf("%.2f (%.0f MB/s)%s", c3.ratio, stats.Median(ddBuf.all()), c3.rounds()), "—", "—", "—")
 	}
 	// 6: setup-snapshot latency.
 	s1t, s1g := d.val("setup1t_us").all(), d.val("setup1g_us").all()
 	row("setup-snapshot latency, 1 TiB sparse device (`-f 2100`, no filesystem mounted)",
-		secs(s1t), "< 1 s", verdict(len(s1t) > 0 && median(s1t) < 1e6), "27 s reported by users")
+		secs(s1t), "< 1 s", verdict(len(s1t) > 0 && stats.Median(s1t) < 1e6), "27 s reported by users")
 	row("destroy latency, 1 TiB sparse device", secs(d.val("destroy1t_us").all()), "—", "—", "—")
 	row("setup-snapshot latency, 1 GiB device, ext4 mounted (freeze/thaw included)",
 		secs(s1g), "—", "—", "0.22 s on a 2 GiB device")
@@ -221,10 +223,10 @@ func render(d *data) string {
 	row("job", "raw disk", "passthrough", "snapshot, first write", "snapshot, rewrite", "incremental")
 	row("---", "---", "---", "---", "---", "---")
 	for _, job := range []string{"randwrite", "seqwrite"} {
-		raw := median(d.fioVals("W", job, "raw").all())
+		raw := stats.Median(d.fioVals("W", job, "raw").all())
 		cells := []string{jobName[job], fmt.Sprintf("%.0f %s", raw, unit(job))}
 		for _, v := range []string{"pass", "first", "rewrite", "incr"} {
-			m := median(d.fioVals("W", job, v).all())
+			m := stats.Median(d.fioVals("W", job, v).all())
 			r := 0.0
 			if raw > 0 {
 				r = m / raw
@@ -239,13 +241,13 @@ func render(d *data) string {
 	for _, job := range []string{"seqread", "randread"} {
 		cells := []string{jobName[job]}
 		for _, v := range []string{"raw-pure", "front-pure", "snap-pure", "raw-mixed", "snap-mixed"} {
-			cells = append(cells, fmt.Sprintf("%.0f %s", median(d.fioVals("R", job, v).all()), unit(job)))
+			cells = append(cells, fmt.Sprintf("%.0f %s", stats.Median(d.fioVals("R", job, v).all()), unit(job)))
 		}
 		row(cells...)
 	}
 	fmt.Fprintf(&b, "\nupdate-img copied %s bytes (%s blocks) in the contiguous case and %s bytes (%s blocks) in the scattered one (medians).\n",
-		num(median(d.val("upd_contig_bytes").all())), num(median(d.val("upd_contig_blocks").all())),
-		num(median(d.val("upd_scatter_bytes").all())), num(median(d.val("upd_scatter_blocks").all())))
+		num(stats.Median(d.val("upd_contig_bytes").all())), num(stats.Median(d.val("upd_contig_blocks").all())),
+		num(stats.Median(d.val("upd_scatter_bytes").all())), num(stats.Median(d.val("upd_scatter_blocks").all())))
 	return b.String()
 }
 
@@ -258,11 +260,11 @@ func secs(us []float64) string {
 	}
 	s := append([]float64(nil), us...)
 	sort.Float64s(s)
-	return fmt.Sprintf("%.3f s (median of %d; %.3f–%.3f)", median(s)/1e6, len(s), s[0]/1e6, s[len(s)-1]/1e6)
+	return fmt.Sprintf("%.3f s (median of %d; %.3f–%.3f)", stats.Median(s)/1e6, len(s), s[0]/1e6, s[len(s)-1]/1e6)
 }
 
 func rssCell(d *data, cache string) string {
-	get := func(k string) float64 { return median(d.val("rss_" + cache + "_" + k).all()) }
+	get := func(k string) float64 { return stats.Median(d.val("rss_" + cache + "_" + k).all()) }
 	runs := d.runs("M", "randwrite", "snap-"+cache)
 	iops := 0.0
 	if len(runs) > 0 {
@@ -274,7 +276,7 @@ func rssCell(d *data, cache string) string {
 	var curve []string
 	c := d.val("rss_" + cache + "_curve")
 	for _, t := range c.rounds() { // the "round" of a curve point is its second
-		curve = append(curve, fmt.Sprintf("%.0f", median(c[t])/1024))
+		curve = append(curve, fmt.Sprintf("%.0f", stats.Median(c[t])/1024))
 	}
 	if len(curve) > 0 {
 		s += "; VmRSS every 5 s: " + strings.Join(curve, ", ") + " MiB"
