@@ -27,7 +27,7 @@ type Snapshot struct {
 
 // Options tune a run.
 type Options struct {
-	Workers  int                               // parallel copiers; 0 = 4
+	Workers  int                               // parallel copiers; 0 = DefaultWorkers
 	ChunkMax int64                             // largest single copy; 0 = 1 MiB
 	Progress func(doneBytes, totalBytes int64) // called as copies finish; may be nil
 }
@@ -108,6 +108,12 @@ func alignedBuf(n int) []byte {
 	return raw[skip : skip+n]
 }
 
+// DefaultWorkers is how many copies run at once: enough requests in flight
+// to keep the snapshot device's queues and the image's disk busy (scattered
+// 4 KiB changes are latency-bound, one request per copy), at 1 MiB of
+// buffer each.
+const DefaultWorkers = 16
+
 // extent is one copy: a byte range of the snapshot.
 type extent struct{ off, n int64 }
 
@@ -122,7 +128,7 @@ func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary
 	}
 	defer c.Close(false)
 	if opt.Workers <= 0 {
-		opt.Workers = 4
+		opt.Workers = DefaultWorkers
 	}
 	if opt.ChunkMax <= 0 {
 		opt.ChunkMax = 1 << 20

@@ -132,34 +132,46 @@ func (t *tracker) startCowWorkers() {
 }
 
 // preserve copies blocks [first, last) that are not yet in the COW file.
-// The range is read from the device in one request first: a block whose
-// index entry is still unset when it is copied has not been written since
-// the snapshot (writes are issued only after their blocks are preserved),
-// so the bulk read holds its old contents; a block preserved meanwhile by
-// another write is skipped by CopyOnWrite and its bytes are not used.
+// The range is read from the device in one request and stored with one
+// write (cow.File.CopyOnWriteRange): a block whose index entry is still
+// unset when it is copied has not been written since the snapshot (writes
+// are issued only after their blocks are preserved), so the bulk read holds
+// its old contents; a block preserved meanwhile by another write is skipped
+// and its bytes are not used.
 func (t *tracker) preserve(st *trackState, first, last uint64) {
-	var bulk []byte
-	if last-first > 1 && last-first <= maxBulkBlocks {
-		bulk = alignedBuf(int(last-first) * cow.BlockSize)
-		if err := t.readRange(bulk, first); err != nil {
-			bulk = nil // fall back to block-by-block reads
-		}
+	if st.bits != nil && st.bits.TestRange(first, last-first) {
+		return
 	}
-	for b := first; b < last; b++ {
-		if st.bits != nil && st.bits.Test(b) {
-			continue
+	if last-first > maxBulkBlocks {
+		for b := first; b < last; b += maxBulkBlocks {
+			t.preserve(st, b, min(b+maxBulkBlocks, last))
 		}
-		var err error
-		if bulk != nil {
-			src := bulk[(b-first)*cow.BlockSize : (b-first+1)*cow.BlockSize]
-			err = t.copyOnWriteFrom(st, b, func(p []byte) error { copy(p, src); return nil })
-		} else {
-			err = t.copyOnWrite(st, b)
+		return
+	}
+	buf := bulkPool.Get().(*[]byte)
+	defer bulkPool.Put(buf)
+	bulk := (*buf)[:int(last-first)*cow.BlockSize]
+	if err := t.readRange(bulk, first); err != nil {
+		t.fail(syscall.EIO, fmt.Errorf("read blocks %d..%d: %w", first, last-1, err))
+		return
+	}
+	for {
+		_, err := st.cow.CopyOnWriteRange(first, bulk)
+		if err == nil {
+			break
 		}
-		if err != nil {
-			return // failed closed: the snapshot now serves EIO
+		if errors.Is(err, cow.ErrFull) {
+			if t.tryAutoExpand(st) {
+				continue
+			}
+			t.fail(syscall.EFBIG, fmt.Errorf("COW file %s is full", st.cow.Path()))
+			return
 		}
-		if st.bits != nil {
+		t.fail(syscall.EIO, fmt.Errorf("copy blocks %d..%d: %w", first, last-1, err))
+		return // failed closed: the snapshot now serves EIO
+	}
+	if st.bits != nil {
+		for b := first; b < last; b++ {
 			st.bits.Set(b)
 		}
 	}
@@ -167,6 +179,13 @@ func (t *tracker) preserve(st *trackState, first, last uint64) {
 
 // maxBulkBlocks bounds preserve's single read (1 MiB, the largest request).
 const maxBulkBlocks = 256
+
+// bulkPool recycles preserve's aligned read buffers: a 1 MiB allocation per
+// first write would keep the garbage collector busy on the write path.
+var bulkPool = sync.Pool{New: func() any {
+	b := alignedBuf(maxBulkBlocks * cow.BlockSize)
+	return &b
+}}
 
 // readRange reads blocks starting at first into p (a multiple of 4 KiB);
 // bytes past the end of the device read as zeros.
@@ -193,15 +212,12 @@ func (t *tracker) preserved(st *trackState, first, last uint64) bool {
 	if st.bits != nil && st.bits.TestRange(first, last-first) {
 		return true
 	}
-	for b := first; b < last; b++ {
-		if st.bits != nil && st.bits.Test(b) {
-			continue
-		}
-		e, err := st.cow.Lookup(b)
-		if err != nil || e <= 1 {
-			return false
-		}
-		if st.bits != nil {
+	ok, err := st.cow.AllPreserved(first, last)
+	if !ok || err != nil {
+		return false
+	}
+	if st.bits != nil {
+		for b := first; b < last; b++ {
 			st.bits.Set(b)
 		}
 	}
@@ -273,38 +289,10 @@ func (t *tracker) discardAction(st *trackState, first, last uint64) ublk.WriteAc
 	if last-first > 4096 {
 		return ublk.WriteSkip
 	}
-	for b := first; b < last; b++ {
-		e, err := st.cow.Lookup(b)
-		if err != nil || e <= 1 {
-			return ublk.WriteSkip
-		}
+	if t.preserved(st, first, last) {
+		return ublk.WriteProceed
 	}
-	return ublk.WriteProceed
-}
-
-// copyOnWrite preserves block b's current contents before its first write.
-func (t *tracker) copyOnWrite(st *trackState, b uint64) error {
-	return t.copyOnWriteFrom(st, b, func(p []byte) error { return t.readBlock(b, p) })
-}
-
-// copyOnWriteFrom preserves block b with the old contents readOld supplies,
-// growing a full store when auto-expand allows and failing closed otherwise.
-func (t *tracker) copyOnWriteFrom(st *trackState, b uint64, readOld func([]byte) error) error {
-	for {
-		_, err := st.cow.CopyOnWrite(b, readOld)
-		if err == nil {
-			return nil
-		}
-		if errors.Is(err, cow.ErrFull) {
-			if t.tryAutoExpand(st) {
-				continue
-			}
-			t.fail(syscall.EFBIG, fmt.Errorf("COW file %s is full", st.cow.Path()))
-			return err
-		}
-		t.fail(syscall.EIO, fmt.Errorf("copy block %d: %w", b, err))
-		return err
-	}
+	return ublk.WriteSkip
 }
 
 // tryAutoExpand grows a full COW store by one step when that leaves the
@@ -330,17 +318,6 @@ func (t *tracker) tryAutoExpand(st *trackState) bool {
 	}
 	t.logf("auto-expanded COW file %s by %d bytes", st.cow.Path(), step)
 	return true
-}
-
-// readBlock reads block b of the real device into p (4 KiB); the device's
-// last block may be partial, its tail reads as zeros.
-func (t *tracker) readBlock(b uint64, p []byte) error {
-	buf := alignedBuf(cow.BlockSize)
-	if err := t.readRange(buf, b); err != nil {
-		return fmt.Errorf("read block %d: %w", b, err)
-	}
-	copy(p, buf)
-	return nil
 }
 
 // preadFull fills p from fd at off; running out of device is EIO.

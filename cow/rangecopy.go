@@ -1,0 +1,167 @@
+package cow
+
+import (
+	"fmt"
+)
+
+// CopyOnWriteRange preserves the pre-snapshot data of the blocks
+// first..first+len(old)/BlockSize-1, whose current contents old holds
+// (len(old) a multiple of BlockSize). It is CopyOnWrite for a whole
+// request: the blocks whose entry is 0 get consecutive slots and their
+// data is written with one I/O, then their entries are set, so a 1 MiB
+// first write costs one write to the store instead of 256. Blocks already
+// preserved are skipped; blocks another call is copying are waited for.
+// It returns how many blocks it copied. When the store has too few free
+// slots for the blocks it would copy, it returns ErrFull and changes
+// nothing. If a concurrent copy it waited for failed, it reports an error.
+func (f *File) CopyOnWriteRange(first uint64, old []byte) (int, error) {
+	if len(old)%BlockSize != 0 {
+		return 0, fmt.Errorf("cow file %s: CopyOnWriteRange needs whole blocks, got %d bytes", f.path, len(old))
+	}
+	n := uint64(len(old) / BlockSize)
+	if n == 0 {
+		return 0, nil
+	}
+	f.mu.Lock()
+	if err := f.writable(); err != nil {
+		f.mu.Unlock()
+		return 0, err
+	}
+	if f.hdr.Flags&FlagIndexOnly != 0 {
+		f.mu.Unlock()
+		return 0, modeErr("cow file %s is index-only: it has no data store to copy block %d into", f.path, first)
+	}
+	if err := f.usable(first + n - 1); err != nil {
+		f.mu.Unlock()
+		return 0, err
+	}
+	var mine []uint64         // blocks this call copies, in order
+	var busy []uint64         // blocks another call is copying
+	var waits []chan struct{} // and what to wait on for them
+	for b := first; b < first+n; b++ {
+		e, err := f.entry(b)
+		if err != nil {
+			f.mu.Unlock()
+			return 0, err
+		}
+		if e != 0 {
+			continue
+		}
+		if ch, ok := f.inflight[b]; ok {
+			busy = append(busy, b)
+			waits = append(waits, ch)
+			continue
+		}
+		mine = append(mine, b)
+	}
+	k := uint64(len(mine))
+	var slot uint64
+	var ch chan struct{}
+	if k > 0 {
+		if f.hdr.FPos+k > f.hdr.FSize/BlockSize {
+			err := full("cow file %s max size exceeded (%d+%d/%d)", f.path, f.hdr.FPos*BlockSize, k*BlockSize, f.hdr.FSize)
+			f.mu.Unlock()
+			return 0, err
+		}
+		slot = f.hdr.FPos
+		f.hdr.FPos += k
+		ch = make(chan struct{})
+		for _, b := range mine {
+			f.inflight[b] = ch
+		}
+	}
+	f.mu.Unlock()
+
+	if k > 0 {
+		var err error
+		data := gather(old, first, mine)
+		if _, werr := f.f.WriteAt(data, int64(slot)*BlockSize); werr != nil {
+			err = fmt.Errorf("cow file %s: write data slots %d..%d: %w", f.path, slot, slot+k-1, unwrapPath(werr))
+		}
+		if err = f.finishRange(mine, slot, ch, err); err != nil {
+			return 0, err
+		}
+	}
+	for i, w := range waits {
+		<-w
+		e, err := f.Lookup(busy[i])
+		if err != nil {
+			return int(k), err
+		}
+		if e == 0 {
+			return int(k), fmt.Errorf("cow file %s: a concurrent copy of block %d failed", f.path, busy[i])
+		}
+	}
+	return int(k), nil
+}
+
+// gather returns the data of blocks (a sorted subset of the blocks old
+// starts at first) back to back: old itself when they are all of it.
+func gather(old []byte, first uint64, blocks []uint64) []byte {
+	if len(blocks)*BlockSize == len(old) {
+		return old
+	}
+	lo := (blocks[0] - first) * BlockSize
+	if blocks[len(blocks)-1]-blocks[0]+1 == uint64(len(blocks)) { // one contiguous run
+		return old[lo : lo+uint64(len(blocks))*BlockSize]
+	}
+	out := make([]byte, 0, len(blocks)*BlockSize)
+	for _, b := range blocks {
+		o := (b - first) * BlockSize
+		out = append(out, old[o:o+BlockSize]...)
+	}
+	return out
+}
+
+// finishRange publishes a range copy (data first, then the entries) or
+// undoes its reservation, and wakes the blocks' waiters.
+func (f *File) finishRange(blocks []uint64, slot uint64, ch chan struct{}, err error) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	k := uint64(len(blocks))
+	if err == nil {
+		for i, b := range blocks {
+			old, serr := f.setEntry(b, slot+uint64(i))
+			if serr != nil {
+				err = serr
+				// Entries already set stay valid: their data is written.
+				// The rest stay 0; their slots are simply not reused.
+				break
+			}
+			f.countChange(old)
+		}
+	} else if f.hdr.FPos == slot+k {
+		f.hdr.FPos = slot // nothing was allocated after us: give the slots back
+	}
+	for _, b := range blocks {
+		delete(f.inflight, b)
+	}
+	close(ch)
+	if len(f.inflight) == 0 {
+		f.idle.Broadcast()
+	}
+	return err
+}
+
+// AllPreserved reports whether every block in [first, last) has its data
+// in the store, taking the file's lock once for the whole range.
+func (f *File) AllPreserved(first, last uint64) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if last <= first {
+		return true, nil
+	}
+	if err := f.usable(last - 1); err != nil {
+		return false, err
+	}
+	for b := first; b < last; b++ {
+		e, err := f.entry(b)
+		if err != nil {
+			return false, err
+		}
+		if e <= 1 { // 1 marks a change whose data was not kept
+			return false, nil
+		}
+	}
+	return true, nil
+}

@@ -1,0 +1,219 @@
+package cow
+
+import (
+	"bytes"
+	"errors"
+	"math/rand/v2"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+)
+
+// blocksOf returns the concatenated pattern(who, b) of blocks first..first+n-1.
+func blocksOf(who, first, n uint64) []byte {
+	var out []byte
+	for b := first; b < first+n; b++ {
+		out = append(out, pattern(who, b)...)
+	}
+	return out
+}
+
+func mustData(t *testing.T, f *File, b uint64, want []byte) {
+	t.Helper()
+	e, err := f.Lookup(b)
+	if err != nil || e <= 1 {
+		t.Fatalf("block %d: entry %d, %v", b, e, err)
+	}
+	got := make([]byte, BlockSize)
+	if err := f.ReadBlock(e, got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("block %d holds the wrong data", b)
+	}
+}
+
+// TestCopyOnWriteRange copies a request's unpreserved blocks into
+// consecutive slots, leaves already preserved blocks alone, and counts.
+func TestCopyOnWriteRange(t *testing.T) {
+	path := tempPath(t)
+	const dev = 64 << 20
+	f := mustCreate(t, path, Options{DeviceSize: dev})
+	defer f.Close(false)
+	// Blocks 12 and 14 were preserved earlier with other data.
+	for _, b := range []uint64{12, 14} {
+		if ok, err := f.CopyOnWrite(b, fill(pattern(9, b))); !ok || err != nil {
+			t.Fatal(ok, err)
+		}
+	}
+	fpos := f.Header().FPos
+	n, err := f.CopyOnWriteRange(10, blocksOf(1, 10, 8))
+	if err != nil || n != 6 {
+		t.Fatalf("copied %d, %v; want 6", n, err)
+	}
+	if got := f.Header().FPos; got != fpos+6 {
+		t.Fatalf("fpos %d, want %d", got, fpos+6)
+	}
+	if got := f.NrChangedBlocks(); got != 8 {
+		t.Fatalf("nr_changed %d, want 8", got)
+	}
+	prev := uint64(0)
+	for b := uint64(10); b < 18; b++ {
+		if b == 12 || b == 14 {
+			mustData(t, f, b, pattern(9, b))
+			continue
+		}
+		mustData(t, f, b, pattern(1, b))
+		e, _ := f.Lookup(b)
+		if prev != 0 && e != prev+1 {
+			t.Fatalf("block %d in slot %d, not next to %d", b, e, prev)
+		}
+		prev = e
+	}
+	// A second call over the same range copies nothing.
+	if n, err := f.CopyOnWriteRange(10, blocksOf(2, 10, 8)); n != 0 || err != nil {
+		t.Fatalf("recopy: %d %v", n, err)
+	}
+	mustData(t, f, 11, pattern(1, 11))
+	if _, err := f.CopyOnWriteRange(0, make([]byte, 100)); err == nil {
+		t.Fatal("partial block accepted")
+	}
+	if _, err := f.CopyOnWriteRange(Blocks(dev)-1, make([]byte, 2*BlockSize)); err == nil {
+		t.Fatal("range past the device accepted")
+	}
+}
+
+// TestCopyOnWriteRangeFull refuses a range the store cannot hold whole and
+// changes nothing.
+func TestCopyOnWriteRangeFull(t *testing.T) {
+	path := tempPath(t)
+	const dev = 64 << 20
+	dataOff := DataOffset(Blocks(dev))
+	f := mustCreate(t, path, Options{DeviceSize: dev, FileSize: dataOff + 4*BlockSize})
+	defer f.Close(false)
+	h := f.Header()
+	_, err := f.CopyOnWriteRange(100, blocksOf(1, 100, 5))
+	if !errors.Is(err, ErrFull) {
+		t.Fatalf("5 blocks into 4 slots: %v", err)
+	}
+	if f.Header() != h {
+		t.Fatalf("ErrFull changed the header: %+v", f.Header())
+	}
+	for b := uint64(100); b < 105; b++ {
+		if e, _ := f.Lookup(b); e != 0 {
+			t.Fatalf("block %d entry %d after ErrFull", b, e)
+		}
+	}
+	if n, err := f.CopyOnWriteRange(100, blocksOf(1, 100, 4)); n != 4 || err != nil {
+		t.Fatalf("4 blocks into 4 slots: %d %v", n, err)
+	}
+}
+
+// TestCopyOnWriteRangeWaitsForFailedCopy: a range that overlaps a block
+// another call is copying waits for it, and reports its failure.
+func TestCopyOnWriteRangeWaitsForFailedCopy(t *testing.T) {
+	path := tempPath(t)
+	f := mustCreate(t, path, Options{DeviceSize: 64 << 20})
+	defer f.Close(false)
+	entered, release := make(chan struct{}), make(chan struct{})
+	done := make(chan error)
+	go func() {
+		_, err := f.CopyOnWrite(21, func(p []byte) error {
+			close(entered)
+			<-release
+			return errors.New("injected")
+		})
+		done <- err
+	}()
+	<-entered
+	fpos := f.Header().FPos
+	res := make(chan error)
+	go func() {
+		_, err := f.CopyOnWriteRange(20, blocksOf(1, 20, 3))
+		res <- err
+	}()
+	// Once the range has reserved slots for 20 and 22 it has seen 21 busy.
+	for f.Header().FPos != fpos+2 {
+		runtime.Gosched()
+	}
+	select {
+	case err := <-res:
+		t.Fatalf("range returned before the copy it overlaps finished: %v", err)
+	case <-time.After(20 * time.Millisecond):
+	}
+	close(release)
+	if err := <-done; err == nil {
+		t.Fatal("injected failure lost")
+	}
+	if err := <-res; err == nil {
+		t.Fatal("range over a failed copy reported success")
+	}
+	mustData(t, f, 20, pattern(1, 20))
+	mustData(t, f, 22, pattern(1, 22))
+	if e, _ := f.Lookup(21); e != 0 {
+		t.Fatalf("failed block has entry %d", e)
+	}
+}
+
+// TestConcurrentCopyOnWriteRange: overlapping ranges and single-block
+// copies from many goroutines copy each block exactly once, into distinct
+// slots, with the data of the (one) old contents.
+func TestConcurrentCopyOnWriteRange(t *testing.T) {
+	path := tempPath(t)
+	const dev = 64 << 20
+	const span = 2000
+	f := mustCreate(t, path, Options{DeviceSize: dev, FileSize: DataOffset(Blocks(dev)) + (span+64)*BlockSize})
+	defer f.Close(false)
+	var mu sync.Mutex
+	total := 0
+	var wg sync.WaitGroup
+	for w := range 16 {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(w), 7))
+			for range 300 {
+				first := rng.Uint64N(span)
+				n := 1 + rng.Uint64N(64)
+				var copied int
+				var err error
+				if n == 1 && w%2 == 0 {
+					var ok bool
+					ok, err = f.CopyOnWrite(first, fill(pattern(0, first)))
+					if ok {
+						copied = 1
+					}
+				} else {
+					copied, err = f.CopyOnWriteRange(first, blocksOf(0, first, n))
+				}
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				total += copied
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	seen := map[uint64]uint64{}
+	count := 0
+	for b := uint64(0); b < span+64; b++ {
+		e, err := f.Lookup(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e == 0 {
+			continue
+		}
+		count++
+		if other, dup := seen[e]; dup {
+			t.Fatalf("blocks %d and %d share slot %d", other, b, e)
+		}
+		seen[e] = b
+		mustData(t, f, b, pattern(0, b))
+	}
+	if count != total || uint64(count) != f.NrChangedBlocks() {
+		t.Fatalf("%d blocks preserved, %d copies reported, nr_changed %d", count, total, f.NrChangedBlocks())
+	}
+}
