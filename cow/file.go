@@ -44,7 +44,9 @@ type File struct {
 	readOnly bool
 
 	// opMu serializes the operations that change the file's extent or
-	// lifecycle (Expand, TruncateToIndex, Sync, Close). It is taken before mu.
+	// lifecycle (Expand, TruncateToIndex, Sync, Close) and every header
+	// write of an open file (so an older header never lands after a newer
+	// one). It is taken before mu.
 	opMu sync.Mutex
 
 	mu     sync.Mutex
@@ -61,6 +63,7 @@ type File struct {
 	cache       indexCache
 	inflight    map[uint64]chan struct{} // blocks whose CopyOnWrite is doing data I/O
 	idle        sync.Cond                // broadcast when inflight becomes empty
+	intent      intentState              // write-intent logging (incremental mode)
 }
 
 var bufPool = sync.Pool{New: func() any { return new([BlockSize]byte) }}
@@ -222,25 +225,90 @@ func readHeader(fh *os.File, path string) (Header, int64, error) {
 // FlagClean (and fsyncs it) before anything else can change the file. The
 // caller checks the mode it expects in Header().Flags (FlagIndexOnly).
 func Open(path string, deviceSize int64, cacheBytes int64) (*File, error) {
+	f, _, err := open(path, deviceSize, cacheBytes, false, wantAny)
+	return f, err
+}
+
+// OpenSnapshot is Open for a file that must still hold its data store (a
+// snapshot to reload); an incremental file is refused untouched.
+func OpenSnapshot(path string, deviceSize int64, cacheBytes int64) (*File, error) {
+	f, _, err := open(path, deviceSize, cacheBytes, false, wantDataStore)
+	return f, err
+}
+
+// What open requires of the file's mode, checked before it writes anything.
+const (
+	wantAny = iota
+	wantIndexOnly
+	wantDataStore
+)
+
+// Recovered says what Recover found.
+type Recovered struct {
+	// Crashed is true when the file was not closed cleanly and its
+	// write-intent record was replayed.
+	Crashed bool
+	// Regions and RegionBytes describe the replayed record; Marked is how
+	// many blocks it newly marked as changed.
+	Regions     int
+	RegionBytes int64
+	Marked      uint64
+}
+
+// Recover opens an incremental (index-only) file for writing like Open,
+// and also accepts one left dirty by a crash if it carries a valid
+// write-intent record: every block of every region the record names is
+// marked as changed (a superset of what was written before the crash),
+// and write-intent logging is on when it returns. A dirty file without a
+// record, or with one that fails its checks, is refused (ErrNotClean or
+// ErrCorrupt) and left untouched.
+func Recover(path string, deviceSize int64, cacheBytes int64) (*File, Recovered, error) {
+	return open(path, deviceSize, cacheBytes, true, wantIndexOnly)
+}
+
+func open(path string, deviceSize int64, cacheBytes int64, recoverDirty bool, want int) (*File, Recovered, error) {
+	var rec Recovered
 	fh, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
-		return nil, openError(path, err)
+		return nil, rec, openError(path, err)
 	}
-	fail := func(err error) (*File, error) {
+	fail := func(err error) (*File, Recovered, error) {
 		fh.Close()
-		return nil, err
+		return nil, rec, err
 	}
 	hdr, size, err := readHeader(fh, path)
 	if err != nil {
 		return fail(err)
 	}
-	if hdr.Flags&FlagClean == 0 {
-		return fail(&wrapErr{msg: fmt.Sprintf("cow file %s not left in clean state", path), target: ErrNotClean})
-	}
 	if deviceSize <= 0 {
 		return fail(fmt.Errorf("cow file %s: device size %d is not a positive number of bytes", path, deviceSize))
 	}
+	switch indexOnly := hdr.Flags&FlagIndexOnly != 0; {
+	case want == wantIndexOnly && !indexOnly:
+		return fail(modeErr("cow file %s holds a snapshot (it has a data store), not an incremental change list", path))
+	case want == wantDataStore && indexOnly:
+		return fail(modeErr("cow file %s is an incremental change list (index only), not a snapshot", path))
+	}
 	blocks := Blocks(deviceSize)
+	var intent intentState
+	if hdr.Flags&FlagClean == 0 {
+		if !recoverDirty {
+			return fail(&wrapErr{msg: fmt.Sprintf("cow file %s not left in clean state", path), target: ErrNotClean})
+		}
+		raw := make([]byte, HeaderSize)
+		if _, err := fh.ReadAt(raw, 0); err != nil {
+			return fail(fmt.Errorf("cow file %s: read header: %w", path, unwrapPath(err)))
+		}
+		var ok bool
+		intent, ok, err = parseIntent(raw, blocks)
+		if err != nil {
+			return fail(&wrapErr{msg: fmt.Sprintf("cow file %s was not closed cleanly and its %v; a full backup is required", path, err), target: ErrCorrupt})
+		}
+		if !ok || hdr.Flags&FlagIndexOnly == 0 {
+			return fail(&wrapErr{msg: fmt.Sprintf("cow file %s not left in clean state and holds no write-intent record (a snapshot, or a file of another program); a full backup is required", path), target: ErrNotClean})
+		}
+		rec.Crashed = true
+	}
 	dataOff := DataOffset(blocks)
 	dataEnd := int64(hdr.FPos) * BlockSize
 	switch {
@@ -254,13 +322,46 @@ func Open(path string, deviceSize int64, cacheBytes int64) (*File, error) {
 	}
 	hdr.Flags &^= FlagClean
 	f := newFile(path, fh, false, hdr, blocks, dataOff, cacheBytes)
+	if rec.Crashed {
+		// Keep the record as it is until the replayed marks are on disk:
+		// a crash during recovery must find it again.
+		f.intent = intent
+		f.intent.enabled = true
+		n, rb := 0, int64(1)<<intent.shift
+		for r := uint64(0); r < intent.nbits; r++ {
+			if !testBit(intent.durable, r) {
+				continue
+			}
+			n++
+			first := r << intent.shift / BlockSize
+			last := min(first+uint64(rb)/BlockSize, blocks)
+			for b := first; b < last; b++ {
+				e, err := f.entry(b)
+				if err != nil {
+					return fail(err)
+				}
+				if e == 0 {
+					if _, err := f.setEntry(b, 1); err != nil {
+						return fail(err)
+					}
+					f.countChange(0)
+					rec.Marked++
+				}
+			}
+			setBit(f.intent.dirty, r)
+		}
+		rec.Regions, rec.RegionBytes = n, rb
+		if err := f.flushSections(); err != nil {
+			return fail(fmt.Errorf("cow file %s: write index: %w", path, unwrapPath(err)))
+		}
+	}
 	if err := f.writeHeader(); err != nil {
 		return fail(fmt.Errorf("cow file %s: write header: %w", path, err))
 	}
 	if err := fh.Sync(); err != nil {
 		return fail(fmt.Errorf("cow file %s: fsync: %w", path, err))
 	}
-	return f, nil
+	return f, rec, nil
 }
 
 // OpenReadOnly opens a COW file for reading only (update-img); it never
@@ -340,8 +441,7 @@ func (f *File) SetDeviceSize(deviceSize int64) error {
 }
 
 func (f *File) writeHeader() error {
-	b, _ := f.hdr.MarshalBinary()
-	_, err := f.f.WriteAt(b, 0)
+	_, err := f.f.WriteAt(f.headerBytes(), 0)
 	return err
 }
 
@@ -734,6 +834,7 @@ func (f *File) Close(clean bool) error {
 	}
 	if err == nil && clean {
 		f.hdr.Flags |= FlagClean
+		f.intent.enabled = false // a clean file needs no record: its index is whole
 		if err = f.writeHeader(); err == nil {
 			err = f.f.Sync()
 		}

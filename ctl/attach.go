@@ -36,6 +36,7 @@ type AttachCmd struct {
 	BlockDevice string `arg:"" name:"block-device" help:"The real block device, e.g. /dev/sdb1. It must not be mounted or in use."`
 	Minor       string `arg:"" name:"minor" help:"Device number N of /dev/ublkbN (0-255)."`
 	Foreground  bool   `help:"Serve in the foreground (for service managers) instead of starting a background server."`
+	Force       bool   `help:"Attach untracked even though the minor was left tracking (dormant); its changed-block history is dropped and the next backup must be full."`
 	ServerFlags
 }
 
@@ -49,6 +50,9 @@ func (c *AttachCmd) Run(env *Env) error {
 		return err
 	}
 	if err := server.CheckAttach(c.BlockDevice, minor); err != nil {
+		return err
+	}
+	if err := checkNotDormant(minor, c.Force); err != nil {
 		return err
 	}
 	if c.Foreground {
@@ -68,6 +72,26 @@ func (c *AttachCmd) Run(env *Env) error {
 // taking any copied mount of its own device with it, a flush it could no
 // longer serve.
 func (c *AttachCmd) spawn(env *Env, minor int) error {
+	return spawnServer(env, c.BlockDevice, minor, c.ServerFlags, nil)
+}
+
+// checkNotDormant refuses a plain attach of a minor whose state file says
+// it was left tracking: writes through an untracked front device would be
+// missing from the next incremental.
+func checkNotDormant(minor int, force bool) error {
+	states, _ := server.LoadStates()
+	for _, p := range states {
+		if p.Minor == minor && p.Mode != "passthrough" && !force {
+			return fmt.Errorf("minor %d was left in %s mode (COW file %s); resume it with dbdctl reload-%s %s %s %d, or attach --force to drop its tracking",
+				minor, p.Mode, p.CowFile, p.Mode, p.BlockDevice, p.CowFile, minor)
+		}
+	}
+	return nil
+}
+
+// spawnServer starts a background server for bdev as minor; extra are
+// further serve flags (a reload).
+func spawnServer(env *Env, bdev string, minor int, flags ServerFlags, extra []string) error {
 	if err := os.MkdirAll(server.LogDir, 0o755); err != nil {
 		return fmt.Errorf("create log directory %s: %w", server.LogDir, err)
 	}
@@ -86,8 +110,9 @@ func (c *AttachCmd) spawn(env *Env, minor int) error {
 		return fmt.Errorf("find own executable: %w", err)
 	}
 	args := []string{"serve", "--ready-fd=3",
-		"--queues=" + strconv.Itoa(c.Queues), "--depth=" + strconv.Itoa(c.Depth), "--max-io=" + strconv.Itoa(c.MaxIO),
-		"--", c.BlockDevice, strconv.Itoa(minor)}
+		"--queues=" + strconv.Itoa(flags.Queues), "--depth=" + strconv.Itoa(flags.Depth), "--max-io=" + strconv.Itoa(flags.MaxIO)}
+	args = append(args, extra...)
+	args = append(args, "--", bdev, strconv.Itoa(minor))
 	cmd := exec.Command(exe, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.ExtraFiles = []*os.File{w}
@@ -105,7 +130,7 @@ func (c *AttachCmd) spawn(env *Env, minor int) error {
 	pid := cmd.Process.Pid
 	cmd.Process.Release()
 	fmt.Fprintf(env.Stdout, "attached %s as %s (minor %d, server pid %d, log %s)\n",
-		c.BlockDevice, status.Front, minor, pid, server.LogPath(minor))
+		bdev, status.Front, minor, pid, server.LogPath(minor))
 	return nil
 }
 
@@ -133,9 +158,14 @@ func readReady(r *os.File, timeout time.Duration) readyStatus {
 
 // ServeCmd is the server process that attach starts.
 type ServeCmd struct {
-	ReadyFD     int    `name:"ready-fd" help:"Write one JSON readiness line to this descriptor." default:"-1"`
-	BlockDevice string `arg:"" name:"block-device"`
-	Minor       string `arg:"" name:"minor"`
+	ReadyFD     int           `name:"ready-fd" help:"Write one JSON readiness line to this descriptor." default:"-1"`
+	BlockDevice string        `arg:"" name:"block-device"`
+	Minor       string        `arg:"" name:"minor"`
+	Reload      string        `help:"Resume tracking: snapshot or incremental." enum:",snapshot,incremental" default:""`
+	CowFile     string        `name:"cow-file" help:"The COW file to resume from."`
+	Cache       int64         `help:"Index cache limit in bytes." default:"0"`
+	Falloc      int64         `help:"COW file size, in MiB, that transition-to-snapshot reuses." default:"0"`
+	Checkpoint  time.Duration `help:"How often incremental tracking writes its index back." default:"0"`
 	ServerFlags
 }
 
@@ -158,7 +188,16 @@ func (c *ServeCmd) Run(env *Env) error {
 		return err
 	}
 	logger := log.New(env.Stderr, fmt.Sprintf("ublk%d: ", minor), log.LstdFlags)
-	err = serve(c.ServerFlags.config(c.BlockDevice, minor), logger, func(front string) {
+	cfg := c.ServerFlags.config(c.BlockDevice, minor)
+	cfg.CheckpointEvery = c.Checkpoint
+	if c.Reload != "" {
+		mode := server.ModeSnapshot
+		if c.Reload == "incremental" {
+			mode = server.ModeIncremental
+		}
+		cfg.Reload = &server.Reload{Mode: mode, CowFile: c.CowFile, CacheBytes: c.Cache, FallocMiB: c.Falloc}
+	}
+	err = serve(cfg, logger, func(front string) {
 		report(readyStatus{Front: front})
 	})
 	if err != nil {

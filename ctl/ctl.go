@@ -27,6 +27,9 @@ type CLI struct {
 	Reconfigure             ReconfigureCmd             `cmd:"" help:"Change the index cache limit (-c bytes)."`
 	ExpandCowFile           ExpandCowFileCmd           `cmd:"" name:"expand-cow-file" help:"Grow an active snapshot's COW store by <size> MiB."`
 	ReconfigureAutoExpand   ReconfigureAutoExpandCmd   `cmd:"" name:"reconfigure-auto-expand" help:"Grow a full COW store by <step> MiB while -r MiB stay free."`
+	ReloadSnapshot          ReloadSnapshotCmd          `cmd:"" name:"reload-snapshot" help:"Attach a device and resume the snapshot it was detached or stopped with."`
+	ReloadIncremental       ReloadIncrementalCmd       `cmd:"" name:"reload-incremental" help:"Attach a device and resume incremental tracking, also after a crash."`
+	ReloadAll               ReloadAllCmd               `cmd:"" name:"reload-all" help:"Bring back every device recorded in the state directory (run at boot)."`
 	UpdateImg               UpdateImgCmd               `cmd:"" name:"update-img" aliases:"img-merge" help:"Copy the blocks changed since the previous snapshot into its image."`
 
 	Serve   ServeCmd   `cmd:"" hidden:"" help:"Run a device server (started by attach)."`

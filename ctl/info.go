@@ -11,12 +11,36 @@ import (
 
 // DetachCmd removes a front device.
 type DetachCmd struct {
-	Minor string `arg:"" name:"minor" help:"Minor of the attached device."`
+	Minor string `arg:"" optional:"" name:"minor" help:"Minor of the attached device."`
+	All   bool   `help:"Detach every attached device and keep their state for reload-all (what the boot unit runs at shutdown)."`
 }
 
 // Run detaches: the server flushes and deletes the front device, releases
-// the real device and exits.
+// the real device and exits. A tracking device becomes dormant: its COW
+// file is closed clean for reload-snapshot or reload-incremental.
 func (c *DetachCmd) Run(env *Env) error {
+	if c.All {
+		if c.Minor != "" {
+			return &exitError{2, errors.New("give a minor or --all, not both")}
+		}
+		if err := requireRoot(); err != nil {
+			return err
+		}
+		failed := 0
+		for _, m := range server.Minors() {
+			if err := detachOne(env, m, true); err != nil {
+				failed++
+				fmt.Fprintf(env.Stderr, "dbdctl: minor %d: %s\n", m, oneLine(err.Error()))
+			}
+		}
+		if failed > 0 {
+			return fmt.Errorf("%d device(s) could not be detached; see above", failed)
+		}
+		return nil
+	}
+	if c.Minor == "" {
+		return &exitError{2, errors.New("missing minor (or --all)")}
+	}
 	minor, err := server.ParseMinor(c.Minor)
 	if err != nil {
 		return err
@@ -24,6 +48,10 @@ func (c *DetachCmd) Run(env *Env) error {
 	if err := requireRoot(); err != nil {
 		return err
 	}
+	return detachOne(env, minor, false)
+}
+
+func detachOne(env *Env, minor int, keep bool) error {
 	resp, err := server.Call(minor, server.Request{Op: "info"}, 5*time.Second)
 	if errors.Is(err, server.ErrNotAttached) {
 		// No server answers; its ublk device may have outlived it.
@@ -42,8 +70,13 @@ func (c *DetachCmd) Run(env *Env) error {
 	if resp.Device == nil {
 		return errors.New("server sent no device info")
 	}
-	if _, err := server.Call(minor, server.Request{Op: "detach"}, 10*time.Minute); err != nil {
+	if _, err := server.Call(minor, server.Request{Op: "detach", Keep: keep}, 10*time.Minute); err != nil {
 		return err
+	}
+	if resp.Device.Mode != "passthrough" {
+		fmt.Fprintf(env.Stdout, "detached %s from %s; %s mode is dormant in %s (resume with dbdctl reload-%s)\n",
+			resp.Device.BlockDevice, resp.Device.FrontDevice, resp.Device.Mode, resp.Device.CowFile, resp.Device.Mode)
+		return nil
 	}
 	fmt.Fprintf(env.Stdout, "detached %s from %s\n", resp.Device.BlockDevice, resp.Device.FrontDevice)
 	return nil

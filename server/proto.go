@@ -52,6 +52,7 @@ type Request struct {
 	FallocMiB  int64  `json:"falloc_mib,omitempty"`  // -f
 	SizeMiB    int64  `json:"size_mib,omitempty"`    // expand-cow-file, auto-expand step
 	ReserveMiB int64  `json:"reserve_mib,omitempty"` // auto-expand -r
+	Keep       bool   `json:"keep,omitempty"`        // detach: keep the state file for reload-all
 }
 
 // Response is a server's answer.

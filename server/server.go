@@ -30,7 +30,17 @@ type Config struct {
 	Queues      int // 0 = ublk.DefaultQueues
 	Depth       int // 0 = ublk.DefaultDepth
 	MaxIOBytes  int // 0 = ublk.DefaultMaxIOBytes
+	// Reload, when set, resumes tracking from a COW file before the front
+	// device serves its first request (reload-snapshot, reload-incremental).
+	Reload *Reload
+	// CheckpointEvery is how often incremental tracking writes its index
+	// back and trims its write-intent record; 0 = DefaultCheckpoint.
+	CheckpointEvery time.Duration
 }
+
+// DefaultCheckpoint bounds how much a crash can over-mark: after it, only
+// the regions written in the last interval are marked whole.
+const DefaultCheckpoint = 30 * time.Second
 
 // Server is a running attachment.
 type Server struct {
@@ -100,9 +110,21 @@ func Start(cfg Config, logger *log.Logger) (s *Server, err error) {
 		}
 		return nil, err
 	}
+	if cfg.Reload != nil {
+		if err = s.reload(*cfg.Reload); err != nil {
+			return nil, err
+		}
+	}
 	if err = s.dev.Start(); err != nil {
 		return nil, err
 	}
+	if s.mode() == ModeSnapshot {
+		if err = s.startSnapshotDevice(); err != nil {
+			return nil, err
+		}
+	}
+	s.persist()
+	go s.checkpointLoop()
 	info := s.dev.Info()
 	s.log.Printf("attached %s as %s: %d bytes, %d/%d-byte blocks, %d queues x %d tags, device flags %#x, kernel features %#x",
 		cfg.BlockDevice, s.dev.BlockPath(), s.bdev.Size, s.bdev.LogicalBlockSize, s.bdev.PhysicalBlockSize,
@@ -154,13 +176,13 @@ func (s *Server) Serve(ctx context.Context) error {
 			return nil
 		case sig := <-sigs:
 			s.log.Printf("received %v: detaching", sig)
-			if err := s.detach(); err != nil {
+			if err := s.detach(false); err != nil {
 				s.log.Printf("cannot detach on %v: %v; still serving", sig, err)
 				continue
 			}
 			return nil
 		case <-ctx.Done():
-			return s.detach()
+			return s.detach(false)
 		case <-s.finished():
 			// The queues ended without a detach: the device was stopped
 			// or deleted from outside. Nothing is left to serve.
@@ -224,7 +246,7 @@ func (s *Server) handle(conn *net.UnixConn) {
 		info := s.Info()
 		resp.Device = &info
 	case "detach":
-		err = s.detach()
+		err = s.detach(!req.Keep)
 	default:
 		err = s.tracking(req)
 	}
@@ -311,7 +333,11 @@ func (s *Server) Info() DeviceInfo {
 // detach removes the front device once nobody uses it: the kernel flushes
 // and drains it through the still-running queues, then the real device is
 // flushed and released. A front device in use (mounted, or open) is refused.
-func (s *Server) detach() error {
+// A tracking device becomes dormant: its COW file is closed clean and its
+// state file kept, so reload-snapshot or reload-incremental resumes it.
+// An explicit detach of an untracked device forgets it; one on a signal
+// (shutdown) keeps it for the boot unit.
+func (s *Server) detach(explicit bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	select {
@@ -319,8 +345,8 @@ func (s *Server) detach() error {
 		return nil
 	default:
 	}
-	if m := s.mode(); m != ModePassthrough {
-		return fmt.Errorf("minor %d is tracking (%s mode); destroy it before detaching", s.cfg.Minor, m)
+	if err := s.snapshotDeviceIdle(); err != nil {
+		return err
 	}
 	// Holding the front device exclusively keeps anyone from mounting it
 	// between this check and the stop.
@@ -341,6 +367,17 @@ func (s *Server) detach() error {
 		s.log.Printf("delete ublk device %d: %v", s.dev.ID(), err)
 	}
 	s.dev = nil
+	if ts := s.trk.current(); ts.mode != ModePassthrough {
+		s.stopSnapshotDevice()
+		if err := ts.cow.Close(true); err != nil {
+			s.log.Printf("close %s: %v; reload will have to recover it", s.snap.cowPath, err)
+		} else {
+			s.log.Printf("%s mode is dormant: %s closed clean; resume with dbdctl reload-%s", ts.mode, s.snap.cowPath, ts.mode)
+		}
+		s.snap = nil
+	} else if explicit {
+		s.forget()
+	}
 	if err := s.bdev.Close(); err != nil {
 		s.log.Printf("flush %s: %v", s.cfg.BlockDevice, err)
 	}
@@ -352,19 +389,50 @@ func (s *Server) detach() error {
 	return nil
 }
 
-// release frees whatever is still held, in reverse order of acquisition.
-func (s *Server) release() {
-	if s.snap != nil {
-		s.stopSnapshotDevice()
-		if c := s.trk.current().cow; c != nil {
-			c.Close(false)
+// checkpointLoop periodically writes an incremental index back, so a
+// crash over-marks only what was written recently.
+func (s *Server) checkpointLoop() {
+	every := s.cfg.CheckpointEvery
+	if every <= 0 {
+		every = DefaultCheckpoint
+		if d, err := time.ParseDuration(os.Getenv("DBDCTL_CHECKPOINT")); err == nil && d > 0 {
+			every = d // tests exercise checkpoints with a short interval
 		}
-		s.snap = nil
 	}
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		select {
+		case <-s.detached:
+			return
+		case <-tick.C:
+		}
+		st := s.trk.current()
+		if st.mode != ModeIncremental {
+			continue
+		}
+		if err := st.cow.Checkpoint(); err != nil && !errors.Is(err, os.ErrClosed) {
+			s.trk.fail(syscall.EIO, fmt.Errorf("checkpoint %s: %w", st.cow.Path(), err))
+		}
+	}
+}
+
+// release frees whatever is still held, in reverse order of acquisition.
+// A COW file is closed after the front device has stopped, clean unless
+// tracking failed: every write admitted so far was tracked, so the file is
+// exact and a reload can resume it.
+func (s *Server) release() {
+	s.stopSnapshotDevice()
 	if s.dev != nil {
 		s.dev.Stop()
 		s.dev.Delete()
 		s.dev = nil
+	}
+	if s.snap != nil {
+		if c := s.trk.current().cow; c != nil {
+			c.Close(s.trk.Failed() == 0)
+		}
+		s.snap = nil
 	}
 	if s.ln != nil {
 		s.ln.Close()

@@ -83,7 +83,60 @@ func (s *Server) setupSnapshot(req Request) error {
 		s.snap = nil
 		return abandon(err)
 	}
+	s.persist()
 	s.log.Printf("snapshot set up: COW file %s, seq %d, snapshot device %s", req.CowFile, c.Header().SeqID, DattoPath(s.cfg.Minor))
+	return nil
+}
+
+// Reload says which COW file to resume tracking from, and how.
+type Reload struct {
+	Mode       Mode // ModeSnapshot or ModeIncremental
+	CowFile    string
+	CacheBytes int64 // 0 = DefaultCacheBytes
+	FallocMiB  int64 // the size transition-to-snapshot reuses; 0 = default
+}
+
+// reload resumes tracking from r's COW file before the front device
+// starts, so no write escapes it. An incremental file left dirty by a
+// crash is recovered from its write-intent record; anything not provably
+// intact is refused and left as it is.
+func (s *Server) reload(r Reload) error {
+	cache := r.CacheBytes
+	if cache <= 0 {
+		cache = DefaultCacheBytes
+	}
+	var c *cow.File
+	switch r.Mode {
+	case ModeIncremental:
+		f, rec, err := cow.Recover(r.CowFile, s.trk.Size, cache)
+		if err != nil {
+			return err
+		}
+		if rec.Crashed {
+			s.log.Printf("%s was not closed cleanly: replayed its write-intent record, %d regions of %d bytes, %d more blocks marked",
+				r.CowFile, rec.Regions, rec.RegionBytes, rec.Marked)
+		}
+		if err := f.EnableIntent(); err != nil {
+			f.Close(false)
+			return err
+		}
+		c = f
+	case ModeSnapshot:
+		f, err := cow.OpenSnapshot(r.CowFile, s.trk.Size, cache)
+		if err != nil {
+			return err
+		}
+		c = f
+	default:
+		return fmt.Errorf("cannot reload in %s mode", r.Mode)
+	}
+	if err := s.trk.swap(r.Mode, c, s.newBitmap(c, cache)); err != nil {
+		c.Close(false)
+		return err
+	}
+	s.snap = &snapshot{cowPath: r.CowFile, cacheBytes: cache, fallocMiB: r.FallocMiB}
+	h := c.Header()
+	s.log.Printf("reloaded %s mode from %s: seq %d, %d changed blocks", r.Mode, r.CowFile, h.SeqID, c.NrChangedBlocks())
 	return nil
 }
 
@@ -105,7 +158,10 @@ func (s *Server) transitionToIncremental() error {
 	s.trk.autoExpand.stepBytes, s.trk.autoExpand.reserveBytes = 0, 0
 	if err := st.cow.TruncateToIndex(); err != nil {
 		s.log.Printf("truncate %s to its index: %v", s.snap.cowPath, err)
+	} else if err := st.cow.EnableIntent(); err != nil {
+		s.trk.fail(syscall.EIO, fmt.Errorf("start write-intent logging in %s: %w", s.snap.cowPath, err))
 	}
+	s.persist()
 	s.log.Printf("now incremental: tracking changes in %s", s.snap.cowPath)
 	return nil
 }
@@ -150,6 +206,7 @@ func (s *Server) transitionToSnapshot(req Request) error {
 		s.trk.fail(syscall.EIO, err)
 		return fmt.Errorf("snapshot taken but its device could not start: %w", err)
 	}
+	s.persist()
 	s.log.Printf("snapshot %d taken: COW file %s; %s holds the changes since the previous one", h.SeqID+1, req.CowFile, old)
 	return nil
 }
@@ -174,6 +231,7 @@ func (s *Server) destroy() error {
 	s.trk.autoExpand.stepBytes, s.trk.autoExpand.reserveBytes = 0, 0
 	s.log.Printf("tracking destroyed; %s removed", s.snap.cowPath)
 	s.snap = nil
+	s.persist()
 	return nil
 }
 

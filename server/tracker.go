@@ -106,7 +106,8 @@ func (t *tracker) swap(mode Mode, c *cow.File, bits *bitmap.Bitmap) error {
 	return nil
 }
 
-// cowJob is one write waiting for its blocks to be preserved.
+// cowJob is one write waiting for its blocks to be preserved (snapshot
+// mode) or for their write intent to be on disk (incremental mode).
 type cowJob struct {
 	st          *trackState
 	first, last uint64
@@ -122,7 +123,11 @@ func (t *tracker) startCowWorkers() {
 	for i := 0; i < cowWorkers; i++ {
 		go func() {
 			for j := range t.cowJobs {
-				t.preserve(j.st, j.first, j.last)
+				if j.st.mode == ModeIncremental {
+					t.commitIntent(j.st, j.first, j.last)
+				} else {
+					t.preserve(j.st, j.first, j.last)
+				}
 				// The write proceeds even if preserving failed: the
 				// snapshot fails closed, the live device keeps working.
 				j.resume(nil)
@@ -244,7 +249,19 @@ func (t *tracker) BeforeWrite(op uapi.IOOp, off, n int64, resume func(error)) (u
 	last := (uint64(off+n) + cow.BlockSize - 1) / cow.BlockSize
 	switch st.mode {
 	case ModeIncremental:
-		t.markRange(st, first, last)
+		if st.bits != nil && st.bits.TestRange(first, last-first) {
+			return st.epoch, ublk.WriteProceed, nil // marked, and durably so
+		}
+		if !t.markRange(st, first, last) {
+			return st.epoch, ublk.WriteProceed, nil
+		}
+		if resume == nil {
+			t.commitIntent(st, first, last)
+			return st.epoch, ublk.WriteProceed, nil
+		}
+		t.cowStart.Do(t.startCowWorkers)
+		t.cowJobs <- cowJob{st, first, last, resume}
+		return st.epoch, ublk.WritePending, nil
 	case ModeSnapshot:
 		if op == uapi.IOOpDiscard {
 			return st.epoch, t.discardAction(st, first, last), nil
@@ -266,18 +283,30 @@ func (t *tracker) BeforeWrite(op uapi.IOOp, off, n int64, resume func(error)) (u
 // AfterWrite settles BeforeWrite's admission.
 func (t *tracker) AfterWrite(token uint64) { t.inflight[token&1].Add(-1) }
 
-func (t *tracker) markRange(st *trackState, first, last uint64) {
-	mark := func(b uint64) {
-		if _, err := st.cow.MarkChanged(b); err != nil {
-			t.fail(syscall.EIO, fmt.Errorf("record changed block %d: %w", b, err))
-		}
+func (t *tracker) markRange(st *trackState, first, last uint64) (mustCommit bool) {
+	mustCommit, err := st.cow.MarkRange(first, last)
+	if err != nil {
+		t.fail(syscall.EIO, fmt.Errorf("record changed blocks %d..%d: %w", first, last-1, err))
+		return false
 	}
-	if st.bits != nil {
-		st.bits.NewlySet(first, last-first, mark)
+	if !mustCommit && st.bits != nil {
+		st.bits.SetRange(first, last-first)
+	}
+	return mustCommit
+}
+
+// commitIntent waits until the regions of blocks [first, last) are
+// recorded on disk (cow.File.CommitIntent, shared by every write waiting at
+// the time); only then may the write reach the device, so a crash after it
+// still finds the blocks. The bitmap learns them only afterwards: a set bit
+// lets later writes skip all of this.
+func (t *tracker) commitIntent(st *trackState, first, last uint64) {
+	if err := st.cow.CommitIntent(); err != nil {
+		t.fail(syscall.EIO, fmt.Errorf("record write intent for blocks %d..%d: %w", first, last-1, err))
 		return
 	}
-	for b := first; b < last; b++ {
-		mark(b)
+	if st.bits != nil {
+		st.bits.SetRange(first, last-first)
 	}
 }
 
