@@ -42,6 +42,10 @@ type File struct {
 	path     string
 	f        *os.File
 	readOnly bool
+	// direct is the file opened with O_DIRECT (nil where the filesystem
+	// refuses it): CopyOnWriteRange writes aligned data with it, so a
+	// 1 MiB copy is a DMA from the caller's buffer, not a page-cache copy.
+	direct *os.File
 
 	// opMu serializes the operations that change the file's extent or
 	// lifecycle (Expand, TruncateToIndex, Sync, Close) and every header
@@ -76,6 +80,11 @@ func newFile(path string, fh *os.File, readOnly bool, hdr Header, blocks uint64,
 	}
 	f.idle.L = &f.mu
 	f.cache.init(limitSections(cacheBytes))
+	if !readOnly {
+		if d, err := os.OpenFile(path, os.O_WRONLY|syscall.O_DIRECT, 0); err == nil {
+			f.direct = d
+		}
+	}
 	return f
 }
 
@@ -803,6 +812,14 @@ func (f *File) Sync() error {
 	return nil
 }
 
+func (f *File) closeFiles() error {
+	if f.direct != nil {
+		f.direct.Close()
+		f.direct = nil
+	}
+	return f.f.Close()
+}
+
 // Close refuses new operations, waits for copies in progress, writes back
 // the index and the header and fsyncs. With clean, and only if all of that
 // succeeded, it then sets FlagClean in the header and fsyncs again, so a
@@ -820,7 +837,7 @@ func (f *File) Close(clean bool) error {
 	if f.readOnly {
 		f.cache.init(1)
 		f.mu.Unlock()
-		return f.f.Close()
+		return f.closeFiles()
 	}
 	for len(f.inflight) > 0 {
 		f.idle.Wait()
@@ -841,7 +858,7 @@ func (f *File) Close(clean bool) error {
 	}
 	f.cache.init(1) // drop the sections
 	f.mu.Unlock()
-	if cerr := f.f.Close(); err == nil {
+	if cerr := f.closeFiles(); err == nil {
 		err = cerr
 	}
 	if err != nil {

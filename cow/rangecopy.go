@@ -1,7 +1,10 @@
 package cow
 
 import (
+	"errors"
 	"fmt"
+	"syscall"
+	"unsafe"
 )
 
 // CopyOnWriteRange preserves the pre-snapshot data of the blocks
@@ -75,7 +78,7 @@ func (f *File) CopyOnWriteRange(first uint64, old []byte) (int, error) {
 	if k > 0 {
 		var err error
 		data := gather(old, first, mine)
-		if _, werr := f.f.WriteAt(data, int64(slot)*BlockSize); werr != nil {
+		if _, werr := f.writeData(data, int64(slot)*BlockSize); werr != nil {
 			err = fmt.Errorf("cow file %s: write data slots %d..%d: %w", f.path, slot, slot+k-1, unwrapPath(werr))
 		}
 		if err = f.finishRange(mine, slot, ch, err); err != nil {
@@ -94,6 +97,23 @@ func (f *File) CopyOnWriteRange(first uint64, old []byte) (int, error) {
 	}
 	return int(k), nil
 }
+
+// writeData writes whole slots. Large writes go with O_DIRECT when data
+// is aligned for it (no page-cache copy); small ones through the page
+// cache, where the filesystem converts the preallocated (unwritten)
+// extents in batches at writeback instead of once per write.
+func (f *File) writeData(data []byte, off int64) (int, error) {
+	if f.direct != nil && len(data) >= directMin && uintptr(unsafe.Pointer(unsafe.SliceData(data)))%BlockSize == 0 {
+		n, err := f.direct.WriteAt(data, off)
+		if !errors.Is(err, syscall.EINVAL) {
+			return n, err
+		}
+	}
+	return f.f.WriteAt(data, off)
+}
+
+// directMin is the smallest data write issued with O_DIRECT.
+const directMin = 64 << 10
 
 // gather returns the data of blocks (a sorted subset of the blocks old
 // starts at first) back to back: old itself when they are all of it.

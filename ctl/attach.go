@@ -10,6 +10,7 @@ import (
 	"log"
 	"os"
 	"os/exec"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"syscall"
@@ -210,6 +211,15 @@ func (c *ServeCmd) Run(env *Env) error {
 // serve runs a server in this process; onReady is called once the front
 // device exists.
 func serve(cfg server.Config, logger *log.Logger, onReady func(front string)) error {
+	// DBDCTL_CPUPROFILE=file profiles the server until it exits (for
+	// performance work; see bench/).
+	if path := os.Getenv("DBDCTL_CPUPROFILE"); path != "" {
+		if f, err := os.Create(path); err == nil {
+			if pprof.StartCPUProfile(f) == nil {
+				defer func() { pprof.StopCPUProfile(); f.Close() }()
+			}
+		}
+	}
 	s, err := server.Start(cfg, logger)
 	if err != nil {
 		return err

@@ -1,0 +1,87 @@
+// Command cowprof profiles the server during first writes in snapshot mode
+// (the slowest path of issue 3): it boots the VM, runs fio on the front
+// device with a snapshot open, and prints the server's CPU profile.
+//
+//	go run ./bench/cmd/cowprof [4k] [pass]
+//
+// 4k: random 4 KiB writes at QD32 (default: sequential 1 MiB at QD8);
+// pass: no snapshot, the passthrough baseline of the same job.
+package main
+
+import (
+	"context"
+	"encoding/base64"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/dbdublk/dbdublk/tests/vm"
+)
+
+const script = `
+set -e
+modprobe ublk_drv
+mkdir -p /scratch && mkfs.ext4 -q -F /dev/vdb && mount /dev/vdb /scratch
+DBDCTL_CPUPROFILE=/scratch/cpu.prof dbdctl attach /dev/vda 1 >/dev/null
+[ "$PASS" = 1 ] || dbdctl setup-snapshot /dev/vda /scratch/cow 1 >/dev/null
+fio --name=first --filename=/dev/ublkb1 --direct=1 --ioengine=io_uring --rw=$RW --bs=$BS --iodepth=$QD --size=900M --runtime=8 --output-format=terse --terse-version=3 | awk -F';' '{print "write KB/s", $48, "IOPS", $49}'
+[ "$PASS" = 1 ] || dbdctl destroy 1 >/dev/null
+dbdctl detach 1 >/dev/null
+sleep 1
+echo @@PROF
+base64 /scratch/cpu.prof
+echo @@END
+`
+
+func main() {
+	rw, bs, qd, pass := "write", "1M", "8", 0
+	for _, a := range os.Args[1:] {
+		switch a {
+		case "4k":
+			rw, bs, qd = "randwrite", "4k", "32"
+		case "pass": // no snapshot: the passthrough baseline
+			pass = 1
+		}
+	}
+	work, _ := os.MkdirTemp("", "cowprof-")
+	defer os.RemoveAll(work)
+	dbdctl := filepath.Join(work, "dbdctl")
+	if err := vm.GoBuild("build", "-o", dbdctl, "./ctl/dbdctl"); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	res, err := vm.Run(context.Background(), vm.Config{
+		Disks: []vm.Disk{
+			{Path: filepath.Join(work, "front.img"), Size: 1 << 30},
+			{Path: filepath.Join(work, "scratch.img"), Size: 2 << 30},
+		},
+		Files:    map[string]string{"/usr/local/bin/dbdctl": dbdctl},
+		Programs: []string{"fio", "mkfs.ext4", "mke2fs", "base64"},
+		Modules:  []string{"ublk_drv", "ext4"},
+		Script:   fmt.Sprintf("RW=%s BS=%s QD=%s PASS=%d\n%s", rw, bs, qd, pass, script),
+		Timeout:  10 * time.Minute,
+	})
+	if err != nil || res.ExitCode != 0 {
+		fmt.Fprintln(os.Stderr, err)
+		if res != nil {
+			fmt.Fprintln(os.Stderr, res.Output)
+		}
+		os.Exit(1)
+	}
+	out := res.Output
+	i, j := strings.Index(out, "@@PROF\n"), strings.Index(out, "@@END")
+	fmt.Print(out[:i])
+	prof, err := base64.StdEncoding.DecodeString(strings.Join(strings.Fields(out[i+7:j]), ""))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "decode profile:", err)
+		os.Exit(1)
+	}
+	p := filepath.Join(os.TempDir(), "cowprof.pprof")
+	os.WriteFile(p, prof, 0o644)
+	cmd := exec.Command("go", "tool", "pprof", "-top", "-nodecount=40", dbdctl, p)
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	cmd.Run()
+}
