@@ -39,8 +39,12 @@ type Options struct {
 
 // File is an open COW file. All methods are safe for concurrent use.
 type File struct {
-	path     string
-	f        *os.File
+	path string
+	// f is where the file's bytes are: the file itself, or its extents on
+	// the device for a COW file on the snapshotted volume (mapped.go).
+	f storage
+	// file is the file itself, nil when mapped.
+	file     *os.File
 	readOnly bool
 	// direct is the file opened with O_DIRECT (nil where the filesystem
 	// refuses it): CopyOnWriteRange writes aligned data with it, so a
@@ -70,17 +74,29 @@ type File struct {
 	intent      intentState              // write-intent logging (incremental mode)
 }
 
+// storage is what a File reads and writes its bytes through.
+type storage interface {
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	Sync() error
+	Truncate(size int64) error
+	Close() error
+}
+
 var bufPool = sync.Pool{New: func() any { return new([BlockSize]byte) }}
 
 func newFile(path string, fh *os.File, readOnly bool, hdr Header, blocks uint64, dataOffset int64, cacheBytes int64) *File {
 	f := &File{
-		path: path, f: fh, readOnly: readOnly, hdr: hdr, blocks: blocks,
+		path: path, file: fh, readOnly: readOnly, hdr: hdr, blocks: blocks,
 		dataOffset: dataOffset, indexEnd: dataOffset, extentKnown: true,
 		inflight: make(map[uint64]chan struct{}),
 	}
+	if fh != nil {
+		f.f = fh
+	}
 	f.idle.L = &f.mu
 	f.cache.init(limitSections(cacheBytes))
-	if !readOnly {
+	if !readOnly && fh != nil {
 		if d, err := os.OpenFile(path, os.O_WRONLY|syscall.O_DIRECT, 0); err == nil {
 			f.direct = d
 		}
@@ -209,7 +225,12 @@ func readHeader(fh *os.File, path string) (Header, int64, error) {
 	if !st.Mode().IsRegular() {
 		return Header{}, 0, fmt.Errorf("cow file %s is not a regular file", path)
 	}
-	size := st.Size()
+	return readHeaderFrom(fh, st.Size(), path)
+}
+
+// readHeaderFrom reads the header of a file of size bytes held by r.
+func readHeaderFrom(r storage, size int64, path string) (Header, int64, error) {
+	fh := r
 	if size == 0 {
 		return Header{}, 0, corrupt("cow file %s is empty", path)
 	}
@@ -234,14 +255,35 @@ func readHeader(fh *os.File, path string) (Header, int64, error) {
 // FlagClean (and fsyncs it) before anything else can change the file. The
 // caller checks the mode it expects in Header().Flags (FlagIndexOnly).
 func Open(path string, deviceSize int64, cacheBytes int64) (*File, error) {
-	f, _, err := open(path, deviceSize, cacheBytes, false, wantAny)
+	f, _, err := open(path, deviceSize, cacheBytes, openOpts{want: wantAny})
 	return f, err
+}
+
+// openOpts say what open accepts.
+type openOpts struct {
+	want            int  // wantAny, wantIndexOnly or wantDataStore
+	replayIntent    bool // a dirty index-only file with a write-intent record
+	trustDirtyIndex bool // a dirty file with a data store (see RecoverSnapshot)
 }
 
 // OpenSnapshot is Open for a file that must still hold its data store (a
 // snapshot to reload); an incremental file is refused untouched.
 func OpenSnapshot(path string, deviceSize int64, cacheBytes int64) (*File, error) {
-	f, _, err := open(path, deviceSize, cacheBytes, false, wantDataStore)
+	f, _, err := open(path, deviceSize, cacheBytes, openOpts{want: wantDataStore})
+	return f, err
+}
+
+// RecoverSnapshot reopens a snapshot whose server died while the machine
+// kept running. Its file may be dirty, but the page cache holds every
+// write the dead server made, and CopyOnWriteRange writes a block's data
+// before its index entry and writes entries through to the file before a
+// write may overwrite the block: so every entry in the file names a slot
+// with the block's old data. fpos and nr_changed_blocks are rebuilt from
+// the index (slots written without an entry are simply not reused). It
+// must not be used after a machine crash or power cut, where the page
+// cache was lost: there only a clean file is intact (OpenSnapshot).
+func RecoverSnapshot(path string, deviceSize int64, cacheBytes int64) (*File, error) {
+	f, _, err := open(path, deviceSize, cacheBytes, openOpts{want: wantDataStore, trustDirtyIndex: true})
 	return f, err
 }
 
@@ -272,22 +314,31 @@ type Recovered struct {
 // record, or with one that fails its checks, is refused (ErrNotClean or
 // ErrCorrupt) and left untouched.
 func Recover(path string, deviceSize int64, cacheBytes int64) (*File, Recovered, error) {
-	return open(path, deviceSize, cacheBytes, true, wantIndexOnly)
+	return open(path, deviceSize, cacheBytes, openOpts{want: wantIndexOnly, replayIntent: true})
 }
 
-func open(path string, deviceSize int64, cacheBytes int64, recoverDirty bool, want int) (*File, Recovered, error) {
-	var rec Recovered
+func open(path string, deviceSize int64, cacheBytes int64, o openOpts) (*File, Recovered, error) {
 	fh, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
-		return nil, rec, openError(path, err)
-	}
-	fail := func(err error) (*File, Recovered, error) {
-		fh.Close()
-		return nil, rec, err
+		return nil, Recovered{}, openError(path, err)
 	}
 	hdr, size, err := readHeader(fh, path)
 	if err != nil {
-		return fail(err)
+		fh.Close()
+		return nil, Recovered{}, err
+	}
+	return openOn(fh, fh, hdr, size, path, deviceSize, cacheBytes, o)
+}
+
+// openOn opens the file whose bytes fh holds (file is the file itself, or
+// nil when fh is its extents on the device): the checks and recovery of
+// open, on any storage.
+func openOn(fh storage, file *os.File, hdr Header, size int64, path string, deviceSize int64, cacheBytes int64, o openOpts) (*File, Recovered, error) {
+	want := o.want
+	var rec Recovered
+	fail := func(err error) (*File, Recovered, error) {
+		fh.Close()
+		return nil, rec, err
 	}
 	if deviceSize <= 0 {
 		return fail(fmt.Errorf("cow file %s: device size %d is not a positive number of bytes", path, deviceSize))
@@ -300,15 +351,19 @@ func open(path string, deviceSize int64, cacheBytes int64, recoverDirty bool, wa
 	}
 	blocks := Blocks(deviceSize)
 	var intent intentState
-	if hdr.Flags&FlagClean == 0 {
-		if !recoverDirty {
-			return fail(&wrapErr{msg: fmt.Sprintf("cow file %s not left in clean state", path), target: ErrNotClean})
-		}
+	dirty := hdr.Flags&FlagClean == 0
+	switch {
+	case dirty && o.trustDirtyIndex:
+		rec.Crashed = true
+	case dirty && !o.replayIntent:
+		return fail(&wrapErr{msg: fmt.Sprintf("cow file %s not left in clean state", path), target: ErrNotClean})
+	case dirty:
 		raw := make([]byte, HeaderSize)
 		if _, err := fh.ReadAt(raw, 0); err != nil {
 			return fail(fmt.Errorf("cow file %s: read header: %w", path, unwrapPath(err)))
 		}
 		var ok bool
+		var err error
 		intent, ok, err = parseIntent(raw, blocks)
 		if err != nil {
 			return fail(&wrapErr{msg: fmt.Sprintf("cow file %s was not closed cleanly and its %v; a full backup is required", path, err), target: ErrCorrupt})
@@ -330,8 +385,15 @@ func open(path string, deviceSize int64, cacheBytes int64, recoverDirty bool, wa
 		return fail(corrupt("cow file %s is truncated: %d bytes, its header says %d are allocated", path, size, hdr.FSize))
 	}
 	hdr.Flags &^= FlagClean
-	f := newFile(path, fh, false, hdr, blocks, dataOff, cacheBytes)
-	if rec.Crashed {
+	f := newFile(path, file, false, hdr, blocks, dataOff, cacheBytes)
+	f.f = fh
+	if rec.Crashed && o.trustDirtyIndex {
+		if err := f.rebuildFromIndex(); err != nil {
+			f.closeFiles()
+			return nil, rec, err
+		}
+	}
+	if rec.Crashed && o.replayIntent {
 		// Keep the record as it is until the replayed marks are on disk:
 		// a crash during recovery must find it again.
 		f.intent = intent
@@ -622,6 +684,7 @@ func (f *File) finishCopy(block, slot uint64, ch chan struct{}, err error) (bool
 		var old uint64
 		if old, err = f.setEntry(block, slot); err == nil {
 			f.countChange(old) // old is 1 if MarkChanged ran meanwhile: counted already
+			err = f.writeEntriesThrough([]uint64{block})
 		}
 	}
 	if err != nil && f.hdr.FPos == slot+1 {
@@ -713,7 +776,10 @@ func (f *File) Expand(bytes int64) error {
 		return fmt.Errorf("cow file %s: expansion by %d bytes is out of range", f.path, bytes)
 	}
 	n := roundUp(bytes)
-	if err := preallocate(f.f, off, n); err != nil {
+	if f.file == nil {
+		return modeErr("cow file %s lives on the snapshotted volume: growing it during the snapshot could take blocks the snapshot still needs; give it enough room with -f", f.path)
+	}
+	if err := preallocate(f.file, off, n); err != nil {
 		if errors.Is(err, syscall.ENOSPC) {
 			return &wrapErr{msg: fmt.Sprintf("cow file %s: not enough space to expand by %d bytes", f.path, n), target: err}
 		}
@@ -820,6 +886,10 @@ func (f *File) closeFiles() error {
 	return f.f.Close()
 }
 
+// Mapped reports whether the file's bytes are read and written at its
+// extents on the device (a COW file on the snapshotted volume).
+func (f *File) Mapped() bool { return f.file == nil }
+
 // Close refuses new operations, waits for copies in progress, writes back
 // the index and the header and fsyncs. With clean, and only if all of that
 // succeeded, it then sets FlagClean in the header and fsyncs again, so a
@@ -894,7 +964,7 @@ func (f *File) ChangedRuns(fn func(first, count uint64) error) error {
 	for s := uint64(0); s < nsect; {
 		if f.readOnly {
 			// Nothing caches dirty sections here: the file is the truth.
-			next, ok := nextData(f.f, sectionOffset(s))
+			next, ok := nextData(f.file, sectionOffset(s))
 			if !ok {
 				break // zeros to the end
 			}

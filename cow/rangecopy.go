@@ -1,6 +1,7 @@
 package cow
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"syscall"
@@ -150,6 +151,9 @@ func (f *File) finishRange(blocks []uint64, slot uint64, ch chan struct{}, err e
 			}
 			f.countChange(old)
 		}
+		if err == nil {
+			err = f.writeEntriesThrough(blocks)
+		}
 	} else if f.hdr.FPos == slot+k {
 		f.hdr.FPos = slot // nothing was allocated after us: give the slots back
 	}
@@ -184,4 +188,66 @@ func (f *File) AllPreserved(first, last uint64) (bool, error) {
 		}
 	}
 	return true, nil
+}
+
+// rebuildFromIndex recomputes fpos and nr_changed_blocks from the index on
+// disk (RecoverSnapshot), checking that every entry names a data slot.
+// Caller is open, before the file is shared.
+func (f *File) rebuildFromIndex() error {
+	lo, hi := f.firstSlot(), f.hdr.FSize/BlockSize
+	maxSlot, count := uint64(0), uint64(0)
+	buf := make([]byte, 8*SectionBytes)
+	for b := uint64(0); b < f.blocks; {
+		n := min(uint64(len(buf)/8), f.blocks-b)
+		chunk := buf[:n*8]
+		if _, err := f.f.ReadAt(chunk, HeaderSize+int64(b)*8); err != nil {
+			return fmt.Errorf("cow file %s: read index: %w", f.path, unwrapPath(err))
+		}
+		for i := uint64(0); i < n; i++ {
+			e := binary.LittleEndian.Uint64(chunk[i*8:])
+			if e == 0 {
+				continue
+			}
+			count++
+			if e == 1 {
+				continue
+			}
+			if e < lo || e >= hi {
+				return corrupt("cow file %s: index entry of block %d is %d, outside the data slots %d..%d", f.path, b+i, e, lo, hi)
+			}
+			maxSlot = max(maxSlot, e)
+		}
+		b += n
+	}
+	if maxSlot >= f.hdr.FPos {
+		f.hdr.FPos = maxSlot + 1
+	}
+	if f.hdr.Version >= Version {
+		f.hdr.NrChangedBlocks = count
+	}
+	return nil
+}
+
+// writeEntriesThrough writes the index entries of blocks (ascending) to
+// the file at once, one write per run of adjacent blocks, so that a
+// server that dies keeps them in the page cache (RecoverSnapshot). Caller
+// holds mu; the entries are in cached sections.
+func (f *File) writeEntriesThrough(blocks []uint64) error {
+	for i := 0; i < len(blocks); {
+		j := i + 1
+		for j < len(blocks) && blocks[j] == blocks[j-1]+1 && blocks[j]/SectionEntries == blocks[i]/SectionEntries {
+			j++
+		}
+		s, err := f.section(blocks[i] / SectionEntries)
+		if err != nil {
+			return err
+		}
+		lo := (blocks[i] % SectionEntries) * 8
+		hi := (blocks[j-1]%SectionEntries)*8 + 8
+		if _, err := f.f.WriteAt(s.b[lo:hi], sectionOffset(s.idx)+int64(lo)); err != nil {
+			return fmt.Errorf("cow file %s: write index entries: %w", f.path, unwrapPath(err))
+		}
+		i = j
+	}
+	return nil
 }

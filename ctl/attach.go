@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log"
 	"os"
 	"os/exec"
@@ -50,11 +49,15 @@ func (c *AttachCmd) Run(env *Env) error {
 	if err := requireRoot(); err != nil {
 		return err
 	}
-	if err := server.CheckAttach(c.BlockDevice, minor); err != nil {
-		return err
-	}
-	if err := checkNotDormant(minor, c.Force); err != nil {
-		return err
+	// A device whose server died waits in the kernel: attaching it again
+	// recovers it, with the tracking it had.
+	if _, recovering := server.Recoverable(c.BlockDevice, minor); !recovering {
+		if err := server.CheckAttach(c.BlockDevice, minor); err != nil {
+			return err
+		}
+		if err := checkNotDormant(minor, c.Force); err != nil {
+			return err
+		}
 	}
 	if c.Foreground {
 		logger := log.New(env.Stderr, "", log.LstdFlags)
@@ -110,7 +113,7 @@ func spawnServer(env *Env, bdev string, minor int, flags ServerFlags, extra []st
 	if err != nil {
 		return fmt.Errorf("find own executable: %w", err)
 	}
-	args := []string{"serve", "--ready-fd=3",
+	args := []string{"serve", "--supervise", "--ready-fd=3",
 		"--queues=" + strconv.Itoa(flags.Queues), "--depth=" + strconv.Itoa(flags.Depth), "--max-io=" + strconv.Itoa(flags.MaxIO)}
 	args = append(args, extra...)
 	args = append(args, "--", bdev, strconv.Itoa(minor))
@@ -130,7 +133,7 @@ func spawnServer(env *Env, bdev string, minor int, flags ServerFlags, extra []st
 	}
 	pid := cmd.Process.Pid
 	cmd.Process.Release()
-	fmt.Fprintf(env.Stdout, "attached %s as %s (minor %d, server pid %d, log %s)\n",
+	fmt.Fprintf(env.Stdout, "attached %s as %s (minor %d, supervisor pid %d, log %s)\n",
 		bdev, status.Front, minor, pid, server.LogPath(minor))
 	return nil
 }
@@ -167,28 +170,23 @@ type ServeCmd struct {
 	Cache       int64         `help:"Index cache limit in bytes." default:"0"`
 	Falloc      int64         `help:"COW file size, in MiB, that transition-to-snapshot reuses." default:"0"`
 	Checkpoint  time.Duration `help:"How often incremental tracking writes its index back." default:"0"`
+	Supervise   bool          `help:"Run the server as a child and restart it when it dies."`
 	ServerFlags
 }
 
 // Run serves until detached.
 func (c *ServeCmd) Run(env *Env) error {
-	var ready io.WriteCloser
-	if c.ReadyFD >= 0 {
-		ready = os.NewFile(uintptr(c.ReadyFD), "ready")
-	}
-	report := func(st readyStatus) {
-		if ready != nil {
-			json.NewEncoder(ready).Encode(st)
-			ready.Close()
-			ready = nil
-		}
-	}
+	report := readyReporter(c.ReadyFD)
 	minor, err := server.ParseMinor(c.Minor)
 	if err != nil {
 		report(readyStatus{Error: err.Error()})
 		return err
 	}
 	logger := log.New(env.Stderr, fmt.Sprintf("ublk%d: ", minor), log.LstdFlags)
+	if c.Supervise {
+		logger.SetPrefix(fmt.Sprintf("ublk%d supervisor: ", minor))
+		return c.supervise(minor, logger, report)
+	}
 	cfg := c.ServerFlags.config(c.BlockDevice, minor)
 	cfg.CheckpointEvery = c.Checkpoint
 	if c.Reload != "" {

@@ -42,11 +42,20 @@ func (c *reloadArgs) run(env *Env, mode string, fallocMiB int64) error {
 	if err := positive("cache size", c.Cache); err != nil {
 		return err
 	}
-	cowPath, err := absCow(c.CowFile)
-	if err != nil {
-		return err
+	if c.CowFile == "" {
+		return errors.New("COW file path is empty")
 	}
 	if err := requireRoot(); err != nil {
+		return err
+	}
+	// A COW file on the volume itself is found through the state file (by
+	// its path, or by its path relative to the volume's mount point, as
+	// dattobd takes it): its filesystem is not mounted yet.
+	rec, onVolume := server.OnVolumeRecord(minor, c.CowFile)
+	cowPath := c.CowFile
+	if onVolume {
+		cowPath = rec.CowFile
+	} else if cowPath, err = absCow(c.CowFile); err != nil {
 		return err
 	}
 	if _, err := server.Call(minor, server.Request{Op: "info"}, 5*time.Second); err == nil {
@@ -56,6 +65,7 @@ func (c *reloadArgs) run(env *Env, mode string, fallocMiB int64) error {
 	}
 	st, err := os.Stat(cowPath)
 	switch {
+	case onVolume:
 	case errors.Is(err, os.ErrNotExist):
 		return fmt.Errorf("COW file %s does not exist", cowPath)
 	case err != nil:

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/ublk"
+	"github.com/dbdublk/dbdublk/ublk/uapi"
 )
 
 // Config says what to serve and how.
@@ -56,6 +57,10 @@ type Server struct {
 	// which lacks the command); it decides optional paths such as zero copy.
 	kernelFeatures uint64
 
+	// recoverFailed is set when a restarted server could not resume the
+	// dead one's tracking: its state file is kept as it was.
+	recoverFailed bool
+
 	mu       sync.Mutex // serialises control requests
 	detached chan struct{}
 	handlers sync.WaitGroup // control connections being answered
@@ -64,13 +69,20 @@ type Server struct {
 // Start opens the device, creates and starts the front device and listens
 // on the control socket. On error nothing is left behind.
 func Start(cfg Config, logger *log.Logger) (s *Server, err error) {
-	if err := CheckAttach(cfg.BlockDevice, cfg.Minor); err != nil {
-		return nil, err
+	prev, recovering := Recoverable(cfg.BlockDevice, cfg.Minor)
+	if recovering && cfg.Reload != nil {
+		return nil, fmt.Errorf("minor %d is waiting for its server to come back; attach %s %d recovers it with its tracking", cfg.Minor, cfg.BlockDevice, cfg.Minor)
+	}
+	if !recovering {
+		if err := CheckAttach(cfg.BlockDevice, cfg.Minor); err != nil {
+			return nil, err
+		}
 	}
 	s = &Server{cfg: cfg, log: logger, detached: make(chan struct{})}
+	srv := s // the error returns below set s to nil
 	defer func() {
 		if err != nil {
-			s.release()
+			srv.release()
 		}
 	}()
 	if s.bdev, err = OpenBlockDevice(cfg.BlockDevice); err != nil {
@@ -102,8 +114,14 @@ func Start(cfg Config, logger *log.Logger) (s *Server, err error) {
 		DiscardGranularity: s.bdev.DiscardGranularity,
 		WriteZeroes:        true,
 		VolatileCache:      true,
+		// A dead server's device waits for the next one, I/O held, and
+		// requests it had taken are sent again (see recover.go).
+		Flags: uapi.FeatUserRecovery | uapi.FeatUserRecoveryReissue,
 	}
 	s.trk = newTracker(s.bdev, s.log.Printf)
+	if recovering {
+		return s, s.startRecovered(prev)
+	}
 	if s.dev, err = ublk.Create(s.ctrl, spec, s.trk, s.log.Printf); err != nil {
 		if errors.Is(err, unix.EEXIST) {
 			return nil, fmt.Errorf("minor %d is taken: ublk device %d already exists", cfg.Minor, cfg.Minor)
@@ -130,6 +148,33 @@ func Start(cfg Config, logger *log.Logger) (s *Server, err error) {
 		cfg.BlockDevice, s.dev.BlockPath(), s.bdev.Size, s.bdev.LogicalBlockSize, s.bdev.PhysicalBlockSize,
 		info.NrHWQueues, info.QueueDepth, uint64(info.Flags), s.kernelFeatures)
 	return s, nil
+}
+
+// startRecovered takes over the front device of a server that died, with
+// the tracking it had, then recreates its snapshot device.
+func (s *Server) startRecovered(prev Persisted) error {
+	s.log.Printf("ublk device %d is waiting for its server: recovering it (%s mode recorded)", s.cfg.Minor, prev.Mode)
+	s.removeDeadSnapshotDevice()
+	s.recoverTracking(prev)
+	dev, err := ublk.Recover(s.ctrl, uint32(s.cfg.Minor), s.bdev.Size, s.trk, s.log.Printf)
+	if err != nil {
+		return err
+	}
+	s.dev = dev
+	if err := s.dev.Start(); err != nil {
+		return err
+	}
+	if s.mode() == ModeSnapshot {
+		if err := s.startSnapshotDevice(); err != nil {
+			s.log.Printf("recreate the snapshot device: %v", err)
+		}
+	}
+	if !s.recoverFailed {
+		s.persist()
+	}
+	go s.checkpointLoop()
+	s.log.Printf("recovered %s as %s", s.cfg.BlockDevice, s.FrontPath())
+	return nil
 }
 
 // listen binds a root-only Unix socket, replacing a stale one.

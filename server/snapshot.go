@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -47,7 +48,41 @@ type snapshot struct {
 	cowPath    string
 	cacheBytes int64
 	fallocMiB  int64 // as requested; 0 = default
-	dev        *ublk.Device
+	// extents are where a COW file on the volume itself lies on the
+	// device (nil for one on another filesystem); reloads need them.
+	extents  []cow.Extent
+	relative string // the COW file's path below its volume's mount point
+	dev      *ublk.Device
+}
+
+// relativeToFront is path relative to where the front device is mounted.
+func (s *Server) relativeToFront(path string) string {
+	var st unix.Stat_t
+	if unix.Stat(s.FrontPath(), &st) != nil {
+		return ""
+	}
+	mnt := MountPoint(uint64(st.Rdev))
+	if mnt == "" {
+		return ""
+	}
+	rel, err := filepath.Rel(mnt, path)
+	if err != nil || strings.HasPrefix(rel, "..") {
+		return ""
+	}
+	return rel
+}
+
+// clipExtents keeps the part of extents below end (a file's byte offset).
+func clipExtents(xs []cow.Extent, end int64) []cow.Extent {
+	var out []cow.Extent
+	for _, x := range xs {
+		if x.Logical >= end {
+			break
+		}
+		x.Length = min(x.Length, end-x.Logical)
+		out = append(out, x)
+	}
+	return out
 }
 
 func (s *Server) mode() Mode { return s.trk.current().mode }
@@ -56,14 +91,15 @@ func (s *Server) setupSnapshot(req Request) error {
 	if m := s.mode(); m != ModePassthrough {
 		return fmt.Errorf("minor %d is already tracking (%s mode); destroy it first", s.cfg.Minor, m)
 	}
-	if err := s.checkCowPath(req.CowFile); err != nil {
+	onVolume, err := s.checkCowPath(req.CowFile)
+	if err != nil {
 		return err
 	}
 	cache := req.CacheBytes
 	if cache <= 0 {
 		cache = DefaultCacheBytes
 	}
-	c, err := cow.Create(req.CowFile, cow.Options{
+	c, extents, err := s.createCow(req.CowFile, onVolume, cow.Options{
 		DeviceSize: s.trk.Size, FileSize: req.FallocMiB * mib, CacheBytes: cache,
 	})
 	if err != nil {
@@ -74,12 +110,15 @@ func (s *Server) setupSnapshot(req Request) error {
 		os.Remove(req.CowFile)
 		return err
 	}
-	if err := s.transition(ModeSnapshot, c, s.newBitmap(c, cache)); err != nil {
+	if err := s.transition(ModeSnapshot, c, s.newBitmap(c, cache), extents); err != nil {
 		return abandon(err)
 	}
-	s.snap = &snapshot{cowPath: req.CowFile, cacheBytes: cache, fallocMiB: req.FallocMiB}
+	s.snap = &snapshot{cowPath: req.CowFile, cacheBytes: cache, fallocMiB: req.FallocMiB, extents: extents}
+	if extents != nil {
+		s.snap.relative = s.relativeToFront(req.CowFile)
+	}
 	if err := s.startSnapshotDevice(); err != nil {
-		s.trk.swap(ModePassthrough, nil, nil)
+		s.trk.swap(ModePassthrough, nil, nil, nil)
 		s.snap = nil
 		return abandon(err)
 	}
@@ -94,6 +133,12 @@ type Reload struct {
 	CowFile    string
 	CacheBytes int64 // 0 = DefaultCacheBytes
 	FallocMiB  int64 // the size transition-to-snapshot reuses; 0 = default
+	// Extents, for a COW file on the volume itself, say where it lies on
+	// the device: it is opened there, without its filesystem.
+	Extents []cow.Extent
+	// resume is set when the server that had this file died while the
+	// machine kept running: a dirty snapshot is then provably intact.
+	resume bool
 }
 
 // reload resumes tracking from r's COW file before the front device
@@ -101,6 +146,14 @@ type Reload struct {
 // crash is recovered from its write-intent record; anything not provably
 // intact is refused and left as it is.
 func (s *Server) reload(r Reload) error {
+	relative := ""
+	if len(r.Extents) == 0 {
+		// A COW file on the volume itself is opened where it lies on the
+		// device: its filesystem is not mounted yet.
+		if p, ok := OnVolumeRecord(s.cfg.Minor, r.CowFile); ok {
+			r.CowFile, r.Extents, relative = p.CowFile, p.CowExtents, p.CowRelative
+		}
+	}
 	cache := r.CacheBytes
 	if cache <= 0 {
 		cache = DefaultCacheBytes
@@ -108,7 +161,14 @@ func (s *Server) reload(r Reload) error {
 	var c *cow.File
 	switch r.Mode {
 	case ModeIncremental:
-		f, rec, err := cow.Recover(r.CowFile, s.trk.Size, cache)
+		var f *cow.File
+		var rec cow.Recovered
+		var err error
+		if len(r.Extents) > 0 {
+			f, rec, err = cow.OpenOnVolume(r.CowFile, s.cfg.BlockDevice, r.Extents, s.trk.Size, cache, cow.ReloadIncremental)
+		} else {
+			f, rec, err = cow.Recover(r.CowFile, s.trk.Size, cache)
+		}
 		if err != nil {
 			return err
 		}
@@ -122,7 +182,20 @@ func (s *Server) reload(r Reload) error {
 		}
 		c = f
 	case ModeSnapshot:
-		f, err := cow.OpenSnapshot(r.CowFile, s.trk.Size, cache)
+		var f *cow.File
+		var err error
+		switch {
+		case len(r.Extents) > 0:
+			how := cow.ReloadSnapshot
+			if r.resume {
+				how = cow.ResumeSnapshot
+			}
+			f, _, err = cow.OpenOnVolume(r.CowFile, s.cfg.BlockDevice, r.Extents, s.trk.Size, cache, how)
+		case r.resume:
+			f, err = cow.RecoverSnapshot(r.CowFile, s.trk.Size, cache)
+		default:
+			f, err = cow.OpenSnapshot(r.CowFile, s.trk.Size, cache)
+		}
 		if err != nil {
 			return err
 		}
@@ -130,11 +203,15 @@ func (s *Server) reload(r Reload) error {
 	default:
 		return fmt.Errorf("cannot reload in %s mode", r.Mode)
 	}
-	if err := s.trk.swap(r.Mode, c, s.newBitmap(c, cache)); err != nil {
+	var extents []cow.Extent
+	if r.Mode == ModeSnapshot {
+		extents = r.Extents // the snapshot device shows them as zeros
+	}
+	if err := s.trk.swap(r.Mode, c, s.newBitmap(c, cache), extents); err != nil {
 		c.Close(false)
 		return err
 	}
-	s.snap = &snapshot{cowPath: r.CowFile, cacheBytes: cache, fallocMiB: r.FallocMiB}
+	s.snap = &snapshot{cowPath: r.CowFile, cacheBytes: cache, fallocMiB: r.FallocMiB, extents: r.Extents, relative: relative}
 	h := c.Header()
 	s.log.Printf("reloaded %s mode from %s: seq %d, %d changed blocks", r.Mode, r.CowFile, h.SeqID, c.NrChangedBlocks())
 	return nil
@@ -151,14 +228,23 @@ func (s *Server) transitionToIncremental() error {
 	if err := s.snapshotDeviceIdle(); err != nil {
 		return err
 	}
-	if err := s.transition(ModeIncremental, st.cow, s.newBitmap(st.cow, s.snap.cacheBytes)); err != nil {
+	if err := s.transition(ModeIncremental, st.cow, s.newBitmap(st.cow, s.snap.cacheBytes), nil); err != nil {
 		return err
 	}
 	s.stopSnapshotDevice()
 	s.trk.autoExpand.stepBytes, s.trk.autoExpand.reserveBytes = 0, 0
 	if err := st.cow.TruncateToIndex(); err != nil {
 		s.log.Printf("truncate %s to its index: %v", s.snap.cowPath, err)
-	} else if err := st.cow.EnableIntent(); err != nil {
+	} else if st.cow.Mapped() {
+		// The data store's blocks go back to the filesystem; the index
+		// stays where it is, still written at its extents.
+		end := cow.DataOffset(st.cow.Blocks())
+		s.snap.extents = clipExtents(s.snap.extents, end)
+		if err := os.Truncate(s.snap.cowPath, end); err != nil {
+			s.log.Printf("truncate %s through its filesystem: %v", s.snap.cowPath, err)
+		}
+	}
+	if err := st.cow.EnableIntent(); err != nil {
 		s.trk.fail(syscall.EIO, fmt.Errorf("start write-intent logging in %s: %w", s.snap.cowPath, err))
 	}
 	s.persist()
@@ -177,7 +263,8 @@ func (s *Server) transitionToSnapshot(req Request) error {
 	if filepath.Clean(req.CowFile) == filepath.Clean(s.snap.cowPath) {
 		return fmt.Errorf("%s is the current COW file, which holds the changed-block list; give a new path", req.CowFile)
 	}
-	if err := s.checkCowPath(req.CowFile); err != nil {
+	onVolume, err := s.checkCowPath(req.CowFile)
+	if err != nil {
 		return err
 	}
 	falloc := req.FallocMiB
@@ -185,23 +272,26 @@ func (s *Server) transitionToSnapshot(req Request) error {
 		falloc = s.snap.fallocMiB // dattobd: 0 reuses the previous size
 	}
 	h := st.cow.Header()
-	c, err := cow.Create(req.CowFile, cow.Options{
+	c, extents, err := s.createCow(req.CowFile, onVolume, cow.Options{
 		DeviceSize: s.trk.Size, FileSize: falloc * mib, CacheBytes: s.snap.cacheBytes,
 		UUID: h.UUID, SeqID: h.SeqID + 1,
 	})
 	if err != nil {
 		return err
 	}
-	if err := s.transition(ModeSnapshot, c, s.newBitmap(c, s.snap.cacheBytes)); err != nil {
+	if err := s.transition(ModeSnapshot, c, s.newBitmap(c, s.snap.cacheBytes), extents); err != nil {
 		c.Close(false)
 		os.Remove(req.CowFile)
 		return err
 	}
 	old := s.snap.cowPath
-	if err := st.cow.Close(true); err != nil {
+	if err := s.closeCow(st.cow, true); err != nil {
 		s.log.Printf("close %s clean: %v", old, err)
 	}
-	s.snap.cowPath, s.snap.fallocMiB = req.CowFile, falloc
+	s.snap.cowPath, s.snap.fallocMiB, s.snap.extents, s.snap.relative = req.CowFile, falloc, extents, ""
+	if extents != nil {
+		s.snap.relative = s.relativeToFront(req.CowFile)
+	}
 	if err := s.startSnapshotDevice(); err != nil {
 		s.trk.fail(syscall.EIO, err)
 		return fmt.Errorf("snapshot taken but its device could not start: %w", err)
@@ -220,7 +310,7 @@ func (s *Server) destroy() error {
 		return err
 	}
 	s.stopSnapshotDevice()
-	if err := s.trk.swap(ModePassthrough, nil, nil); err != nil {
+	if err := s.trk.swap(ModePassthrough, nil, nil, nil); err != nil {
 		return err
 	}
 	st.cow.Close(false)
@@ -281,12 +371,12 @@ func (s *Server) reconfigureAutoExpand(req Request) error {
 // transition swaps the tracking state at one instant, with the filesystem
 // on the front device (if any) frozen around it, so the snapshot is a
 // clean filesystem.
-func (s *Server) transition(mode Mode, c *cow.File, bits *bitmap.Bitmap) error {
+func (s *Server) transition(mode Mode, c *cow.File, bits *bitmap.Bitmap, extents []cow.Extent) error {
 	thaw, err := s.freeze()
 	if err != nil {
 		return err
 	}
-	err = s.trk.swap(mode, c, bits)
+	err = s.trk.swap(mode, c, bits, extents)
 	thaw()
 	return err
 }
@@ -318,37 +408,71 @@ func (s *Server) freeze() (thaw func(), err error) {
 	}, nil
 }
 
-// checkCowPath refuses a COW path that cannot work, before anything changes.
-func (s *Server) checkCowPath(path string) error {
+// checkCowPath refuses a COW path that cannot work, before anything
+// changes. It reports whether the path is on the filesystem mounted from
+// the front device itself (dattobd's default layout, see cow/mapped.go).
+func (s *Server) checkCowPath(path string) (onVolume bool, err error) {
 	if path == "" {
-		return errors.New("COW file path is empty")
+		return false, errors.New("COW file path is empty")
 	}
 	if !filepath.IsAbs(path) {
-		return fmt.Errorf("COW file path %s must be absolute", path)
+		return false, fmt.Errorf("COW file path %s must be absolute", path)
 	}
 	dir := filepath.Dir(path)
 	var st unix.Stat_t
 	if err := unix.Stat(dir, &st); err != nil {
 		if errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("directory %s of the COW file does not exist", dir)
+			return false, fmt.Errorf("directory %s of the COW file does not exist", dir)
 		}
-		return fmt.Errorf("COW file directory %s: %w", dir, err)
+		return false, fmt.Errorf("COW file directory %s: %w", dir, err)
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
-		return fmt.Errorf("%s is not a directory", dir)
+		return false, fmt.Errorf("%s is not a directory", dir)
 	}
 	if _, err := os.Lstat(path); err == nil {
-		return fmt.Errorf("COW file %s already exists; give a new path", path)
+		return false, fmt.Errorf("COW file %s already exists; give a new path", path)
+	}
+	if st.Dev == s.trk.Rdev {
+		return false, fmt.Errorf("COW file %s is on the tracked device %s itself", path, s.cfg.BlockDevice)
 	}
 	var front unix.Stat_t
 	if err := unix.Stat(s.FrontPath(), &front); err == nil && st.Dev == front.Rdev {
-		return fmt.Errorf("COW file %s is on the tracked device's own filesystem (%s); this release needs it on another filesystem",
-			path, s.FrontPath())
+		return true, nil
 	}
-	if st.Dev == s.trk.Rdev {
-		return fmt.Errorf("COW file %s is on the tracked device %s itself", path, s.cfg.BlockDevice)
+	if onPartitionOf(uint64(st.Dev), s.cfg.Minor) {
+		return false, fmt.Errorf("COW file %s is on a partition of %s; put it on the filesystem of the whole device or on another one", path, s.FrontPath())
 	}
-	return nil
+	return false, nil
+}
+
+// onPartitionOf reports whether dev is a partition of /dev/ublkb<minor>.
+func onPartitionOf(dev uint64, minor int) bool {
+	target, err := os.Readlink(fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(dev), unix.Minor(dev)))
+	return err == nil && strings.Contains(target, fmt.Sprintf("/ublkb%d/", minor))
+}
+
+// createCow creates a COW file, on the volume itself or elsewhere.
+func (s *Server) createCow(path string, onVolume bool, opt cow.Options) (*cow.File, []cow.Extent, error) {
+	if onVolume {
+		c, extents, err := cow.CreateOnVolume(path, s.cfg.BlockDevice, opt)
+		if err == nil {
+			s.log.Printf("COW file %s is on the snapshotted volume: %d extents, written at their places on %s", path, len(extents), s.cfg.BlockDevice)
+		}
+		return c, extents, err
+	}
+	c, err := cow.Create(path, opt)
+	return c, nil, err
+}
+
+// closeCow closes a COW file clean (or not) and, for one on the volume,
+// drops its cached pages so readers through the filesystem (update-img)
+// see what was written at its extents.
+func (s *Server) closeCow(c *cow.File, clean bool) error {
+	err := c.Close(clean)
+	if c.Mapped() {
+		cow.DropCache(c.Path())
+	}
+	return err
 }
 
 // newBitmap returns a fast filter in front of the COW index (blocks known

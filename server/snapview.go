@@ -91,6 +91,15 @@ func (v *snapView) FinishRead(p []byte, off int64) error {
 		lo, hi := max(bstart, off), min(bstart+cow.BlockSize, end)
 		copy(p[lo-off:hi-off], blk[lo-bstart:hi-bstart])
 	}
+	// A COW file on the volume itself holds live COW data at its extents;
+	// the snapshot shows them as zeros (its filesystem reads the file's
+	// preallocated blocks as zeros anyway), so backups carry none of it.
+	for _, x := range v.st.cowExtents {
+		lo, hi := max(x.Physical, off), min(x.Physical+x.Length, end)
+		if lo < hi {
+			clear(p[lo-off : hi-off])
+		}
+	}
 	// A failure before or during the read may mean a block was overwritten
 	// without being preserved: refuse the whole read.
 	if v.broken() {

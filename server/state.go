@@ -9,6 +9,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/dbdublk/dbdublk/cow"
 )
 
 // StateDir holds one file per attached minor saying how to bring it back
@@ -24,6 +26,28 @@ type Persisted struct {
 	CowFile    string `json:"cow_file,omitempty"`
 	CacheBytes int64  `json:"cache_bytes,omitempty"`
 	FallocMiB  int64  `json:"falloc_mib,omitempty"`
+	// CowExtents locate a COW file on the volume itself on the device, so
+	// a reload opens it before its filesystem is mounted.
+	CowExtents []cow.Extent `json:"cow_extents,omitempty"`
+	// CowRelative is the COW file's path relative to the mount point of
+	// the volume it lives on (dattobd's reload takes it that way).
+	CowRelative string `json:"cow_relative,omitempty"`
+}
+
+// OnVolumeRecord returns the recorded COW file on minor's own volume that
+// path names (the absolute path it had, or its path relative to the
+// volume's mount point), if there is one.
+func OnVolumeRecord(minor int, path string) (Persisted, bool) {
+	states, _ := LoadStates()
+	for _, p := range states {
+		if p.Minor != minor || len(p.CowExtents) == 0 {
+			continue
+		}
+		if path == p.CowFile || (p.CowRelative != "" && strings.TrimPrefix(path, "/") == p.CowRelative) {
+			return p, true
+		}
+	}
+	return Persisted{}, false
 }
 
 // StatePath is the state file of minor.
@@ -35,7 +59,8 @@ func StatePath(minor int) string { return filepath.Join(StateDir, strconv.Itoa(m
 func (s *Server) persist() {
 	p := Persisted{Minor: s.cfg.Minor, BlockDevice: s.cfg.BlockDevice, Mode: s.mode().String()}
 	if s.snap != nil {
-		p.CowFile, p.CacheBytes, p.FallocMiB = s.snap.cowPath, s.snap.cacheBytes, s.snap.fallocMiB
+		p.CowFile, p.CacheBytes, p.FallocMiB, p.CowExtents = s.snap.cowPath, s.snap.cacheBytes, s.snap.fallocMiB, s.snap.extents
+		p.CowRelative = s.snap.relative
 	}
 	if err := writeState(p); err != nil {
 		s.log.Printf("record state in %s: %v", StatePath(s.cfg.Minor), err)

@@ -47,6 +47,9 @@ type trackState struct {
 	cow   *cow.File
 	bits  *bitmap.Bitmap // fast filter for incremental mode; nil when it would not fit the cache budget
 	epoch uint64
+	// cowExtents are the device ranges of a COW file on the volume itself:
+	// the snapshot shows them as zeros (they hold live COW data).
+	cowExtents []cow.Extent
 }
 
 // tracker is the front device's backend: the real device, plus the snapshot
@@ -93,9 +96,9 @@ func (t *tracker) Failed() syscall.Errno { return syscall.Errno(t.failed.Load())
 // swap installs a new state and waits until every write admitted under the
 // previous one has completed: only then is the new state's view exact (a
 // snapshot never shows a write that was still in flight at its instant).
-func (t *tracker) swap(mode Mode, c *cow.File, bits *bitmap.Bitmap) error {
+func (t *tracker) swap(mode Mode, c *cow.File, bits *bitmap.Bitmap, cowExtents []cow.Extent) error {
 	old := t.current()
-	t.state.Store(&trackState{mode: mode, cow: c, bits: bits, epoch: old.epoch + 1})
+	t.state.Store(&trackState{mode: mode, cow: c, bits: bits, epoch: old.epoch + 1, cowExtents: cowExtents})
 	deadline := time.Now().Add(60 * time.Second)
 	for t.inflight[old.epoch&1].Load() != 0 {
 		if time.Now().After(deadline) {

@@ -79,7 +79,7 @@ func TestSnapshotReadsRaceWrites(t *testing.T) {
 	dev, orig := fakeDevice(t, blocks)
 	trk := newTracker(dev, t.Logf)
 	c := newCow(t, dev.Size, 0)
-	if err := trk.swap(ModeSnapshot, c, nil); err != nil {
+	if err := trk.swap(ModeSnapshot, c, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	view := &snapView{t: trk, st: trk.current()}
@@ -172,7 +172,7 @@ func TestSwapWaitsForAdmittedWrites(t *testing.T) {
 	token, _, _ := trk.BeforeWrite(uapi.IOOpWrite, 0, 4096, nil)
 	c := newCow(t, dev.Size, 0)
 	swapped := make(chan error, 1)
-	go func() { swapped <- trk.swap(ModeSnapshot, c, nil) }()
+	go func() { swapped <- trk.swap(ModeSnapshot, c, nil, nil) }()
 	select {
 	case <-swapped:
 		t.Fatal("swap returned while a write admitted before it was in flight")
@@ -200,7 +200,7 @@ func TestIncrementalMarksEveryWrite(t *testing.T) {
 		if withBits {
 			bits = bitmap.New(c.Blocks())
 		}
-		if err := trk.swap(ModeIncremental, c, bits); err != nil {
+		if err := trk.swap(ModeIncremental, c, bits, nil); err != nil {
 			t.Fatal(err)
 		}
 		want := map[uint64]bool{}
@@ -246,7 +246,7 @@ func TestFullCowFailsClosed(t *testing.T) {
 	dev, _ := fakeDevice(t, 64)
 	trk := newTracker(dev, t.Logf)
 	c := newCow(t, dev.Size, cow.DataOffset(cow.Blocks(dev.Size))+2*cow.BlockSize)
-	if err := trk.swap(ModeSnapshot, c, nil); err != nil {
+	if err := trk.swap(ModeSnapshot, c, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	view := &snapView{t: trk, st: trk.current()}
@@ -273,7 +273,7 @@ func TestDiscardInSnapshotMode(t *testing.T) {
 	dev, _ := fakeDevice(t, 32)
 	trk := newTracker(dev, t.Logf)
 	c := newCow(t, dev.Size, 0)
-	if err := trk.swap(ModeSnapshot, c, nil); err != nil {
+	if err := trk.swap(ModeSnapshot, c, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	tok, action, _ := trk.BeforeWrite(uapi.IOOpDiscard, 0, 8*cow.BlockSize, nil)
@@ -304,7 +304,7 @@ func TestIncrementalWriteWaitsForIntent(t *testing.T) {
 	if err := c.EnableIntent(); err != nil {
 		t.Fatal(err)
 	}
-	if err := trk.swap(ModeIncremental, c, bitmap.New(c.Blocks())); err != nil {
+	if err := trk.swap(ModeIncremental, c, bitmap.New(c.Blocks()), nil); err != nil {
 		t.Fatal(err)
 	}
 	r := mrand.New(mrand.NewPCG(5, 5))

@@ -52,6 +52,7 @@ func TestGuest(t *testing.T) {
 			{Path: filepath.Join(work, "fio.img"), Size: 512 << 20},
 			{Path: filepath.Join(work, "spare.img"), Size: 64 << 20},
 			{Path: filepath.Join(work, "scratch.img"), Size: 3 << 30},
+			{Path: filepath.Join(work, "crash.img"), Size: 128 << 20},
 		},
 		Files: map[string]string{
 			"/usr/local/bin/dbdctl":     dbdctl,
@@ -60,12 +61,17 @@ func TestGuest(t *testing.T) {
 		Programs: guestPrograms,
 		Modules:  []string{"ublk_drv", "xfs", "loop"},
 		Script: fmt.Sprintf(`
-export DBD_GUEST=1
+export DBD_GUEST=1 DBD_CRASH_ITERS=%d
 mkdir -p /mnt /var/log
+if [ "%s" = 1 ]; then
+	# DBD_GUEST_MONITOR=1: every 15 s, processes and server logs to the
+	# console (console.log of a DBD_VM_KEEP=1 run), to see a hang live.
+	(while sleep 15; do echo "=== monitor"; ps -o pid,ppid,stat,args; tail -n 5 /var/log/dbdctl/*.log; done) >/dev/console 2>&1 &
+fi
 cd /tmp
-/usr/local/bin/guest.test -test.v -test.count=1 -test.timeout=25m -test.run '%s'
-`, run),
-		Timeout: 30 * time.Minute,
+/usr/local/bin/guest.test -test.v -test.count=1 -test.timeout=40m -test.run '%s'
+`, crashIters(), os.Getenv("DBD_GUEST_MONITOR"), run),
+		Timeout: 45 * time.Minute,
 		Logf:    t.Logf,
 	}
 	res, err := vm.Run(context.Background(), cfg)
@@ -74,6 +80,16 @@ cd /tmp
 	}
 	t.Logf("guest booted in %v (%d boot(s))", res.BootTime, res.Boots)
 	reportGuest(t, res)
+}
+
+// crashIters is how many times the crash tests kill a server:
+// $DBD_CRASH_ITERS, at least 20 by default.
+func crashIters() int {
+	var n int
+	if _, err := fmt.Sscan(os.Getenv("DBD_CRASH_ITERS"), &n); err != nil || n <= 0 {
+		return 20
+	}
+	return n
 }
 
 // reportGuest turns the guest's `go test -v` output into subtests, so each

@@ -139,6 +139,64 @@ type Device struct {
 
 	stopOnce sync.Once
 	stopErr  error
+
+	// recovering makes Start finish with END_USER_RECOVERY instead of
+	// START_DEV: the device already exists and its users are waiting.
+	recovering bool
+}
+
+// Recoverable reports whether device id is waiting for a new server: its
+// server died and it was created with user recovery, so the kernel holds
+// its I/O (state QUIESCED) and keeps /dev/ublkb<id>.
+func Recoverable(ctrl *Control, id uint32) (uapi.CtrlDevInfo, bool) {
+	info, err := ctrl.DevInfo(id)
+	if err != nil {
+		return info, false
+	}
+	return info, info.State == uapi.DevQuiesced && info.Flags&uapi.FeatUserRecovery != 0
+}
+
+// Recover takes over a device whose server died (see Recoverable): it
+// starts user recovery, rebuilds the spec from the parameters the kernel
+// kept and opens the char device. Start then fetches every tag and ends
+// the recovery, and the held I/O flows to backend. The spec's Size and
+// block sizes come from the kernel; spec must agree on what the backend
+// can serve (its size is checked).
+func Recover(ctrl *Control, id uint32, backendSize int64, backend Backend, logf func(string, ...any)) (*Device, error) {
+	if logf == nil {
+		logf = func(string, ...any) {}
+	}
+	info, ok := Recoverable(ctrl, id)
+	if !ok {
+		return nil, fmt.Errorf("ublk device %d is not waiting for recovery (state %v)", id, info.State)
+	}
+	if err := ctrl.StartUserRecovery(id, 30*time.Second); err != nil {
+		return nil, fmt.Errorf("start recovery of ublk device %d: %w", id, err)
+	}
+	p, err := ctrl.Params(id)
+	if err != nil {
+		return nil, fmt.Errorf("read parameters of ublk device %d: %w", id, err)
+	}
+	spec := DeviceSpec{
+		ID:                int(id),
+		Queues:            int(info.NrHWQueues),
+		Depth:             int(info.QueueDepth),
+		MaxIOBytes:        int(info.MaxIOBufBytes),
+		Size:              int64(p.Basic.DevSectors) << 9,
+		LogicalBlockSize:  1 << p.Basic.LogicalBSShift,
+		PhysicalBlockSize: 1 << p.Basic.PhysicalBSShift,
+		ReadOnly:          p.Basic.Attrs&uapi.AttrReadOnly != 0,
+		Flags:             info.Flags,
+		VolatileCache:     p.Basic.Attrs&uapi.AttrVolatileCache != 0,
+	}
+	if spec.Size != backendSize {
+		return nil, fmt.Errorf("ublk device %d has %d bytes, the device to serve has %d", id, spec.Size, backendSize)
+	}
+	d := &Device{ctrl: ctrl, spec: spec, info: info, charFd: -1, backend: backend, logf: logf, recovering: true}
+	if d.charFd, err = openRetry(d.CharPath()); err != nil {
+		return nil, err
+	}
+	return d, nil
 }
 
 // Create adds a device, opens its char device and sets its parameters. The
@@ -265,6 +323,13 @@ func (d *Device) Start() error {
 		// Queues that did start hold their tags; closing the char device
 		// and deleting the device aborts them.
 		return firstErr
+	}
+	if d.recovering {
+		if err := d.ctrl.EndUserRecovery(d.info.DevID, os.Getpid()); err != nil {
+			return fmt.Errorf("end recovery of ublk device %d: %w", d.info.DevID, err)
+		}
+		d.recovering = false
+		return nil
 	}
 	if err := d.ctrl.Start(d.info.DevID, os.Getpid()); err != nil {
 		return err

@@ -20,6 +20,8 @@ const (
 	diskExt4  = "/dev/vda" // 512 MiB: filesystem tests
 	diskFio   = "/dev/vdb" // 512 MiB: fio verify
 	diskSpare = "/dev/vdc" // 64 MiB: bad-input cases (mounted directly)
+	// /dev/vdd is the scratch disk (snapshot_test.go)
+	diskCrash = "/dev/vde" // 128 MiB: the crash loops
 )
 
 func TestMain(m *testing.M) {
@@ -83,6 +85,7 @@ func ensureUblk(t *testing.T) {
 func attach(t *testing.T, disk string, minor int) string {
 	t.Helper()
 	ensureUblk(t)
+	dumpLogOnFailure(t, minor)
 	out := must(t, dbdctl, "attach", disk, fmt.Sprint(minor))
 	front := fmt.Sprintf("/dev/ublkb%d", minor)
 	if !strings.Contains(out, front) {
@@ -98,6 +101,24 @@ func attach(t *testing.T, disk string, minor int) string {
 		}
 	})
 	return front
+}
+
+// dumpLogOnFailure shows minor's server log if the test fails.
+func dumpLogOnFailure(t *testing.T, minor int) {
+	t.Cleanup(func() {
+		if t.Failed() {
+			if b, err := os.ReadFile(fmt.Sprintf("/var/log/dbdctl/ublk%d.log", minor)); err == nil {
+				t.Logf("server log of minor %d:\n%s", minor, tail(string(b), 4000))
+			}
+		}
+	})
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
 }
 
 func detach(t *testing.T, minor int) {
@@ -125,6 +146,8 @@ type infoDevice struct {
 	State       *int   `json:"state"`
 	Error       *int   `json:"error"`
 	Mode        string `json:"mode"`
+	CowFile     string `json:"cow_file"`
+	NrChanged   uint64 `json:"nr_changed_blocks"`
 	FrontDevice string `json:"front_device"`
 	ServerPID   int    `json:"server_pid"`
 	Size        int64  `json:"size"`
@@ -140,7 +163,11 @@ type infoDevice struct {
 
 func info(t *testing.T, args ...string) infoDoc {
 	t.Helper()
-	out := must(t, dbdctl, append([]string{"info"}, args...)...)
+	return parseInfo(t, must(t, dbdctl, append([]string{"info"}, args...)...))
+}
+
+func parseInfo(t *testing.T, out string) infoDoc {
+	t.Helper()
 	var doc infoDoc
 	if err := json.Unmarshal([]byte(out), &doc); err != nil {
 		t.Fatalf("info output is not JSON: %v\n%s", err, out)
