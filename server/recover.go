@@ -96,7 +96,7 @@ func (s *Server) recoverTracking(p Persisted) {
 	case "incremental":
 		err = s.reload(Reload{Mode: ModeIncremental, CowFile: p.CowFile, CacheBytes: cache, FallocMiB: p.FallocMiB, Extents: p.CowExtents, resume: true})
 	case "snapshot":
-		err = s.reload(Reload{Mode: ModeSnapshot, CowFile: p.CowFile, CacheBytes: cache, FallocMiB: p.FallocMiB, Extents: p.CowExtents, resume: true})
+		err = s.reload(Reload{Mode: ModeSnapshot, CowFile: p.CowFile, CacheBytes: cache, FallocMiB: p.FallocMiB, Extents: p.CowExtents, PrevExtents: p.PrevCowExtents, resume: true})
 	default:
 		err = fmt.Errorf("unknown mode %q in %s", p.Mode, StatePath(p.Minor))
 	}

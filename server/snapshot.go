@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -51,7 +52,13 @@ type snapshot struct {
 	// extents are where a COW file on the volume itself lies on the
 	// device (nil for one on another filesystem); reloads need them.
 	extents  []cow.Extent
-	relative string // the COW file's path below its volume's mount point
+	// prevExtents, in snapshot mode, are those of the previous COW file
+	// (the change list update-img is about to use) when it is on the
+	// volume: the server wrote its index there directly, untracked, so
+	// the snapshot shows those blocks as zeros too, as the previous
+	// snapshot (and so the image) did.
+	prevExtents []cow.Extent
+	relative    string // the COW file's path below its volume's mount point
 	dev      *ublk.Device
 }
 
@@ -70,6 +77,30 @@ func (s *Server) relativeToFront(path string) string {
 		return ""
 	}
 	return rel
+}
+
+// releaseStore gives a snapshot's data store on the volume back to its
+// filesystem once the snapshot is over. The store's blocks showed as zeros
+// in the snapshot (and so in its image), but hold COW data the server
+// wrote directly, which the tracking never saw: they are zeroed on the
+// device first, so the next snapshot agrees with the image there. The
+// index stays where it is, still written at its extents.
+func (s *Server) releaseStore(c *cow.File) {
+	end := cow.DataOffset(c.Blocks())
+	for _, x := range s.snap.extents {
+		lo := max(x.Logical, end)
+		if lo >= x.Logical+x.Length {
+			continue
+		}
+		r := [2]uint64{uint64(x.Physical + lo - x.Logical), uint64(x.Logical + x.Length - lo)}
+		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(s.trk.fd), unix.BLKZEROOUT, uintptr(unsafe.Pointer(&r))); errno != 0 {
+			s.trk.fail(syscall.EIO, fmt.Errorf("zero the data store of %s on %s: %w", c.Path(), s.cfg.BlockDevice, errno))
+		}
+	}
+	s.snap.extents = clipExtents(s.snap.extents, end)
+	if err := os.Truncate(s.snap.cowPath, end); err != nil {
+		s.log.Printf("truncate %s through its filesystem: %v", s.snap.cowPath, err)
+	}
 }
 
 // clipExtents keeps the part of extents below end (a file's byte offset).
@@ -136,6 +167,9 @@ type Reload struct {
 	// Extents, for a COW file on the volume itself, say where it lies on
 	// the device: it is opened there, without its filesystem.
 	Extents []cow.Extent
+	// PrevExtents are the previous COW file's, for a snapshot (see
+	// snapshot.prevExtents).
+	PrevExtents []cow.Extent
 	// resume is set when the server that had this file died while the
 	// machine kept running: a dirty snapshot is then provably intact.
 	resume bool
@@ -151,7 +185,7 @@ func (s *Server) reload(r Reload) error {
 		// A COW file on the volume itself is opened where it lies on the
 		// device: its filesystem is not mounted yet.
 		if p, ok := OnVolumeRecord(s.cfg.Minor, r.CowFile); ok {
-			r.CowFile, r.Extents, relative = p.CowFile, p.CowExtents, p.CowRelative
+			r.CowFile, r.Extents, r.PrevExtents, relative = p.CowFile, p.CowExtents, p.PrevCowExtents, p.CowRelative
 		}
 	}
 	cache := r.CacheBytes
@@ -205,13 +239,17 @@ func (s *Server) reload(r Reload) error {
 	}
 	var extents []cow.Extent
 	if r.Mode == ModeSnapshot {
-		extents = r.Extents // the snapshot device shows them as zeros
+		// the snapshot device shows them as zeros
+		extents = append(append([]cow.Extent(nil), r.Extents...), r.PrevExtents...)
 	}
 	if err := s.trk.swap(r.Mode, c, s.newBitmap(c, cache), extents); err != nil {
 		c.Close(false)
 		return err
 	}
 	s.snap = &snapshot{cowPath: r.CowFile, cacheBytes: cache, fallocMiB: r.FallocMiB, extents: r.Extents, relative: relative}
+	if r.Mode == ModeSnapshot {
+		s.snap.prevExtents = r.PrevExtents
+	}
 	h := c.Header()
 	s.log.Printf("reloaded %s mode from %s: seq %d, %d changed blocks", r.Mode, r.CowFile, h.SeqID, c.NrChangedBlocks())
 	return nil
@@ -232,16 +270,21 @@ func (s *Server) transitionToIncremental() error {
 		return err
 	}
 	s.stopSnapshotDevice()
+	prev := s.snap.prevExtents
+	s.snap.prevExtents = nil
 	s.trk.autoExpand.stepBytes, s.trk.autoExpand.reserveBytes = 0, 0
 	if err := st.cow.TruncateToIndex(); err != nil {
 		s.log.Printf("truncate %s to its index: %v", s.snap.cowPath, err)
 	} else if st.cow.Mapped() {
-		// The data store's blocks go back to the filesystem; the index
-		// stays where it is, still written at its extents.
-		end := cow.DataOffset(st.cow.Blocks())
-		s.snap.extents = clipExtents(s.snap.extents, end)
-		if err := os.Truncate(s.snap.cowPath, end); err != nil {
-			s.log.Printf("truncate %s through its filesystem: %v", s.snap.cowPath, err)
+		s.releaseStore(st.cow)
+	}
+	// The previous COW file's index leaves the snapshot's zeroed blocks
+	// at the next snapshot, showing what the server wrote there: it is a
+	// change, recorded like one.
+	for _, x := range prev {
+		first := uint64(x.Physical) / cow.BlockSize
+		if _, err := st.cow.MarkRange(first, first+uint64(x.Length)/cow.BlockSize); err != nil {
+			s.trk.fail(syscall.EIO, fmt.Errorf("record the previous COW file's blocks as changed: %w", err))
 		}
 	}
 	if err := st.cow.EnableIntent(); err != nil {
@@ -279,7 +322,8 @@ func (s *Server) transitionToSnapshot(req Request) error {
 	if err != nil {
 		return err
 	}
-	if err := s.transition(ModeSnapshot, c, s.newBitmap(c, s.snap.cacheBytes), extents); err != nil {
+	prev := s.snap.extents
+	if err := s.transition(ModeSnapshot, c, s.newBitmap(c, s.snap.cacheBytes), append(append([]cow.Extent(nil), extents...), prev...)); err != nil {
 		c.Close(false)
 		os.Remove(req.CowFile)
 		return err
@@ -289,6 +333,7 @@ func (s *Server) transitionToSnapshot(req Request) error {
 		s.log.Printf("close %s clean: %v", old, err)
 	}
 	s.snap.cowPath, s.snap.fallocMiB, s.snap.extents, s.snap.relative = req.CowFile, falloc, extents, ""
+	s.snap.prevExtents = prev
 	if extents != nil {
 		s.snap.relative = s.relativeToFront(req.CowFile)
 	}

@@ -32,6 +32,8 @@ type Persisted struct {
 	// CowRelative is the COW file's path relative to the mount point of
 	// the volume it lives on (dattobd's reload takes it that way).
 	CowRelative string `json:"cow_relative,omitempty"`
+	// PrevCowExtents: see snapshot.prevExtents.
+	PrevCowExtents []cow.Extent `json:"prev_cow_extents,omitempty"`
 }
 
 // OnVolumeRecord returns the recorded COW file on minor's own volume that
@@ -60,7 +62,7 @@ func (s *Server) persist() {
 	p := Persisted{Minor: s.cfg.Minor, BlockDevice: s.cfg.BlockDevice, Mode: s.mode().String()}
 	if s.snap != nil {
 		p.CowFile, p.CacheBytes, p.FallocMiB, p.CowExtents = s.snap.cowPath, s.snap.cacheBytes, s.snap.fallocMiB, s.snap.extents
-		p.CowRelative = s.snap.relative
+		p.CowRelative, p.PrevCowExtents = s.snap.relative, s.snap.prevExtents
 	}
 	if err := writeState(p); err != nil {
 		s.log.Printf("record state in %s: %v", StatePath(s.cfg.Minor), err)
