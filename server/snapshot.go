@@ -51,7 +51,7 @@ type snapshot struct {
 	fallocMiB  int64 // as requested; 0 = default
 	// extents are where a COW file on the volume itself lies on the
 	// device (nil for one on another filesystem); reloads need them.
-	extents  []cow.Extent
+	extents []cow.Extent
 	// prevExtents, in snapshot mode, are those of the previous COW file
 	// (the change list update-img is about to use) when it is on the
 	// volume: the server wrote its index there directly, untracked, so
@@ -59,7 +59,7 @@ type snapshot struct {
 	// snapshot (and so the image) did.
 	prevExtents []cow.Extent
 	relative    string // the COW file's path below its volume's mount point
-	dev      *ublk.Device
+	dev         *ublk.Device
 }
 
 // relativeToFront is path relative to where the front device is mounted.
