@@ -17,7 +17,8 @@ import (
 // clears the regions that saw no new mark since. After a crash, Recover
 // marks every block of every recorded region: the result is a superset of
 // the blocks written, never missing one. Regions are coarse (at least
-// 1 MiB) so that only the first write into a region pays for an fsync.
+// 4 MiB, and the regions after a new one are recorded with it) so that
+// only the first write into a stretch of the device pays for an fsync.
 //
 // The record lives only in files that are open: a clean close zeroes it,
 // so a cleanly closed file is byte-for-byte what dattobd writes.
@@ -26,7 +27,12 @@ const (
 	intentMagic    = 0x544e45544e494244 // "DBDINTNT", little-endian
 	intentBitsOff  = 0x20               // bitmap start inside the record
 	intentMaxBits  = (HeaderSize - intentOff - intentBitsOff) * 8
-	minRegionShift = 20 // 1 MiB
+	minRegionShift = 22 // 4 MiB
+	// readAhead is how many regions after a newly recorded one are
+	// recorded with it: a sequential writer then pays one commit per
+	// (1+readAhead) regions, at the price of a larger superset after a
+	// crash (bounded by the checkpoint interval).
+	readAhead = 3
 )
 
 // intentState is the write-intent bookkeeping of a File, guarded by
@@ -40,7 +46,7 @@ type intentState struct {
 }
 
 // regionShift is the region size for a device of blocks 4 KiB blocks: the
-// smallest power of two of at least 1 MiB that fits the record.
+// smallest power of two of at least 4 MiB that fits the record.
 func regionShift(blocks uint64) uint {
 	shift := uint(minRegionShift)
 	for (blocks*BlockSize+(1<<shift)-1)>>shift > intentMaxBits {
@@ -203,6 +209,13 @@ func (f *File) CommitIntent() error {
 		return nil
 	}
 	target := orBits(f.intent.durable, f.intent.dirty)
+	for r := uint64(0); r < f.intent.nbits; r++ {
+		if testBit(f.intent.dirty, r) && !testBit(f.intent.durable, r) {
+			for k := r + 1; k <= r+readAhead && k < f.intent.nbits; k++ {
+				setBit(target, k)
+			}
+		}
+	}
 	b, _ := f.hdr.MarshalBinary()
 	f.intent.put(b, target)
 	f.mu.Unlock()

@@ -23,11 +23,13 @@ import (
 // a pause, not an error. The supervisor holds nothing of the device: no
 // ublk descriptor, no COW file.
 
-// Restart limits: a server that keeps dying is left dead (its device stays
-// held until `dbdctl detach` removes it) rather than restarted in a loop.
+// Restart limit: a server that keeps dying right after it started is
+// left dead (its device stays held until `dbdctl detach` removes it)
+// rather than restarted in a loop. One that served for a while before it
+// died is always restarted.
 const (
-	maxRestarts   = 5
-	restartWindow = time.Minute
+	maxQuickDeaths = 5
+	quickDeath     = 2 * time.Second
 )
 
 func (c *ServeCmd) childArgs(first bool) []string {
@@ -53,7 +55,7 @@ func (c *ServeCmd) supervise(minor int, logger *log.Logger, report func(readySta
 	}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
-	var restarts []time.Time
+	quick := 0 // consecutive deaths soon after start
 	for first := true; ; first = false {
 		r, w, err := os.Pipe()
 		if err != nil {
@@ -83,6 +85,7 @@ func (c *ServeCmd) supervise(minor int, logger *log.Logger, report func(readySta
 			logger.Printf("the restarted server failed: %s; not restarting again", st.Error)
 			return errors.New(st.Error)
 		}
+		started := time.Now()
 		done := make(chan error, 1)
 		go func() { done <- cmd.Wait() }()
 		var werr error
@@ -102,13 +105,13 @@ func (c *ServeCmd) supervise(minor int, logger *log.Logger, report func(readySta
 			logger.Printf("server pid %d ended (%v); its device is gone, nothing to recover", cmd.Process.Pid, werr)
 			return werr
 		}
-		now := time.Now()
-		restarts = append(restarts, now)
-		for len(restarts) > 0 && now.Sub(restarts[0]) > restartWindow {
-			restarts = restarts[1:]
+		if time.Since(started) < quickDeath {
+			quick++
+		} else {
+			quick = 0
 		}
-		if len(restarts) > maxRestarts {
-			logger.Printf("server died %d times within %v; leaving /dev/ublkb%d held (dbdctl detach %d removes it)", len(restarts), restartWindow, minor, minor)
+		if quick >= maxQuickDeaths {
+			logger.Printf("server died %d times in a row within %v of starting; leaving /dev/ublkb%d held (dbdctl detach %d removes it)", quick, quickDeath, minor, minor)
 			return werr
 		}
 		logger.Printf("server pid %d died (%v); starting a new one to recover /dev/ublkb%d", cmd.Process.Pid, werr, minor)

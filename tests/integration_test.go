@@ -30,16 +30,7 @@ var guestResult = regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): (\S+) \(([0-9.]+
 func TestGuest(t *testing.T) {
 	vm.Require(t)
 	work := t.TempDir()
-	dbdctl := filepath.Join(work, "dbdctl")
-	guest := filepath.Join(work, "guest.test")
-	for _, args := range [][]string{
-		{"build", "-o", dbdctl, "./ctl/dbdctl"},
-		{"test", "-c", "-o", guest, "./tests/guest"},
-	} {
-		if err := vm.GoBuild(args...); err != nil {
-			t.Fatal(err)
-		}
-	}
+	dbdctl, guest := buildGuest(t, work)
 
 	run := os.Getenv("DBD_GUEST_RUN")
 	if run == "" {
@@ -80,6 +71,22 @@ cd /tmp
 	}
 	t.Logf("guest booted in %v (%d boot(s))", res.BootTime, res.Boots)
 	reportGuest(t, res)
+}
+
+// buildGuest builds dbdctl and the guest test binary into work.
+func buildGuest(t *testing.T, work string) (dbdctl, guest string) {
+	t.Helper()
+	dbdctl = filepath.Join(work, "dbdctl")
+	guest = filepath.Join(work, "guest.test")
+	for _, args := range [][]string{
+		{"build", "-o", dbdctl, "./ctl/dbdctl"},
+		{"test", "-c", "-o", guest, "./tests/guest"},
+	} {
+		if err := vm.GoBuild(args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dbdctl, guest
 }
 
 // crashIters is how many times the crash tests kill a server:

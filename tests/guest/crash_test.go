@@ -45,6 +45,8 @@ func waitNewServer(t *testing.T, minor, old int) int {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	// Fail the held I/O, or the test's cleanup (umount) would hang on it.
+	run(t, dbdctl, "detach", fmt.Sprint(minor))
 	t.Fatalf("minor %d has no new server 30 s after pid %d died", minor, old)
 	return 0
 }

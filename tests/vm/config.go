@@ -25,6 +25,7 @@ type Config struct {
 	Modules   []string                         // kernel modules to ship, with dependencies (load them with modprobe); virtio_pci and virtio_blk are always shipped and loaded
 	Script    string                           // busybox ash script run as root once the guest is set up
 	Timeout   time.Duration                    // limit for the whole run, all boots included; default 10 minutes
+	PowerCut  bool                             // the script may stop the VM abruptly (echo b > /proc/sysrq-trigger: a power cut); Result.PoweredOff says so instead of an error
 	Logf      func(format string, args ...any) // progress and boot-retry notes; may be nil
 }
 
@@ -35,6 +36,10 @@ type Result struct {
 	Console  string        // kernel console of the last boot (the init's own messages included)
 	Boots    int           // boots used, retries after early kernel crashes included
 	BootTime time.Duration // from starting qemu to the guest init's start marker, last boot
+	// PoweredOff is set (with Config.PowerCut) when the guest stopped
+	// after its script started but before it finished; ExitCode is then 0
+	// and Output is what the script wrote until then.
+	PoweredOff bool
 }
 
 const (

@@ -94,6 +94,11 @@ func bootWithRetries(ctx context.Context, cfg *Config, k *Kernel, dir string, ba
 			return res, fmt.Errorf("vm: %d boots failed before the guest init started; last: %s; console tail:\n%s",
 				res.Boots, o.flake, tail(o.console, 6000))
 		}
+		if perr != nil && cfg.PowerCut && o.bootTime > 0 {
+			res.PoweredOff = true
+			cfg.Logf("vm: booted in %v, the guest stopped abruptly (power cut) after %v", o.bootTime.Round(time.Millisecond), time.Since(t).Round(time.Millisecond))
+			return res, nil
+		}
 		if perr != nil {
 			return res, fmt.Errorf("%w; qemu stderr: %s; console tail:\n%s", perr, tail(o.stderr, 500), tail(o.console, 6000))
 		}
