@@ -101,7 +101,9 @@ func (c *ServeCmd) supervise(minor int, logger *log.Logger, report func(readySta
 		if werr == nil {
 			return nil // detached
 		}
-		if !server.WaitRecoverable(c.BlockDevice, minor, 10*time.Second) {
+		// The kernel quiesces the device once the dead process has let go
+		// of it, which can take a while when the machine is busy.
+		if !server.WaitRecoverable(c.BlockDevice, minor, time.Minute) {
 			logger.Printf("server pid %d ended (%v); its device is gone, nothing to recover", cmd.Process.Pid, werr)
 			return werr
 		}

@@ -42,7 +42,7 @@ func TestGuest(t *testing.T) {
 			{Path: filepath.Join(work, "ext4.img"), Size: 512 << 20},
 			{Path: filepath.Join(work, "fio.img"), Size: 512 << 20},
 			{Path: filepath.Join(work, "spare.img"), Size: 64 << 20},
-			{Path: filepath.Join(work, "scratch.img"), Size: 3 << 30},
+			{Path: filepath.Join(work, "scratch.img"), Size: 4 << 30},
 			{Path: filepath.Join(work, "crash.img"), Size: 128 << 20},
 		},
 		Files: map[string]string{

@@ -93,7 +93,7 @@ func runNative(work, dbdctl string) error {
 	}
 	loop := strings.TrimSpace(string(out))
 	defer exec.Command("losetup", "-d", loop).Run()
-	cmd := exec.Command("/bin/sh", writeScript(work), loop)
+	cmd := exec.Command("/bin/sh", writeScript(work), loop, filepath.Join(work, "backup.img"))
 	cmd.Env = append(os.Environ(), "PATH="+work+":"+os.Getenv("PATH"))
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	return cmd.Run()

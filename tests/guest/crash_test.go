@@ -39,7 +39,7 @@ func parentPID(t *testing.T, pid int) int {
 // waitNewServer waits until minor is served by a process other than old.
 func waitNewServer(t *testing.T, minor, old int) int {
 	t.Helper()
-	for i := 0; i < 600; i++ {
+	for i := 0; i < 1800; i++ {
 		if pid := serverPID(t, minor); pid != 0 && pid != old {
 			return pid
 		}
@@ -47,7 +47,7 @@ func waitNewServer(t *testing.T, minor, old int) int {
 	}
 	// Fail the held I/O, or the test's cleanup (umount) would hang on it.
 	run(t, dbdctl, "detach", fmt.Sprint(minor))
-	t.Fatalf("minor %d has no new server 30 s after pid %d died", minor, old)
+	t.Fatalf("minor %d has no new server 90 s after pid %d died", minor, old)
 	return 0
 }
 

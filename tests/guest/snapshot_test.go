@@ -32,6 +32,8 @@ func tracked(t *testing.T, disk string, minor int, name string) (front, m, dir s
 	dir = "/scratch/" + name
 	must(t, "rm", "-rf", dir)
 	must(t, "mkdir", "-p", dir)
+	// Runs last: images and COW files would fill the scratch disk.
+	t.Cleanup(func() { run(t, "rm", "-rf", dir) })
 	t.Cleanup(func() { run(t, dbdctl, "destroy", m) })
 	return front, m, dir
 }
