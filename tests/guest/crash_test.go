@@ -45,6 +45,9 @@ func waitNewServer(t *testing.T, minor, old int) int {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	if b, err := os.ReadFile(fmt.Sprintf("/var/log/dbdctl/ublk%d.log", minor)); err == nil {
+		t.Logf("server log of minor %d:\n%s", minor, tail(string(b), 4000))
+	}
 	// Fail the held I/O, or the test's cleanup (umount) would hang on it.
 	run(t, dbdctl, "detach", fmt.Sprint(minor))
 	t.Fatalf("minor %d has no new server 90 s after pid %d died", minor, old)

@@ -90,9 +90,11 @@ func TestPowerCutRound(t *testing.T) {
 	rng := rand.New(rand.NewPCG(uint64(iter), 11))
 	time.Sleep(time.Duration(300+rng.IntN(1500)) * time.Millisecond)
 	if end == "clean" {
-		fio.Process.Kill()
+		// fio runs its job in a child process: stop them all, then unmount
+		// once the job has let go of the filesystem.
+		run(t, "killall", "fio")
 		fio.Wait()
-		must(t, "umount", pcMnt)
+		sh(t, "for i in $(seq 300); do umount "+pcMnt+" 2>/dev/null && exit 0; sleep 0.1; done; umount "+pcMnt)
 		must(t, dbdctl, "detach", "--all")
 		appendFigure(t, fmt.Sprintf("end=%d clean shutdown", iter))
 		must(t, "umount", "/scratch")
