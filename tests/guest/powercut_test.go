@@ -94,18 +94,25 @@ func TestPowerCutRound(t *testing.T) {
 		// once the job has let go of the filesystem.
 		run(t, "killall", "fio")
 		fio.Wait()
-		sh(t, "for i in $(seq 300); do umount "+pcMnt+" 2>/dev/null && exit 0; sleep 0.1; done; umount "+pcMnt)
+		umountRetry(t, pcMnt)
 		must(t, dbdctl, "detach", "--all")
 		appendFigure(t, fmt.Sprintf("end=%d clean shutdown", iter))
-		must(t, "umount", "/scratch")
+		umountRetry(t, "/scratch") // once the servers' supervisors have exited (they hold their logs)
 		return
 	}
 	inflight := strings.Join(strings.Fields(sh(t, "cat /sys/block/ublkb0/inflight")), "/")
 	appendFigure(t, fmt.Sprintf("end=%d power cut with reads/writes in flight %s", iter, inflight))
 	fmt.Println("@@CUT")
+	time.Sleep(300 * time.Millisecond) // let the line reach the host, best effort
 	os.WriteFile("/proc/sysrq-trigger", []byte("b"), 0)
 	time.Sleep(time.Minute)
 	t.Fatal("the power cut did not stop the machine")
+}
+
+// umountRetry unmounts dir once whatever still holds it lets go (up to 30 s).
+func umountRetry(t *testing.T, dir string) {
+	t.Helper()
+	sh(t, "for i in $(seq 300); do umount "+dir+" 2>/dev/null && exit 0; sleep 0.1; done; umount "+dir)
 }
 
 // appendFigure records one line on the scratch disk, durably, for the
