@@ -14,7 +14,7 @@ step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 step modprobe ublk_drv
 step dbdctl attach "$DISK" 0
 step dbdctl info 0
-step mkfs.ext4 -q -F /dev/ublkb0
+step mkfs.ext4 -q -F -b 4096 /dev/ublkb0   # 4 KiB blocks: the COW file lives on this filesystem
 step mount /dev/ublkb0 "$MNT"
 step dd if=/dev/urandom of="$MNT/data" bs=1M count=16 status=none
 sum=$(sha256sum < "$MNT/data")
