@@ -12,9 +12,9 @@ import (
 	"sync"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"github.com/dbdublk/dbdublk/cow"
+	"github.com/dbdublk/dbdublk/internal/dio"
 )
 
 // Snapshot identifies the snapshot an image is brought up to.
@@ -95,17 +95,6 @@ func deviceSize(path string) (int64, error) {
 		return 0, fmt.Errorf("size of %s: %w", path, err)
 	}
 	return n, nil
-}
-
-// directAlign is the alignment O_DIRECT reads are issued with (offsets and
-// lengths); every block device's logical block size divides it.
-const directAlign = 4096
-
-// alignedBuf returns an n-byte buffer aligned for O_DIRECT.
-func alignedBuf(n int) []byte {
-	raw := make([]byte, n+directAlign)
-	skip := (directAlign - int(uintptr(unsafe.Pointer(&raw[0]))%directAlign)) % directAlign
-	return raw[skip : skip+n]
 }
 
 // DefaultWorkers is how many copies run at once: enough requests in flight
@@ -191,7 +180,7 @@ func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			buf := alignedBuf(int(opt.ChunkMax))
+			buf := dio.AlignedBuf(int(opt.ChunkMax))
 			for e := range work {
 				if err := copyExtent(direct, src, dstDirect, dst, buf[:e.n], e.off); err != nil {
 					errOnce.Do(func() { firstErr = err })
@@ -229,7 +218,7 @@ func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary
 // extent is aligned for them and through the buffered ones otherwise (or
 // when a filesystem refuses O_DIRECT with EINVAL).
 func copyExtent(srcDirect, src, dstDirect, dst *os.File, buf []byte, off int64) error {
-	aligned := off%directAlign == 0 && len(buf)%directAlign == 0
+	aligned := off%dio.Align == 0 && len(buf)%dio.Align == 0
 	if err := ioAt(srcDirect, src, aligned, func(f *os.File) (int, error) { return f.ReadAt(buf, off) }); err != nil {
 		return fmt.Errorf("read snapshot at %d: %w", off, err)
 	}

@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"unsafe"
 
+	"github.com/dbdublk/dbdublk/internal/dio"
 	"golang.org/x/sys/unix"
 )
 
@@ -166,7 +167,7 @@ func (m *mappedStorage) ReadAt(p []byte, off int64) (int, error) {
 		}
 		start := phys / BlockSize * BlockSize
 		end := (phys + int64(len(q)) + BlockSize - 1) / BlockSize * BlockSize
-		b := alignedBlocks(int(end - start))
+		b := dio.AlignedBuf(int(end - start))
 		if err := preadAll(m.dev, b, start); err != nil {
 			return err
 		}
@@ -190,7 +191,7 @@ func (m *mappedStorage) WriteAt(p []byte, off int64) (int, error) {
 		defer m.mu.Unlock()
 		start := phys / BlockSize * BlockSize
 		end := (phys + int64(len(q)) + BlockSize - 1) / BlockSize * BlockSize
-		b := alignedBlocks(int(end - start))
+		b := dio.AlignedBuf(int(end - start))
 		if phys != start || int64(len(q)) != end-start {
 			if err := preadAll(m.dev, b, start); err != nil {
 				return err
@@ -228,11 +229,4 @@ func preadAll(f *os.File, p []byte, off int64) error {
 		err = errors.New("short read")
 	}
 	return err
-}
-
-// alignedBlocks returns n bytes aligned for O_DIRECT.
-func alignedBlocks(n int) []byte {
-	raw := make([]byte, n+BlockSize)
-	skip := (BlockSize - int(uintptr(unsafe.Pointer(&raw[0]))%BlockSize)) % BlockSize
-	return raw[skip : skip+n]
 }

@@ -17,7 +17,7 @@ import (
 // CLI is the root of dbdctl's command tree.
 type CLI struct {
 	Attach AttachCmd `cmd:"" help:"Front a block device as /dev/ublkb<minor> (the volume is then used through that device)."`
-	Detach DetachCmd `cmd:"" help:"Flush and remove the front device of <minor>; the real device is released."`
+	Detach DetachCmd `cmd:"" help:"Flush and remove the front device of <minor>; the real device is released (a tracking device is left dormant for reload-*)."`
 	Info   InfoCmd   `cmd:"" help:"Print the state of attached devices as JSON, in the shape of dattobd's /proc/datto-info."`
 
 	SetupSnapshot           SetupSnapshotCmd           `cmd:"" name:"setup-snapshot" help:"Take a snapshot of a device, served read-only as /dev/datto<minor>."`

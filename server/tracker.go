@@ -7,12 +7,12 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/bitmap"
 	"github.com/dbdublk/dbdublk/cow"
+	"github.com/dbdublk/dbdublk/internal/dio"
 	"github.com/dbdublk/dbdublk/ublk"
 	"github.com/dbdublk/dbdublk/ublk/uapi"
 )
@@ -179,9 +179,7 @@ func (t *tracker) preserve(st *trackState, first, last uint64) {
 		return // failed closed: the snapshot now serves EIO
 	}
 	if st.bits != nil {
-		for b := first; b < last; b++ {
-			st.bits.Set(b)
-		}
+		st.bits.SetRange(first, last-first)
 	}
 }
 
@@ -191,7 +189,7 @@ const maxBulkBlocks = 256
 // bulkPool recycles preserve's aligned read buffers: a 1 MiB allocation per
 // first write would keep the garbage collector busy on the write path.
 var bulkPool = sync.Pool{New: func() any {
-	b := alignedBuf(maxBulkBlocks * cow.BlockSize)
+	b := dio.AlignedBuf(maxBulkBlocks * cow.BlockSize)
 	return &b
 }}
 
@@ -225,9 +223,7 @@ func (t *tracker) preserved(st *trackState, first, last uint64) bool {
 		return false
 	}
 	if st.bits != nil {
-		for b := first; b < last; b++ {
-			st.bits.Set(b)
-		}
+		st.bits.SetRange(first, last-first)
 	}
 	return true
 }
@@ -365,12 +361,4 @@ func preadFull(fd int, p []byte, off int64) error {
 		done += n
 	}
 	return nil
-}
-
-// alignedBuf returns an n-byte buffer aligned for O_DIRECT. It is used
-// synchronously, so ordinary heap memory is fine.
-func alignedBuf(n int) []byte {
-	raw := make([]byte, n+cow.BlockSize)
-	skip := (cow.BlockSize - int(uintptr(unsafe.Pointer(&raw[0]))%cow.BlockSize)) % cow.BlockSize
-	return raw[skip : skip+n]
 }
