@@ -1,15 +1,17 @@
 package uapi
 
-import "structs"
+import (
+	"strconv"
+	"strings"
+	"structs"
+)
 
 // This file mirrors include/uapi/linux/ublk_cmd.h (kernel UAPI layout, not
 // ublksrv's edited copy, which moves the zoned parameters).
 
-// IOC encodes an ioctl number the way the kernel's _IOC macro does; ublk's
-// command opcodes are ioctl-encoded since 6.4 and GET_FEATURES is matched
+// ublk's command opcodes are ioctl-encoded (the kernel's _IOC macro:
+// dir<<30 | size<<16 | type<<8 | nr) since 6.4, and GET_FEATURES is matched
 // exactly, so the encoded values are the ones sent.
-func IOC(dir, typ, nr, size uint32) uint32 { return dir<<30 | size<<16 | typ<<8 | nr }
-
 const (
 	iocWrite = 1
 	iocRead  = 2
@@ -19,29 +21,30 @@ const (
 	// SizeofCtrlCmd and SizeofIOCmd are the payload sizes encoded in the opcodes.
 	SizeofCtrlCmd = 32
 	SizeofIOCmd   = 16
-)
 
-func ior(nr, size uint32) uint32  { return IOC(iocRead, ublkIoctlType, nr, size) }
-func iowr(nr, size uint32) uint32 { return IOC(iocRead|iocWrite, ublkIoctlType, nr, size) }
+	ctrlRead      = iocRead<<30 | SizeofCtrlCmd<<16 | ublkIoctlType<<8
+	ctrlReadWrite = (iocRead|iocWrite)<<30 | SizeofCtrlCmd<<16 | ublkIoctlType<<8
+	ioReadWrite   = (iocRead|iocWrite)<<30 | SizeofIOCmd<<16 | ublkIoctlType<<8
+)
 
 // CtrlOp is a control command sent as IORING_OP_URING_CMD to /dev/ublk-control.
 type CtrlOp uint32
 
 // Control commands (UBLK_U_CMD_*).
-var (
-	CmdGetQueueAffinity  = CtrlOp(ior(0x01, SizeofCtrlCmd))
-	CmdGetDevInfo        = CtrlOp(ior(0x02, SizeofCtrlCmd))
-	CmdAddDev            = CtrlOp(iowr(0x04, SizeofCtrlCmd))
-	CmdDelDev            = CtrlOp(iowr(0x05, SizeofCtrlCmd))
-	CmdStartDev          = CtrlOp(iowr(0x06, SizeofCtrlCmd))
-	CmdStopDev           = CtrlOp(iowr(0x07, SizeofCtrlCmd))
-	CmdSetParams         = CtrlOp(iowr(0x08, SizeofCtrlCmd))
-	CmdGetParams         = CtrlOp(ior(0x09, SizeofCtrlCmd))
-	CmdStartUserRecovery = CtrlOp(iowr(0x10, SizeofCtrlCmd))
-	CmdEndUserRecovery   = CtrlOp(iowr(0x11, SizeofCtrlCmd))
-	CmdGetDevInfo2       = CtrlOp(ior(0x12, SizeofCtrlCmd))
-	CmdGetFeatures       = CtrlOp(ior(0x13, SizeofCtrlCmd))
-	CmdDelDevAsync       = CtrlOp(ior(0x14, SizeofCtrlCmd))
+const (
+	CmdGetQueueAffinity  CtrlOp = ctrlRead | 0x01
+	CmdGetDevInfo        CtrlOp = ctrlRead | 0x02
+	CmdAddDev            CtrlOp = ctrlReadWrite | 0x04
+	CmdDelDev            CtrlOp = ctrlReadWrite | 0x05
+	CmdStartDev          CtrlOp = ctrlReadWrite | 0x06
+	CmdStopDev           CtrlOp = ctrlReadWrite | 0x07
+	CmdSetParams         CtrlOp = ctrlReadWrite | 0x08
+	CmdGetParams         CtrlOp = ctrlRead | 0x09
+	CmdStartUserRecovery CtrlOp = ctrlReadWrite | 0x10
+	CmdEndUserRecovery   CtrlOp = ctrlReadWrite | 0x11
+	CmdGetDevInfo2       CtrlOp = ctrlRead | 0x12
+	CmdGetFeatures       CtrlOp = ctrlRead | 0x13
+	CmdDelDevAsync       CtrlOp = ctrlRead | 0x14
 )
 
 // String names the command for error messages.
@@ -81,10 +84,10 @@ func (op CtrlOp) String() string {
 type IOCmdOp uint32
 
 // Queue commands (UBLK_U_IO_*).
-var (
-	IOFetchReq          = IOCmdOp(iowr(0x20, SizeofIOCmd))
-	IOCommitAndFetchReq = IOCmdOp(iowr(0x21, SizeofIOCmd))
-	IONeedGetData       = IOCmdOp(iowr(0x22, SizeofIOCmd))
+const (
+	IOFetchReq          IOCmdOp = ioReadWrite | 0x20
+	IOCommitAndFetchReq IOCmdOp = ioReadWrite | 0x21
+	IONeedGetData       IOCmdOp = ioReadWrite | 0x22
 )
 
 // Feature is a UBLK_F_* device flag negotiated in ADD_DEV.
@@ -335,4 +338,28 @@ type Params struct {
 	Devt    ParamDevt    // devt (read-only)
 	Zoned   ParamZoned   // zoned
 	_       [4]byte      // tail padding to 8-byte alignment
+}
+
+// Device nodes: the driver names each device after its id (ublk_drv's
+// "ublkb%d" block disk and "ublkc%d" char device).
+const (
+	blockDevPrefix = "/dev/ublkb"
+	charDevPrefix  = "/dev/ublkc"
+)
+
+// BlockPath is the block device of ublk device id.
+func BlockPath(id uint32) string { return blockDevPrefix + strconv.FormatUint(uint64(id), 10) }
+
+// CharPath is the char device (the server's command channel) of device id.
+func CharPath(id uint32) string { return charDevPrefix + strconv.FormatUint(uint64(id), 10) }
+
+// ParseBlockPath returns the device id of a ublk block device path
+// (/dev/ublkb<id>).
+func ParseBlockPath(path string) (uint32, bool) {
+	s, ok := strings.CutPrefix(path, blockDevPrefix)
+	if !ok || s == "" || strings.TrimLeft(s, "0123456789") != "" {
+		return 0, false
+	}
+	id, err := strconv.ParseUint(s, 10, 32)
+	return uint32(id), err == nil
 }
