@@ -28,7 +28,7 @@ type Snapshot struct {
 // Options tune a run.
 type Options struct {
 	Workers  int                               // parallel copiers; 0 = DefaultWorkers
-	ChunkMax int64                             // largest single copy; 0 = 1 MiB
+	ChunkMax int64                             // largest single copy; 0 = DefaultChunk
 	Progress func(doneBytes, totalBytes int64) // called as copies finish; may be nil
 }
 
@@ -42,7 +42,7 @@ type Summary struct {
 // Check validates the COW file and the image against the snapshot without
 // changing anything, and returns the open COW file.
 func Check(snap Snapshot, cowPath, imagePath string) (*cow.File, error) {
-	c, err := cow.OpenReadOnly(cowPath)
+	c, err := openCow(cowPath)
 	if err != nil {
 		return nil, err
 	}
@@ -84,6 +84,16 @@ func Check(snap Snapshot, cowPath, imagePath string) (*cow.File, error) {
 	return c, nil
 }
 
+// openCow opens the COW file at path read-only, through its filesystem.
+func openCow(path string) (*cow.File, error) {
+	s, err := cow.FileStorage(path, true)
+	if err != nil {
+		return nil, err
+	}
+	c, _, err := cow.Open(path, s, cow.ReadOnly, 0, 0)
+	return c, err
+}
+
 func deviceSize(path string) (int64, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -103,12 +113,18 @@ func deviceSize(path string) (int64, error) {
 // buffer each.
 const DefaultWorkers = 16
 
+// DefaultChunk is the largest single copy: adjacent changed blocks are
+// coalesced up to it.
+const DefaultChunk = 1 << 20
+
 // extent is one copy: a byte range of the snapshot.
 type extent struct{ off, n int64 }
 
 // UpdateImage copies every block the COW file marks as changed from the
 // snapshot to the image, adjacent blocks coalesced into large copies, then
-// fsyncs the image. When a check fails the image is not touched.
+// fsyncs the image. When a check fails the image is not touched. Its
+// memory does not grow with the device or the number of changes: the
+// change list is streamed to the copiers.
 func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary, error) {
 	start := time.Now()
 	c, err := Check(snap, cowPath, imagePath)
@@ -120,61 +136,89 @@ func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary
 		opt.Workers = DefaultWorkers
 	}
 	if opt.ChunkMax <= 0 {
-		opt.ChunkMax = 1 << 20
+		opt.ChunkMax = DefaultChunk
 	}
-	var extents []extent
-	var blocks uint64
-	var total int64
-	err = c.ChangedRuns(func(first, count uint64) error {
-		blocks += count
-		off := int64(first) * cow.BlockSize
-		end := min(int64(first+count)*cow.BlockSize, snap.Size)
-		for ; off < end; off += opt.ChunkMax {
-			n := min(opt.ChunkMax, end-off)
-			extents = append(extents, extent{off, n})
-			total += n
-		}
-		return nil
-	})
+	blocks, total, err := countChanges(c, snap.Size)
 	if err != nil {
 		return Summary{}, fmt.Errorf("read changed-block list %s: %w", cowPath, err)
 	}
-	src, err := os.Open(snap.Path)
+	f, err := openEnds(snap.Path, imagePath)
 	if err != nil {
-		return Summary{}, fmt.Errorf("open snapshot %s: %w", snap.Path, err)
+		return Summary{}, err
 	}
-	defer src.Close()
-	// Read the snapshot with O_DIRECT where it allows: it bypasses the page
-	// cache, which only slows a one-pass copy down; the buffered descriptor
-	// serves unaligned tails and files that refuse O_DIRECT.
-	direct, err := os.OpenFile(snap.Path, os.O_RDONLY|syscall.O_DIRECT, 0)
-	if err != nil {
-		direct = nil
-	} else {
-		defer direct.Close()
+	defer f.close()
+	if err := copyChanges(c, f, snap.Size, total, opt); err != nil {
+		return Summary{}, err
 	}
-	dst, err := os.OpenFile(imagePath, os.O_WRONLY, 0)
-	if err != nil {
-		return Summary{}, fmt.Errorf("open image %s: %w", imagePath, err)
+	if err := f.sync(); err != nil {
+		return Summary{}, fmt.Errorf("fsync image %s: %w", imagePath, err)
 	}
-	defer dst.Close()
-	// Write the image with O_DIRECT too where it allows: a one-pass copy
-	// gains nothing from the page cache, and buffered writes are what
-	// bounds the copy. The final fsync covers both descriptors.
-	dstDirect, err := os.OpenFile(imagePath, os.O_WRONLY|syscall.O_DIRECT, 0)
-	if err != nil {
-		dstDirect = nil
-	} else {
-		defer dstDirect.Close()
-	}
+	return Summary{BlocksChanged: blocks, BytesCopied: total, Seconds: time.Since(start).Seconds()}, nil
+}
 
-	// progMu orders progress reports: done only ever grows, as callers
-	// drawing a bar expect.
-	var progMu sync.Mutex
+// countChanges returns how many blocks the change list marks and how many
+// bytes of the device they cover (a first pass over the index, so progress
+// has a total without the extents being held in memory).
+func countChanges(c *cow.File, size int64) (blocks uint64, bytes int64, err error) {
+	err = c.ChangedRuns(func(first, count uint64) error {
+		blocks += count
+		bytes += min(int64(first+count)*cow.BlockSize, size) - int64(first)*cow.BlockSize
+		return nil
+	})
+	return blocks, bytes, err
+}
+
+// ends are the two sides of the copy, each with a buffered descriptor and,
+// where the file allows, an O_DIRECT one: a one-pass copy gains nothing
+// from the page cache, which only slows it down. The buffered descriptors
+// serve unaligned tails and files that refuse O_DIRECT.
+type ends struct {
+	src, srcDirect *os.File
+	dst, dstDirect *os.File
+}
+
+func openEnds(snapPath, imagePath string) (*ends, error) {
+	f := &ends{}
+	var err error
+	if f.src, err = os.Open(snapPath); err != nil {
+		return nil, fmt.Errorf("open snapshot %s: %w", snapPath, err)
+	}
+	if f.dst, err = os.OpenFile(imagePath, os.O_WRONLY, 0); err != nil {
+		f.close()
+		return nil, fmt.Errorf("open image %s: %w", imagePath, err)
+	}
+	f.srcDirect, _ = os.OpenFile(snapPath, os.O_RDONLY|syscall.O_DIRECT, 0)
+	f.dstDirect, _ = os.OpenFile(imagePath, os.O_WRONLY|syscall.O_DIRECT, 0)
+	return f, nil
+}
+
+func (f *ends) close() {
+	for _, x := range []*os.File{f.src, f.srcDirect, f.dst, f.dstDirect} {
+		if x != nil {
+			x.Close()
+		}
+	}
+}
+
+// sync makes the image durable (the fsync covers writes through both of
+// its descriptors; both are synced all the same).
+func (f *ends) sync() error {
+	if f.dstDirect != nil {
+		if err := f.dstDirect.Sync(); err != nil {
+			return err
+		}
+	}
+	return f.dst.Sync()
+}
+
+// copyChanges streams the changed runs, cut into copies of at most
+// opt.ChunkMax bytes, to opt.Workers copiers, reporting progress in order.
+func copyChanges(c *cow.File, f *ends, size, total int64, opt Options) error {
+	var progMu sync.Mutex // orders progress reports: done only ever grows
 	var done int64
 	var firstErr error
 	var errOnce sync.Once
-	work := make(chan extent)
+	work := make(chan extent, opt.Workers)
 	var wg sync.WaitGroup
 	for i := 0; i < opt.Workers; i++ {
 		wg.Add(1)
@@ -182,7 +226,7 @@ func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary
 			defer wg.Done()
 			buf := dio.AlignedBuf(int(opt.ChunkMax))
 			for e := range work {
-				if err := copyExtent(direct, src, dstDirect, dst, buf[:e.n], e.off); err != nil {
+				if err := f.copy(buf[:e.n], e.off); err != nil {
 					errOnce.Do(func() { firstErr = err })
 					continue
 				}
@@ -195,34 +239,31 @@ func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary
 			}
 		}()
 	}
-	for _, e := range extents {
-		work <- e
-	}
+	err := c.ChangedRuns(func(first, count uint64) error {
+		off := int64(first) * cow.BlockSize
+		end := min(int64(first+count)*cow.BlockSize, size)
+		for ; off < end; off += opt.ChunkMax {
+			work <- extent{off, min(opt.ChunkMax, end-off)}
+		}
+		return nil
+	})
 	close(work)
 	wg.Wait()
-	if firstErr != nil {
-		return Summary{}, firstErr
+	if err != nil {
+		return fmt.Errorf("read changed-block list %s: %w", c.Path(), err)
 	}
-	if dstDirect != nil {
-		if err := dstDirect.Sync(); err != nil {
-			return Summary{}, fmt.Errorf("fsync image %s: %w", imagePath, err)
-		}
-	}
-	if err := dst.Sync(); err != nil {
-		return Summary{}, fmt.Errorf("fsync image %s: %w", imagePath, err)
-	}
-	return Summary{BlocksChanged: blocks, BytesCopied: total, Seconds: time.Since(start).Seconds()}, nil
+	return firstErr
 }
 
-// copyExtent copies one extent, through the O_DIRECT descriptors when the
-// extent is aligned for them and through the buffered ones otherwise (or
-// when a filesystem refuses O_DIRECT with EINVAL).
-func copyExtent(srcDirect, src, dstDirect, dst *os.File, buf []byte, off int64) error {
+// copy copies len(buf) bytes at off, through the O_DIRECT descriptors when
+// the range is aligned for them and through the buffered ones otherwise
+// (or when a filesystem refuses O_DIRECT with EINVAL).
+func (f *ends) copy(buf []byte, off int64) error {
 	aligned := off%dio.Align == 0 && len(buf)%dio.Align == 0
-	if err := ioAt(srcDirect, src, aligned, func(f *os.File) (int, error) { return f.ReadAt(buf, off) }); err != nil {
+	if err := ioAt(f.srcDirect, f.src, aligned, func(x *os.File) (int, error) { return x.ReadAt(buf, off) }); err != nil {
 		return fmt.Errorf("read snapshot at %d: %w", off, err)
 	}
-	if err := ioAt(dstDirect, dst, aligned, func(f *os.File) (int, error) { return f.WriteAt(buf, off) }); err != nil {
+	if err := ioAt(f.dstDirect, f.dst, aligned, func(x *os.File) (int, error) { return x.WriteAt(buf, off) }); err != nil {
 		return fmt.Errorf("write image at %d: %w", off, err)
 	}
 	return nil

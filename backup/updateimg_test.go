@@ -157,9 +157,9 @@ func makeIndexCOW(t *testing.T, path string, size int64, uuid [16]byte, seq uint
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, b := range blocks {
-		if ok, err := f.MarkChanged(b); err != nil || !ok {
-			t.Fatalf("MarkChanged(%d) = %v, %v", b, ok, err)
+	for i, b := range blocks {
+		if _, err := f.MarkRange(b, b+1); err != nil || f.NrChangedBlocks() != uint64(i+1) {
+			t.Fatalf("MarkRange(%d): %v, %d changed after %d marks", b, err, f.NrChangedBlocks(), i+1)
 		}
 	}
 	if got := f.NrChangedBlocks(); got != uint64(len(blocks)) {
@@ -185,14 +185,15 @@ func makeSnapshotCOW(t *testing.T, path string, size int64, cowBlocks, marked []
 	}
 	old := bytes.Repeat([]byte{0x5a}, cow.BlockSize)
 	for _, b := range cowBlocks {
-		copied, err := f.CopyOnWrite(b, func(p []byte) error { copy(p, old); return nil })
-		if err != nil || !copied {
-			t.Fatalf("CopyOnWrite(%d) = %v, %v", b, copied, err)
+		copied, err := f.CopyOnWriteRange(b, old)
+		if err != nil || copied != 1 {
+			t.Fatalf("CopyOnWriteRange(%d) = %v, %v", b, copied, err)
 		}
 	}
 	for _, b := range marked {
-		if ok, err := f.MarkChanged(b); err != nil || !ok {
-			t.Fatalf("MarkChanged(%d) = %v, %v", b, ok, err)
+		before := f.NrChangedBlocks()
+		if _, err := f.MarkRange(b, b+1); err != nil || f.NrChangedBlocks() != before+1 {
+			t.Fatalf("MarkRange(%d): %v, changed %d -> %d", b, err, before, f.NrChangedBlocks())
 		}
 	}
 	if !keepData {
@@ -714,7 +715,7 @@ func TestUpdateImageRefusals(t *testing.T) {
 					if err != nil {
 						t.Fatal(err)
 					}
-					if _, err := f.MarkChanged(0); err != nil {
+					if _, err := f.MarkRange(0, 1); err != nil {
 						t.Fatal(err)
 					}
 					if err := f.Sync(); err != nil {

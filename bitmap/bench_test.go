@@ -5,14 +5,14 @@ import (
 	"testing"
 )
 
-// The hot path: a write to a block that is already recorded.
+// A write to a block that is already recorded, bit by bit.
 func BenchmarkSetAlreadySet(b *testing.B) {
 	bm := New(1 << 20)
 	bm.SetRange(0, 1<<20)
 	i := uint64(12345)
 	b.ReportAllocs()
 	for b.Loop() {
-		if bm.Set(i) {
+		if bm.SetRange(i, 1) == 1 {
 			b.Fatal("newly set")
 		}
 		i = (i + 4097) & (1<<20 - 1)
@@ -26,7 +26,7 @@ func BenchmarkSetAlreadySetParallel(b *testing.B) {
 	b.RunParallel(func(pb *testing.PB) {
 		i := rand.Uint64N(1 << 20)
 		for pb.Next() {
-			if bm.Set(i) {
+			if bm.SetRange(i, 1) == 1 {
 				b.Fatal("newly set")
 			}
 			i = (i + 4097) & (1<<20 - 1)
@@ -34,34 +34,32 @@ func BenchmarkSetAlreadySetParallel(b *testing.B) {
 	})
 }
 
-// NewlySetRangeAlreadySet: a 1 MiB write (256 blocks) whose blocks are all
-// recorded already.
-func BenchmarkNewlySetRangeAlreadySet(b *testing.B) {
+// TestRangeAlreadySet: the tracker's hot path, a 1 MiB write (256 blocks)
+// whose blocks are all recorded already.
+func BenchmarkTestRangeAlreadySet(b *testing.B) {
 	bm := New(1 << 20)
 	bm.SetRange(0, 1<<20)
 	b.ReportAllocs()
 	for b.Loop() {
-		bm.NewlySet(1000, 256, func(uint64) { b.Fatal("newly set") })
+		if !bm.TestRange(1000, 256) {
+			b.Fatal("not set")
+		}
 	}
 }
 
-// NewlySet64K: 65536 bits, all newly set, one callback each.
-func BenchmarkNewlySet64K(b *testing.B) {
-	const n = 1 << 16
-	bm := New(n)
-	var sink uint64
-	fn := func(i uint64) { sink += i }
+func BenchmarkTestRangeAlreadySetParallel(b *testing.B) {
+	bm := New(1 << 20)
+	bm.SetRange(0, 1<<20)
 	b.ReportAllocs()
-	b.SetBytes(n / 8)
-	for b.Loop() {
-		b.StopTimer()
-		bm.Clear()
-		b.StartTimer()
-		bm.NewlySet(0, n, fn)
-	}
-	if sink == 0 {
-		b.Fatal("no callbacks")
-	}
+	b.RunParallel(func(pb *testing.PB) {
+		i := rand.Uint64N(1<<20 - 256)
+		for pb.Next() {
+			if !bm.TestRange(i, 256) {
+				b.Fatal("not set")
+			}
+			i = (i + 4097) % (1<<20 - 256)
+		}
+	})
 }
 
 func BenchmarkSetRange64K(b *testing.B) {
@@ -69,7 +67,7 @@ func BenchmarkSetRange64K(b *testing.B) {
 	bm := New(n)
 	b.ReportAllocs()
 	for b.Loop() {
-		bm.Clear()
+		clearAll(bm)
 		if bm.SetRange(3, n-3) != n-3 {
 			b.Fatal("count")
 		}
@@ -84,32 +82,11 @@ func BenchmarkSetNew(b *testing.B) {
 	for b.Loop() {
 		if i == n {
 			b.StopTimer()
-			bm.Clear()
+			clearAll(bm)
 			i = 0
 			b.StartTimer()
 		}
-		bm.Set(i)
+		bm.SetRange(i, 1)
 		i++
-	}
-}
-
-func BenchmarkCount2p28(b *testing.B) {
-	bm := New(1 << 28)
-	b.ReportAllocs()
-	for b.Loop() {
-		bm.Count()
-	}
-}
-
-func BenchmarkMarshalSparse2p28(b *testing.B) {
-	bm := New(1 << 28)
-	for i := uint64(0); i < 1<<28; i += 1 << 16 {
-		bm.SetRange(i, 100)
-	}
-	b.ReportAllocs()
-	for b.Loop() {
-		if _, err := bm.MarshalBinary(); err != nil {
-			b.Fatal(err)
-		}
 	}
 }

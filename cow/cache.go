@@ -96,7 +96,7 @@ func (f *File) section(idx uint64) (*section, error) {
 }
 
 func (f *File) readSection(s *section) error {
-	n, err := f.f.ReadAt(s.b[:], sectionOffset(s.idx))
+	n, err := f.s.ReadAt(s.b[:], sectionOffset(s.idx))
 	if n == len(s.b) {
 		return nil
 	}
@@ -112,7 +112,7 @@ func (f *File) writeSection(s *section) error {
 	if !s.dirty {
 		return nil
 	}
-	if _, err := f.f.WriteAt(s.b[:], sectionOffset(s.idx)); err != nil {
+	if _, err := f.s.WriteAt(s.b[:], sectionOffset(s.idx)); err != nil {
 		return err
 	}
 	s.dirty = false

@@ -5,57 +5,32 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 )
 
-// copyRecorder is the readOld side of a concurrent test: it notices two
-// overlapping reads of one block and remembers what each successful read
-// returned.
-type copyRecorder struct {
-	mu       sync.Mutex
-	active   map[uint64]int
-	success  map[uint64][]byte // data of the successful readOld, per block
-	attempts map[uint64]int
-	errs     []string
-}
+// Concurrent writers copy blocks with the data pattern(w, b): writer w's
+// view of block b. A slot therefore names the writer whose copy it holds
+// (who), and a correct file holds, for every preserved block, the data of
+// exactly one writer, the one that was told it copied the block.
 
-func newRecorder() *copyRecorder {
-	return &copyRecorder{active: map[uint64]int{}, success: map[uint64][]byte{}, attempts: map[uint64]int{}}
-}
-
-func (r *copyRecorder) readOld(b, who uint64, failIt bool) func(p []byte) error {
-	return func(p []byte) error {
-		r.mu.Lock()
-		r.active[b]++
-		r.attempts[b]++
-		if r.active[b] > 1 {
-			r.errs = append(r.errs, fmt.Sprintf("two readOld of block %d at once", b))
-		}
-		if _, ok := r.success[b]; ok {
-			r.errs = append(r.errs, fmt.Sprintf("readOld of block %d after it was copied", b))
-		}
-		r.mu.Unlock()
-		runtime.Gosched() // widen the window for a racing copy
-		data := pattern(who, b)
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		r.active[b]--
-		if failIt {
-			return errors.New("injected read error")
-		}
-		copy(p, data)
-		r.success[b] = data
-		return nil
+// checkSlotData reports an error unless p is some writer's pattern for
+// block b, and returns that writer.
+func checkSlotData(p []byte, b uint64, writers uint64) (uint64, error) {
+	w := who(p)
+	if w >= writers || !bytes.Equal(p, pattern(w, b)) {
+		return 0, fmt.Errorf("block %d: its slot holds data that is no writer's copy of it", b)
 	}
+	return w, nil
 }
 
-// TestConcurrentCopyOnWrite has many goroutines copy overlapping blocks
+// TestConcurrentCopyOnWrite has many goroutines copy overlapping ranges
 // while others look blocks up, read slots, sync and scan: each block is
-// copied exactly once, holds the data of its one successful readOld, and
-// nr_changed counts distinct blocks.
+// copied exactly once (first write wins), holds the data of the writer
+// told it copied it, every slot is used once, and nr_changed counts
+// distinct blocks.
 func TestConcurrentCopyOnWrite(t *testing.T) {
 	useSparse(t)
 	path := tempPath(t)
@@ -63,32 +38,33 @@ func TestConcurrentCopyOnWrite(t *testing.T) {
 	blocks := Blocks(dev)
 	dataOff := DataOffset(blocks)
 	const pool = 3000
-	f := mustCreate(t, path, Options{DeviceSize: dev, FileSize: dataOff + (pool+10)*BlockSize, CacheBytes: 2 * SectionBytes})
+	const maxRun = 4
+	f := mustCreate(t, path, Options{DeviceSize: dev, FileSize: dataOff + (pool*maxRun+10)*BlockSize, CacheBytes: 2 * SectionBytes})
 	rng := rand.New(rand.NewPCG(1, 1))
 	hot := make([]uint64, pool)
 	for i := range hot {
-		hot[i] = rng.Uint64N(blocks)
+		hot[i] = rng.Uint64N(blocks - maxRun)
 	}
-	rec := newRecorder()
 	const writers = 16
-	var copied [writers]map[uint64]int
+	var copied [writers]int // blocks each writer was told it copied
 	var wg, readers sync.WaitGroup
 	stop := make(chan struct{})
 	var readerErr atomic.Value
 	for w := range writers {
-		copied[w] = map[uint64]int{}
 		wg.Go(func() {
 			r := rand.New(rand.NewPCG(uint64(w), 2))
 			for range 1500 {
-				b := hot[r.IntN(pool)]
-				ok, err := f.CopyOnWrite(b, rec.readOld(b, uint64(w), false))
+				first := hot[r.IntN(pool)]
+				n := uint64(1)
+				if r.IntN(3) == 0 {
+					n += r.Uint64N(maxRun)
+				}
+				k, err := f.CopyOnWriteRange(first, blocksOf(uint64(w), first, n))
 				if err != nil {
 					t.Error(err)
 					return
 				}
-				if ok {
-					copied[w][b]++
-				}
+				copied[w] += k
 			}
 		})
 	}
@@ -112,7 +88,7 @@ func TestConcurrentCopyOnWrite(t *testing.T) {
 						readerErr.Store(err.Error())
 					}
 				default:
-					b := hot[rr.IntN(pool)]
+					b := hot[rr.IntN(pool)] + rr.Uint64N(maxRun)
 					e, err := f.Lookup(b)
 					if err != nil {
 						readerErr.Store(err.Error())
@@ -122,12 +98,8 @@ func TestConcurrentCopyOnWrite(t *testing.T) {
 						// The entry is set only after the data is written.
 						if err := f.ReadBlock(e, p); err != nil {
 							readerErr.Store(err.Error())
-						}
-						rec.mu.Lock()
-						want := rec.success[b]
-						rec.mu.Unlock()
-						if !bytes.Equal(p, want) {
-							readerErr.Store(fmt.Sprintf("block %d: slot %d holds data that is not its copy", b, e))
+						} else if _, err := checkSlotData(p, b, writers); err != nil {
+							readerErr.Store(err.Error())
 						}
 					}
 				}
@@ -137,59 +109,26 @@ func TestConcurrentCopyOnWrite(t *testing.T) {
 	wg.Wait()
 	close(stop)
 	readers.Wait()
+	if t.Failed() {
+		return
+	}
 	if v := readerErr.Load(); v != nil {
 		t.Fatal(v)
 	}
-	if len(rec.errs) > 0 {
-		t.Fatal(rec.errs[0])
-	}
-	total := map[uint64]int{}
-	for w := range writers {
-		for b, n := range copied[w] {
-			total[b] += n
-		}
-	}
-	distinct := len(rec.success)
-	for b, n := range total {
-		if n != 1 {
-			t.Fatalf("block %d: CopyOnWrite returned true %d times", b, n)
-		}
-	}
-	if len(total) != distinct {
-		t.Fatalf("%d blocks reported copied, %d read", len(total), distinct)
-	}
-	for b, n := range rec.attempts {
-		if n != 1 {
-			t.Fatalf("block %d: readOld called %d times", b, n)
-		}
-	}
-	checkCopies(t, f, rec, dataOff, distinct)
-	if err := f.Close(true); err != nil {
-		t.Fatal(err)
-	}
-	// The same, from the disk.
-	r := readRaw(t, path)
-	for b, data := range rec.success {
-		if e := r.entry(b); !bytes.Equal(r.slot(e), data) {
-			t.Fatalf("on disk, block %d -> slot %d holds other data", b, e)
-		}
-	}
-	if r.nr() != uint64(distinct) {
-		t.Fatalf("on-disk nr_changed %d, want %d", r.nr(), distinct)
-	}
-}
-
-// checkCopies verifies slots are distinct, within the allocated range and
-// hold the recorded data, and that the counters match.
-func checkCopies(t *testing.T, f *File, rec *copyRecorder, dataOff int64, copies int) {
-	t.Helper()
-	h := f.Header()
+	// Each preserved block holds one writer's data, in a slot of its own,
+	// and each writer holds exactly as many blocks as it was told it copied.
+	owned := map[uint64]int{}
+	data := map[uint64][]byte{}
 	slots := map[uint64]uint64{}
 	p := make([]byte, BlockSize)
-	for b, data := range rec.success {
+	h := f.Header()
+	for b := range blocks {
 		e, err := f.Lookup(b)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if e == 0 {
+			continue
 		}
 		if e < uint64(dataOff)/BlockSize || e >= h.FPos {
 			t.Fatalf("block %d: slot %d outside %d..%d", b, e, dataOff/BlockSize, h.FPos)
@@ -198,19 +137,49 @@ func checkCopies(t *testing.T, f *File, rec *copyRecorder, dataOff int64, copies
 			t.Fatalf("blocks %d and %d share slot %d", other, b, e)
 		}
 		slots[e] = b
-		if err := f.ReadBlock(e, p); err != nil || !bytes.Equal(p, data) {
-			t.Fatalf("block %d: slot %d does not hold its first read's data (%v)", b, e, err)
+		if err := f.ReadBlock(e, p); err != nil {
+			t.Fatal(err)
+		}
+		w, err := checkSlotData(p, b, writers)
+		if err != nil {
+			t.Fatal(err)
+		}
+		owned[w]++
+		data[b] = bytes.Clone(p)
+	}
+	total := 0
+	for w := range uint64(writers) {
+		if owned[w] != copied[w] {
+			t.Fatalf("writer %d was told it copied %d blocks; %d hold its data", w, copied[w], owned[w])
+		}
+		total += copied[w]
+	}
+	if got := h.FPos - uint64(dataOff)/BlockSize; got != uint64(total) {
+		t.Fatalf("fpos advanced by %d, want %d copies", got, total)
+	}
+	if h.NrChangedBlocks != uint64(total) {
+		t.Fatalf("nr_changed %d, want %d", h.NrChangedBlocks, total)
+	}
+	if err := f.Close(true); err != nil {
+		t.Fatal(err)
+	}
+	// The same, from the disk.
+	r := readRaw(t, path)
+	for b, d := range data {
+		if e := r.entry(b); !bytes.Equal(r.slot(e), d) {
+			t.Fatalf("on disk, block %d -> slot %d holds other data", b, e)
 		}
 	}
-	if got := h.FPos - uint64(dataOff)/BlockSize; got != uint64(copies) {
-		t.Fatalf("fpos advanced by %d, want %d copies", got, copies)
+	if r.nr() != uint64(total) {
+		t.Fatalf("on-disk nr_changed %d, want %d", r.nr(), total)
 	}
 }
 
 // TestConcurrentFullAndFailures mixes copies into a store too small for
-// them, injected read failures, MarkChanged on the same blocks, and
-// expansions: never two slots for a block, every ErrFull changes nothing,
-// and nr_changed equals the number of non-zero entries.
+// them, injected write failures, MarkRange over the same blocks, and
+// expansions: never two slots for a block, a failed copy leaves its blocks
+// unchanged, every slot holds the data of a copy that succeeded, and
+// nr_changed equals the number of non-zero entries.
 func TestConcurrentFullAndFailures(t *testing.T) {
 	useSparse(t)
 	path := tempPath(t)
@@ -219,23 +188,36 @@ func TestConcurrentFullAndFailures(t *testing.T) {
 	dataOff := DataOffset(blocks)
 	const slots = 300
 	f := mustCreate(t, path, Options{DeviceSize: dev, FileSize: dataOff + slots*BlockSize, CacheBytes: SectionBytes})
+	if err := f.Close(true); err != nil {
+		t.Fatal(err)
+	}
+	// Writer w copies with pattern(w, b); a copy meant to fail uses
+	// pattern(failWho+w, b), which the storage refuses to write.
+	const writers, failWho = 12, 1000
+	f, hs := openHooked(t, path, ReloadSnapshot, dev, SectionBytes)
+	hs.onWrite = func(p []byte, off int64) error {
+		if off >= dataOff && who(p) >= failWho {
+			return errInjected
+		}
+		return nil
+	}
 	rng := rand.New(rand.NewPCG(7, 7))
 	const pool = 2000
 	hot := make([]uint64, pool)
 	for i := range hot {
-		hot[i] = rng.Uint64N(blocks)
+		hot[i] = rng.Uint64N(blocks - 4)
 	}
-	rec := newRecorder()
-	var fulls, expands atomic.Int64
+	var copies, fulls, failed, expands atomic.Int64
 	var wg sync.WaitGroup
-	for w := range 12 {
+	for w := range writers {
 		wg.Go(func() {
 			r := rand.New(rand.NewPCG(uint64(w), 8))
 			for range 800 {
 				b := hot[r.IntN(pool)]
+				n := 1 + r.Uint64N(4)
 				switch x := r.IntN(100); {
 				case x < 10:
-					if _, err := f.MarkChanged(b); err != nil {
+					if _, err := f.MarkRange(b, b+n); err != nil {
 						t.Error(err)
 						return
 					}
@@ -246,10 +228,19 @@ func TestConcurrentFullAndFailures(t *testing.T) {
 					}
 					expands.Add(1)
 				default:
-					_, err := f.CopyOnWrite(b, rec.readOld(b, uint64(w), r.IntN(10) == 0))
-					if errors.Is(err, ErrFull) {
+					who := uint64(w)
+					if r.IntN(10) == 0 {
+						who += failWho
+					}
+					k, err := f.CopyOnWriteRange(b, blocksOf(who, b, n))
+					copies.Add(int64(k)) // also when a copy it waited for failed: its own blocks are copied
+					switch {
+					case err == nil:
+					case errors.Is(err, ErrFull):
 						fulls.Add(1)
-					} else if err != nil && err.Error() != "injected read error" {
+					case errors.Is(err, errInjected), strings.Contains(err.Error(), "a concurrent copy of block"):
+						failed.Add(1)
+					default:
 						t.Error(err)
 						return
 					}
@@ -261,54 +252,51 @@ func TestConcurrentFullAndFailures(t *testing.T) {
 	if t.Failed() {
 		return
 	}
-	if len(rec.errs) > 0 {
-		t.Fatal(rec.errs[0])
-	}
-	if fulls.Load() == 0 {
-		t.Fatal("the store never filled; the test tests nothing")
+	if fulls.Load() == 0 || failed.Load() == 0 {
+		t.Fatalf("%d full stores, %d failed copies: the test tests nothing", fulls.Load(), failed.Load())
 	}
 	h := f.Header()
 	if h.FSize != uint64(dataOff)+(slots+50*uint64(expands.Load()))*BlockSize {
 		t.Fatalf("fsize %d after %d expansions", h.FSize, expands.Load())
 	}
-	// Every non-zero entry is counted once; every slot entry is a copy.
-	var nonzero uint64
+	// Every non-zero entry is counted once; every slot entry is a copy that
+	// succeeded, in a slot of its own.
+	var nonzero, preserved uint64
 	if err := f.ChangedRuns(func(a, n uint64) error { nonzero += n; return nil }); err != nil {
 		t.Fatal(err)
 	}
 	if h.NrChangedBlocks != nonzero {
 		t.Fatalf("nr_changed %d, non-zero entries %d", h.NrChangedBlocks, nonzero)
 	}
-	for _, b := range hot {
+	p := make([]byte, BlockSize)
+	seen := map[uint64]bool{}
+	for b := range blocks {
 		e, err := f.Lookup(b)
 		if err != nil {
 			t.Fatal(err)
 		}
-		_, copied := rec.success[b]
-		if e > 1 {
-			if !copied {
-				t.Fatalf("block %d has slot %d but no successful read", b, e)
-			}
-		} else if copied {
-			t.Fatalf("block %d was read successfully but its entry is %d", b, e)
+		if e <= 1 {
+			continue
 		}
-	}
-	// Failed reads may leak a slot when another copy allocated after them,
-	// so fpos may run ahead of the copies; it must never fall behind.
-	if used := h.FPos - uint64(dataOff)/BlockSize; used < uint64(len(rec.success)) || h.FPos*BlockSize > h.FSize {
-		t.Fatalf("fpos %d for %d copies, fsize %d", h.FPos, len(rec.success), h.FSize)
-	}
-	p := make([]byte, BlockSize)
-	seen := map[uint64]bool{}
-	for b, data := range rec.success {
-		e, _ := f.Lookup(b)
+		preserved++
 		if seen[e] {
 			t.Fatalf("slot %d used twice", e)
 		}
 		seen[e] = true
-		if err := f.ReadBlock(e, p); err != nil || !bytes.Equal(p, data) {
-			t.Fatalf("block %d: wrong data in slot %d", b, e)
+		if err := f.ReadBlock(e, p); err != nil {
+			t.Fatal(err)
 		}
+		if _, err := checkSlotData(p, b, writers); err != nil {
+			t.Fatal(err) // a failed copy's data, or no copy's
+		}
+	}
+	if preserved != uint64(copies.Load()) {
+		t.Fatalf("%d blocks preserved, %d copies reported", preserved, copies.Load())
+	}
+	// Failed copies may leak slots when another copy allocated after them,
+	// so fpos may run ahead of the copies; it must never fall behind.
+	if used := h.FPos - uint64(dataOff)/BlockSize; used < preserved || h.FPos*BlockSize > h.FSize {
+		t.Fatalf("fpos %d for %d copies, fsize %d", h.FPos, preserved, h.FSize)
 	}
 	f.Close(true)
 }

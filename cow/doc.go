@@ -5,7 +5,12 @@
 // closed file is a valid dattobd COW file. docs/cow-format.md describes the
 // format, the choices made here and the clean/dirty protocol.
 //
-// A File is safe for concurrent use. CopyOnWrite is first-write-wins and
-// does its data I/O outside the file's lock; the index is cached in 32 KiB
-// sections within a fixed memory budget, whatever the device size.
+// Create makes a new file; Open reopens one, in a Mode (ReadOnly,
+// ReloadSnapshot, ResumeSnapshot, ReloadIncremental), from a Storage: the
+// file through its filesystem (FileStorage) or the file's extents on the
+// snapshotted device (DeviceStorage, a COW file on the volume itself).
+//
+// A File is safe for concurrent use. CopyOnWriteRange is first-write-wins
+// and does its data I/O outside the file's lock; the index is cached in
+// 32 KiB sections within a fixed memory budget, whatever the device size.
 package cow

@@ -40,28 +40,24 @@ type Options struct {
 // File is an open COW file. All methods are safe for concurrent use.
 type File struct {
 	path string
-	// f is where the file's bytes are: the file itself, or its extents on
-	// the device for a COW file on the snapshotted volume (mapped.go).
-	f storage
-	// file is the file itself, nil when mapped.
-	file     *os.File
+	// s is where the file's bytes are: the file through its filesystem,
+	// or its extents on the device for a COW file on the snapshotted
+	// volume (mapped.go). The File owns it; only MoveToDevice replaces it,
+	// before the File is shared.
+	s        Storage
 	readOnly bool
-	// direct is the file opened with O_DIRECT (nil where the filesystem
-	// refuses it): CopyOnWriteRange writes aligned data with it, so a
-	// 1 MiB copy is a DMA from the caller's buffer, not a page-cache copy.
-	direct *os.File
 
-	// opMu serializes the operations that change the file's extent or
-	// lifecycle (Expand, TruncateToIndex, Sync, Close) and every header
-	// write of an open file (so an older header never lands after a newer
-	// one). It is taken before mu.
+	// opMu serializes the operations that change the file's extent,
+	// storage or lifecycle (Expand, TruncateToIndex, MoveToDevice, Sync,
+	// Close) and every header write of an open file (so an older header
+	// never lands after a newer one). It is taken before mu.
 	opMu sync.Mutex
 
 	mu     sync.Mutex
 	hdr    Header
 	blocks uint64
 	// dataOffset is where the data store starts. For a read-only file whose
-	// index extent is not known yet (see OpenReadOnly) it is an upper bound.
+	// index extent is not known yet (see ReadOnly) it is an upper bound.
 	dataOffset int64
 	// indexEnd is the end of the index as far as the file itself tells
 	// (read-only files); extentKnown says whether it is exact.
@@ -69,38 +65,19 @@ type File struct {
 	extentKnown bool
 	closed      bool
 	cache       indexCache
-	inflight    map[uint64]chan struct{} // blocks whose CopyOnWrite is doing data I/O
+	inflight    map[uint64]chan struct{} // blocks whose CopyOnWriteRange is doing data I/O
 	idle        sync.Cond                // broadcast when inflight becomes empty
 	intent      intentState              // write-intent logging (incremental mode)
 }
 
-// storage is what a File reads and writes its bytes through.
-type storage interface {
-	ReadAt(p []byte, off int64) (int, error)
-	WriteAt(p []byte, off int64) (int, error)
-	Sync() error
-	Truncate(size int64) error
-	Close() error
-}
-
-var bufPool = sync.Pool{New: func() any { return new([BlockSize]byte) }}
-
-func newFile(path string, fh *os.File, readOnly bool, hdr Header, blocks uint64, dataOffset int64, cacheBytes int64) *File {
+func newFile(path string, s Storage, readOnly bool, hdr Header, blocks uint64, dataOffset int64, cacheBytes int64) *File {
 	f := &File{
-		path: path, file: fh, readOnly: readOnly, hdr: hdr, blocks: blocks,
+		path: path, s: s, readOnly: readOnly, hdr: hdr, blocks: blocks,
 		dataOffset: dataOffset, indexEnd: dataOffset, extentKnown: true,
 		inflight: make(map[uint64]chan struct{}),
 	}
-	if fh != nil {
-		f.f = fh
-	}
 	f.idle.L = &f.mu
 	f.cache.init(limitSections(cacheBytes))
-	if !readOnly && fh != nil {
-		if d, err := os.OpenFile(path, os.O_WRONLY|syscall.O_DIRECT, 0); err == nil {
-			f.direct = d
-		}
-	}
 	return f
 }
 
@@ -139,12 +116,13 @@ func Create(path string, opt Options) (*File, error) {
 	if err != nil {
 		return nil, createError(path, err)
 	}
+	s := newFileStorage(fh, false)
 	fail := func(err error) (*File, error) {
-		fh.Close()
+		s.Close()
 		os.Remove(path)
 		return nil, err
 	}
-	if err := preallocate(fh, 0, size); err != nil {
+	if err := s.allocate(0, size); err != nil {
 		switch {
 		case errors.Is(err, syscall.ENOSPC):
 			return fail(&wrapErr{msg: fmt.Sprintf("cow file %s: not enough space to preallocate %d bytes", path, size), target: err})
@@ -153,11 +131,11 @@ func Create(path string, opt Options) (*File, error) {
 		}
 		return fail(fmt.Errorf("cow file %s: preallocate %d bytes: %w", path, size, err))
 	}
-	f := newFile(path, fh, false, hdr, blocks, dataOff, opt.CacheBytes)
+	f := newFile(path, s, false, hdr, blocks, dataOff, opt.CacheBytes)
 	if err := f.writeHeader(); err != nil {
 		return fail(fmt.Errorf("cow file %s: write header: %w", path, err))
 	}
-	if err := fh.Sync(); err != nil {
+	if err := s.Sync(); err != nil {
 		return fail(fmt.Errorf("cow file %s: fsync: %w", path, err))
 	}
 	return f, nil
@@ -215,22 +193,14 @@ func unwrapPath(err error) error {
 	return err
 }
 
-// readHeader checks that fh is a regular file long enough for a header,
-// then reads and parses the header; it also returns the file's size.
-func readHeader(fh *os.File, path string) (Header, int64, error) {
-	st, err := fh.Stat()
+// readHeader reads and parses the header of the file whose bytes s holds,
+// after checking that it is long enough for one; it also returns the
+// file's size.
+func readHeader(s Storage, path string) (Header, int64, error) {
+	size, err := s.Size()
 	if err != nil {
 		return Header{}, 0, fmt.Errorf("cow file %s: %w", path, unwrapPath(err))
 	}
-	if !st.Mode().IsRegular() {
-		return Header{}, 0, fmt.Errorf("cow file %s is not a regular file", path)
-	}
-	return readHeaderFrom(fh, st.Size(), path)
-}
-
-// readHeaderFrom reads the header of a file of size bytes held by r.
-func readHeaderFrom(r storage, size int64, path string) (Header, int64, error) {
-	fh := r
 	if size == 0 {
 		return Header{}, 0, corrupt("cow file %s is empty", path)
 	}
@@ -238,66 +208,66 @@ func readHeaderFrom(r storage, size int64, path string) (Header, int64, error) {
 		return Header{}, 0, corrupt("cow file %s is truncated: %d bytes, shorter than the %d-byte header", path, size, HeaderSize)
 	}
 	b := make([]byte, HeaderSize)
-	if _, err := fh.ReadAt(b, 0); err != nil {
+	if _, err := s.ReadAt(b, 0); err != nil {
 		return Header{}, 0, fmt.Errorf("cow file %s: read header: %w", path, unwrapPath(err))
 	}
-	h, err := ParseHeader(b)
+	h, err := parseHeader(b)
 	if err != nil {
 		return Header{}, 0, fmt.Errorf("cow file %s: %w", path, err)
 	}
 	return h, size, nil
 }
 
-// Open reopens a cleanly closed COW file for a device of deviceSize bytes
-// (dattobd's reload). It refuses a file without FlagClean (ErrNotClean), a
-// file whose index would overlap its data for this device size, and a
-// truncated file (ErrCorrupt); it then rewrites the header without
-// FlagClean (and fsyncs it) before anything else can change the file. The
-// caller checks the mode it expects in Header().Flags (FlagIndexOnly).
-func Open(path string, deviceSize int64, cacheBytes int64) (*File, error) {
-	f, _, err := open(path, deviceSize, cacheBytes, openOpts{want: wantAny})
-	return f, err
-}
+// Mode says what Open accepts and how it recovers a file left dirty.
+type Mode int
 
-// openOpts say what open accepts.
-type openOpts struct {
-	want            int  // wantAny, wantIndexOnly or wantDataStore
-	replayIntent    bool // a dirty index-only file with a write-intent record
-	trustDirtyIndex bool // a dirty file with a data store (see RecoverSnapshot)
-}
-
-// OpenSnapshot is Open for a file that must still hold its data store (a
-// snapshot to reload); an incremental file is refused untouched.
-func OpenSnapshot(path string, deviceSize int64, cacheBytes int64) (*File, error) {
-	f, _, err := open(path, deviceSize, cacheBytes, openOpts{want: wantDataStore})
-	return f, err
-}
-
-// RecoverSnapshot reopens a snapshot whose server died while the machine
-// kept running. Its file may be dirty, but the page cache holds every
-// write the dead server made, and CopyOnWriteRange writes a block's data
-// before its index entry and writes entries through to the file before a
-// write may overwrite the block: so every entry in the file names a slot
-// with the block's old data. fpos and nr_changed_blocks are rebuilt from
-// the index (slots written without an entry are simply not reused). It
-// must not be used after a machine crash or power cut, where the page
-// cache was lost: there only a clean file is intact (OpenSnapshot).
-func RecoverSnapshot(path string, deviceSize int64, cacheBytes int64) (*File, error) {
-	f, _, err := open(path, deviceSize, cacheBytes, openOpts{want: wantDataStore, trustDirtyIndex: true})
-	return f, err
-}
-
-// What open requires of the file's mode, checked before it writes anything.
 const (
-	wantAny = iota
-	wantIndexOnly
-	wantDataStore
+	// ReadOnly opens any COW file for reading only (update-img) and never
+	// writes to it. deviceSize and cacheBytes are ignored: the header does
+	// not record the device size, so the extent of the index is taken
+	// from the file:
+	//
+	//   - an index-only file truncated to its index (the normal case, and
+	//     what update-img is given) ends where its index ends: Blocks() is
+	//     exact up to the last section (4096 blocks);
+	//   - for any other file (snapshot mode) only an upper bound is known
+	//     (the index ends at or before fpos); Blocks() reports that bound
+	//     and ChangedRuns refuses to run until SetDeviceSize gives the
+	//     device size.
+	//
+	// It checks that the file is long enough for its index and data. A file
+	// without FlagClean is accepted; its index is untrusted, and the caller
+	// decides (update-img refuses it).
+	ReadOnly Mode = iota
+	// ReloadSnapshot reopens a cleanly closed snapshot, which must still
+	// hold its data store; an incremental file is refused untouched.
+	ReloadSnapshot
+	// ResumeSnapshot reopens a snapshot whose server died while the
+	// machine kept running. Its file may be dirty, but the page cache
+	// holds every write the dead server made, and CopyOnWriteRange writes
+	// a block's data before its index entry and writes entries through to
+	// the file before a write may overwrite the block: so every entry in
+	// the file names a slot with the block's old data. fpos and
+	// nr_changed_blocks are rebuilt from the index (slots written without
+	// an entry are simply not reused). It must not be used after a machine
+	// crash or power cut, where the page cache was lost: there only a
+	// clean file is intact (ReloadSnapshot).
+	ResumeSnapshot
+	// ReloadIncremental reopens an incremental (index-only) file, clean,
+	// or left dirty by a crash if it carries a valid write-intent record:
+	// every block of every region the record names is marked as changed (a
+	// superset of what was written before the crash), and write-intent
+	// logging is on when Open returns. A dirty file without a record, or
+	// with one that fails its checks, is refused (ErrNotClean or
+	// ErrCorrupt) and left untouched.
+	ReloadIncremental
 )
 
-// Recovered says what Recover found.
+// Recovered says what Open found in a file left dirty (ResumeSnapshot,
+// ReloadIncremental).
 type Recovered struct {
-	// Crashed is true when the file was not closed cleanly and its
-	// write-intent record was replayed.
+	// Crashed is true when the file was not closed cleanly (and, for an
+	// incremental file, its write-intent record was replayed).
 	Crashed bool
 	// Regions and RegionBytes describe the replayed record; Marked is how
 	// many blocks it newly marked as changed.
@@ -306,60 +276,88 @@ type Recovered struct {
 	Marked      uint64
 }
 
-// Recover opens an incremental (index-only) file for writing like Open,
-// and also accepts one left dirty by a crash if it carries a valid
-// write-intent record: every block of every region the record names is
-// marked as changed (a superset of what was written before the crash),
-// and write-intent logging is on when it returns. A dirty file without a
-// record, or with one that fails its checks, is refused (ErrNotClean or
-// ErrCorrupt) and left untouched.
-func Recover(path string, deviceSize int64, cacheBytes int64) (*File, Recovered, error) {
-	return open(path, deviceSize, cacheBytes, openOpts{want: wantIndexOnly, replayIntent: true})
-}
-
-func open(path string, deviceSize int64, cacheBytes int64, o openOpts) (*File, Recovered, error) {
-	fh, err := os.OpenFile(path, os.O_RDWR, 0)
+// Open opens the COW file whose bytes s holds; path only names it in
+// messages. It owns s from then on: on any error s is closed, and
+// File.Close closes it.
+//
+// Every mode but ReadOnly reopens the file for writing for a device of
+// deviceSize bytes (dattobd's reload), with an index cache of cacheBytes
+// (0 = DefaultCacheBytes). It checks the file's mode (FlagIndexOnly)
+// against the one asked for, and refuses a file without FlagClean
+// (ErrNotClean) unless the mode says how to recover it, a file whose index
+// would overlap its data for this device size, and a truncated file
+// (ErrCorrupt), all before it writes anything; it then rewrites the header
+// without FlagClean (and fsyncs it) before anything else can change the
+// file.
+func Open(path string, s Storage, mode Mode, deviceSize, cacheBytes int64) (*File, Recovered, error) {
+	hdr, size, err := readHeader(s, path)
 	if err != nil {
-		return nil, Recovered{}, openError(path, err)
-	}
-	hdr, size, err := readHeader(fh, path)
-	if err != nil {
-		fh.Close()
+		s.Close()
 		return nil, Recovered{}, err
 	}
-	return openOn(fh, fh, hdr, size, path, deviceSize, cacheBytes, o)
+	switch mode {
+	case ReadOnly:
+		f, err := openReadOnly(path, s, hdr, size)
+		return f, Recovered{}, err
+	case ReloadSnapshot, ResumeSnapshot, ReloadIncremental:
+		return openWritable(path, s, hdr, size, mode, deviceSize, cacheBytes)
+	}
+	s.Close()
+	return nil, Recovered{}, fmt.Errorf("cow file %s: unknown open mode %d", path, mode)
 }
 
-// openOn opens the file whose bytes fh holds (file is the file itself, or
-// nil when fh is its extents on the device): the checks and recovery of
-// open, on any storage.
-func openOn(fh storage, file *os.File, hdr Header, size int64, path string, deviceSize int64, cacheBytes int64, o openOpts) (*File, Recovered, error) {
-	want := o.want
+// openReadOnly is Open in ReadOnly mode.
+func openReadOnly(path string, s Storage, hdr Header, size int64) (*File, error) {
+	dataEnd := int64(hdr.FPos) * BlockSize
+	var indexEnd int64
+	known := false
+	if hdr.Flags&FlagIndexOnly != 0 && size <= dataEnd {
+		// Truncated to its index: the file's length is the data offset.
+		if size < HeaderSize+SectionBytes || (size-HeaderSize)%SectionBytes != 0 {
+			s.Close()
+			return nil, corrupt("cow file %s is truncated: %d bytes is not a header plus whole %d-byte index sections", path, size, SectionBytes)
+		}
+		indexEnd, known = size, true
+	} else {
+		if size < dataEnd {
+			s.Close()
+			return nil, corrupt("cow file %s is truncated: %d bytes, but its data runs to byte %d", path, size, dataEnd)
+		}
+		indexEnd = HeaderSize + (dataEnd-HeaderSize)/SectionBytes*SectionBytes
+	}
+	f := newFile(path, s, true, hdr, uint64(indexEnd-HeaderSize)/8, indexEnd, 0)
+	f.indexEnd, f.extentKnown = indexEnd, known
+	return f, nil
+}
+
+// openWritable is Open in the modes that write: the checks and recovery,
+// on any storage.
+func openWritable(path string, s Storage, hdr Header, size int64, mode Mode, deviceSize, cacheBytes int64) (*File, Recovered, error) {
 	var rec Recovered
 	fail := func(err error) (*File, Recovered, error) {
-		fh.Close()
+		s.Close()
 		return nil, rec, err
 	}
 	if deviceSize <= 0 {
 		return fail(fmt.Errorf("cow file %s: device size %d is not a positive number of bytes", path, deviceSize))
 	}
 	switch indexOnly := hdr.Flags&FlagIndexOnly != 0; {
-	case want == wantIndexOnly && !indexOnly:
+	case mode == ReloadIncremental && !indexOnly:
 		return fail(modeErr("cow file %s holds a snapshot (it has a data store), not an incremental change list", path))
-	case want == wantDataStore && indexOnly:
+	case mode != ReloadIncremental && indexOnly:
 		return fail(modeErr("cow file %s is an incremental change list (index only), not a snapshot", path))
 	}
 	blocks := Blocks(deviceSize)
 	var intent intentState
 	dirty := hdr.Flags&FlagClean == 0
 	switch {
-	case dirty && o.trustDirtyIndex:
+	case dirty && mode == ResumeSnapshot:
 		rec.Crashed = true
-	case dirty && !o.replayIntent:
+	case dirty && mode == ReloadSnapshot:
 		return fail(&wrapErr{msg: fmt.Sprintf("cow file %s not left in clean state", path), target: ErrNotClean})
 	case dirty:
 		raw := make([]byte, HeaderSize)
-		if _, err := fh.ReadAt(raw, 0); err != nil {
+		if _, err := s.ReadAt(raw, 0); err != nil {
 			return fail(fmt.Errorf("cow file %s: read header: %w", path, unwrapPath(err)))
 		}
 		var ok bool
@@ -385,15 +383,13 @@ func openOn(fh storage, file *os.File, hdr Header, size int64, path string, devi
 		return fail(corrupt("cow file %s is truncated: %d bytes, its header says %d are allocated", path, size, hdr.FSize))
 	}
 	hdr.Flags &^= FlagClean
-	f := newFile(path, file, false, hdr, blocks, dataOff, cacheBytes)
-	f.f = fh
-	if rec.Crashed && o.trustDirtyIndex {
+	f := newFile(path, s, false, hdr, blocks, dataOff, cacheBytes)
+	if rec.Crashed && mode == ResumeSnapshot {
 		if err := f.rebuildFromIndex(); err != nil {
-			f.closeFiles()
-			return nil, rec, err
+			return fail(err)
 		}
 	}
-	if rec.Crashed && o.replayIntent {
+	if rec.Crashed && mode == ReloadIncremental {
 		// Keep the record as it is until the replayed marks are on disk:
 		// a crash during recovery must find it again.
 		f.intent = intent
@@ -429,56 +425,10 @@ func openOn(fh storage, file *os.File, hdr Header, size int64, path string, devi
 	if err := f.writeHeader(); err != nil {
 		return fail(fmt.Errorf("cow file %s: write header: %w", path, err))
 	}
-	if err := fh.Sync(); err != nil {
+	if err := s.Sync(); err != nil {
 		return fail(fmt.Errorf("cow file %s: fsync: %w", path, err))
 	}
 	return f, rec, nil
-}
-
-// OpenReadOnly opens a COW file for reading only (update-img); it never
-// writes. It validates the header and checks that the file is long enough
-// for its index and data. The header does not record the device size, so
-// the extent of the index is taken from the file:
-//
-//   - an index-only file truncated to its index (the normal case, and what
-//     update-img is given) ends where its index ends: Blocks() is exact up
-//     to the last section (4096 blocks);
-//   - for any other file (snapshot mode) only an upper bound is known (the
-//     index ends at or before fpos); Blocks() reports that bound and
-//     ChangedRuns refuses to run until SetDeviceSize gives the device size.
-//
-// A file without FlagClean is accepted; its index is untrusted, and the
-// caller decides (update-img should refuse it).
-func OpenReadOnly(path string) (*File, error) {
-	fh, err := os.Open(path)
-	if err != nil {
-		return nil, openError(path, err)
-	}
-	hdr, size, err := readHeader(fh, path)
-	if err != nil {
-		fh.Close()
-		return nil, err
-	}
-	dataEnd := int64(hdr.FPos) * BlockSize
-	var indexEnd int64
-	known := false
-	if hdr.Flags&FlagIndexOnly != 0 && size <= dataEnd {
-		// Truncated to its index: the file's length is the data offset.
-		if size < HeaderSize+SectionBytes || (size-HeaderSize)%SectionBytes != 0 {
-			fh.Close()
-			return nil, corrupt("cow file %s is truncated: %d bytes is not a header plus whole %d-byte index sections", path, size, SectionBytes)
-		}
-		indexEnd, known = size, true
-	} else {
-		if size < dataEnd {
-			fh.Close()
-			return nil, corrupt("cow file %s is truncated: %d bytes, but its data runs to byte %d", path, size, dataEnd)
-		}
-		indexEnd = HeaderSize + (dataEnd-HeaderSize)/SectionBytes*SectionBytes
-	}
-	f := newFile(path, fh, true, hdr, uint64(indexEnd-HeaderSize)/8, indexEnd, 0)
-	f.indexEnd, f.extentKnown = indexEnd, known
-	return f, nil
 }
 
 // SetDeviceSize tells a read-only file the size of its device. It checks
@@ -512,7 +462,7 @@ func (f *File) SetDeviceSize(deviceSize int64) error {
 }
 
 func (f *File) writeHeader() error {
-	_, err := f.f.WriteAt(f.headerBytes(), 0)
+	_, err := f.s.WriteAt(f.headerBytes(), 0)
 	return err
 }
 
@@ -554,7 +504,7 @@ func (f *File) Header() Header {
 }
 
 // Blocks returns the number of index entries in use: Blocks(deviceSize).
-// For a read-only file see OpenReadOnly and SetDeviceSize.
+// For a read-only file see ReadOnly and SetDeviceSize.
 func (f *File) Blocks() uint64 {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -603,101 +553,6 @@ func (f *File) countChange(old uint64) {
 	}
 }
 
-// CopyOnWrite preserves block's pre-snapshot data, first write wins: if
-// the block's entry is 0 it calls readOld to fill a zeroed 4 KiB buffer
-// (which readOld must not keep), writes it to the slot at fpos, and only
-// then sets the entry; it returns true if it copied. Concurrent calls for
-// one block copy once: later callers wait for the first and return false.
-// The data I/O runs without the file's lock, so copies of different blocks
-// proceed in parallel. When no slot is free it returns ErrFull (wrapping
-// EFBIG) and changes nothing. If readOld or the write fails, the block
-// stays unchanged (entry 0) and the error is returned.
-func (f *File) CopyOnWrite(block uint64, readOld func(p []byte) error) (bool, error) {
-	f.mu.Lock()
-	var ch chan struct{}
-	for {
-		if err := f.writable(); err != nil {
-			f.mu.Unlock()
-			return false, err
-		}
-		if f.hdr.Flags&FlagIndexOnly != 0 {
-			f.mu.Unlock()
-			return false, modeErr("cow file %s is index-only: it has no data store to copy block %d into", f.path, block)
-		}
-		if err := f.usable(block); err != nil {
-			f.mu.Unlock()
-			return false, err
-		}
-		e, err := f.entry(block)
-		if err != nil {
-			f.mu.Unlock()
-			return false, err
-		}
-		if e != 0 {
-			f.mu.Unlock()
-			return false, nil
-		}
-		busy, ok := f.inflight[block]
-		if !ok {
-			break
-		}
-		f.mu.Unlock()
-		<-busy
-		f.mu.Lock()
-	}
-	if f.hdr.FPos >= f.hdr.FSize/BlockSize {
-		err := full("cow file %s max size exceeded (%d/%d)", f.path, f.hdr.FPos*BlockSize, f.hdr.FSize)
-		f.mu.Unlock()
-		return false, err
-	}
-	slot := f.hdr.FPos
-	f.hdr.FPos++
-	ch = make(chan struct{})
-	f.inflight[block] = ch
-	f.mu.Unlock()
-
-	finished := false
-	defer func() {
-		if !finished { // readOld panicked: release the block, then let the panic go on
-			f.finishCopy(block, slot, ch, errors.New("readOld panicked"))
-		}
-	}()
-	buf := bufPool.Get().(*[BlockSize]byte)
-	clear(buf[:])
-	err := readOld(buf[:])
-	if err == nil {
-		if _, werr := f.f.WriteAt(buf[:], int64(slot)*BlockSize); werr != nil {
-			err = fmt.Errorf("cow file %s: write data slot %d: %w", f.path, slot, unwrapPath(werr))
-		}
-	}
-	bufPool.Put(buf)
-	finished = true
-	return f.finishCopy(block, slot, ch, err)
-}
-
-// finishCopy publishes a finished copy (data first, then the entry) or
-// undoes its slot reservation, and wakes the block's waiters.
-func (f *File) finishCopy(block, slot uint64, ch chan struct{}, err error) (bool, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if err == nil {
-		var old uint64
-		if old, err = f.setEntry(block, slot); err == nil {
-			f.countChange(old) // old is 1 if MarkChanged ran meanwhile: counted already
-			err = f.writeEntriesThrough([]uint64{block})
-		}
-	}
-	if err != nil && f.hdr.FPos == slot+1 {
-		f.hdr.FPos = slot // nothing was allocated after us: give the slot back
-	}
-	delete(f.inflight, block)
-	close(ch)
-	if len(f.inflight) == 0 {
-		f.idle.Broadcast()
-	}
-	return err == nil, err
-}
-
 // ReadBlock reads the 4 KiB of preserved data in slot (an entry returned by
 // Lookup) into p, which must be BlockSize bytes.
 func (f *File) ReadBlock(slot uint64, p []byte) error {
@@ -718,7 +573,7 @@ func (f *File) ReadBlock(slot uint64, p []byte) error {
 	if slot < lo || slot >= hi {
 		return fmt.Errorf("cow file %s: slot %d is outside the data slots %d..%d", f.path, slot, lo, hi)
 	}
-	n, err := f.f.ReadAt(p, int64(slot)*BlockSize)
+	n, err := f.s.ReadAt(p, int64(slot)*BlockSize)
 	if n == BlockSize {
 		return nil
 	}
@@ -726,30 +581,6 @@ func (f *File) ReadBlock(slot uint64, p []byte) error {
 		return corrupt("cow file %s is truncated: data slot %d is past its end", f.path, slot)
 	}
 	return fmt.Errorf("cow file %s: read data slot %d: %w", f.path, slot, unwrapPath(err))
-}
-
-// MarkChanged records an incremental change: an entry of 0 becomes 1 and
-// is counted. It reports whether it changed anything. It is allowed in
-// both modes (writes tracked between the switch to incremental and
-// TruncateToIndex land in a file that still has its data store).
-func (f *File) MarkChanged(block uint64) (bool, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if err := f.writable(); err != nil {
-		return false, err
-	}
-	if err := f.usable(block); err != nil {
-		return false, err
-	}
-	e, err := f.entry(block)
-	if err != nil || e != 0 {
-		return false, err
-	}
-	if _, err := f.setEntry(block, 1); err != nil {
-		return false, err
-	}
-	f.countChange(0)
-	return true, nil
 }
 
 // Expand grows the data store by bytes (rounded up to BlockSize): it
@@ -776,10 +607,11 @@ func (f *File) Expand(bytes int64) error {
 		return fmt.Errorf("cow file %s: expansion by %d bytes is out of range", f.path, bytes)
 	}
 	n := roundUp(bytes)
-	if f.file == nil {
+	a, ok := f.s.(allocator)
+	if !ok {
 		return modeErr("cow file %s lives on the snapshotted volume: growing it during the snapshot could take blocks the snapshot still needs; give it enough room with -f", f.path)
 	}
-	if err := preallocate(f.file, off, n); err != nil {
+	if err := a.allocate(off, n); err != nil {
 		if errors.Is(err, syscall.ENOSPC) {
 			return &wrapErr{msg: fmt.Sprintf("cow file %s: not enough space to expand by %d bytes", f.path, n), target: err}
 		}
@@ -813,7 +645,7 @@ func (f *File) CacheBytes() int64 {
 }
 
 // TruncateToIndex turns a snapshot file into an incremental one: it sets
-// FlagIndexOnly (from then on CopyOnWrite fails), waits for copies in
+// FlagIndexOnly (from then on CopyOnWriteRange fails), waits for copies in
 // progress, sets fsize to the data offset and fpos to the first slot
 // (the data store is gone), writes back the index and the header, and
 // truncates the file to its index. Entries keep their values: a slot
@@ -841,10 +673,10 @@ func (f *File) TruncateToIndex() error {
 	if err := f.writeHeader(); err != nil {
 		return fmt.Errorf("cow file %s: write header: %w", f.path, unwrapPath(err))
 	}
-	if err := f.f.Truncate(f.dataOffset); err != nil {
+	if err := f.s.Truncate(f.dataOffset); err != nil {
 		return fmt.Errorf("cow file %s: truncate to its index: %w", f.path, unwrapPath(err))
 	}
-	if err := f.f.Sync(); err != nil {
+	if err := f.s.Sync(); err != nil {
 		return fmt.Errorf("cow file %s: fsync: %w", f.path, unwrapPath(err))
 	}
 	return nil
@@ -870,7 +702,7 @@ func (f *File) Sync() error {
 	}
 	f.mu.Unlock()
 	if err == nil {
-		err = f.f.Sync()
+		err = f.s.Sync()
 	}
 	if err != nil {
 		return fmt.Errorf("cow file %s: sync: %w", f.path, unwrapPath(err))
@@ -878,17 +710,14 @@ func (f *File) Sync() error {
 	return nil
 }
 
-func (f *File) closeFiles() error {
-	if f.direct != nil {
-		f.direct.Close()
-		f.direct = nil
-	}
-	return f.f.Close()
-}
-
 // Mapped reports whether the file's bytes are read and written at its
 // extents on the device (a COW file on the snapshotted volume).
-func (f *File) Mapped() bool { return f.file == nil }
+func (f *File) Mapped() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, ok := f.s.(*deviceStorage)
+	return ok
+}
 
 // Close refuses new operations, waits for copies in progress, writes back
 // the index and the header and fsyncs. With clean, and only if all of that
@@ -907,7 +736,7 @@ func (f *File) Close(clean bool) error {
 	if f.readOnly {
 		f.cache.init(1)
 		f.mu.Unlock()
-		return f.closeFiles()
+		return f.s.Close()
 	}
 	for len(f.inflight) > 0 {
 		f.idle.Wait()
@@ -917,18 +746,18 @@ func (f *File) Close(clean bool) error {
 		err = f.writeHeader()
 	}
 	if err == nil {
-		err = f.f.Sync()
+		err = f.s.Sync()
 	}
 	if err == nil && clean {
 		f.hdr.Flags |= FlagClean
 		f.intent.enabled = false // a clean file needs no record: its index is whole
 		if err = f.writeHeader(); err == nil {
-			err = f.f.Sync()
+			err = f.s.Sync()
 		}
 	}
 	f.cache.init(1) // drop the sections
 	f.mu.Unlock()
-	if cerr := f.closeFiles(); err == nil {
+	if cerr := f.s.Close(); err == nil {
 		err = cerr
 	}
 	if err != nil {
@@ -955,6 +784,8 @@ func (f *File) ChangedRuns(fn func(first, count uint64) error) error {
 		return fmt.Errorf("cow file %s has a data store, so its header does not tell where its index ends; give the device size (SetDeviceSize)", f.path)
 	}
 	blocks := f.blocks
+	seeker, canSeek := f.s.(dataSeeker)
+	canSeek = canSeek && f.readOnly // nothing caches dirty sections: the file is the truth
 	f.mu.Unlock()
 
 	const chunk = 8 // sections per read
@@ -962,9 +793,8 @@ func (f *File) ChangedRuns(fn func(first, count uint64) error) error {
 	r := runs{fn: fn}
 	nsect := sections(blocks)
 	for s := uint64(0); s < nsect; {
-		if f.readOnly {
-			// Nothing caches dirty sections here: the file is the truth.
-			next, ok := nextData(f.file, sectionOffset(s))
+		if canSeek {
+			next, ok := seeker.nextData(sectionOffset(s))
 			if !ok {
 				break // zeros to the end
 			}
@@ -983,7 +813,7 @@ func (f *File) ChangedRuns(fn func(first, count uint64) error) error {
 			f.mu.Unlock()
 			return f.closedErr()
 		}
-		n, err := f.f.ReadAt(b, sectionOffset(s))
+		n, err := f.s.ReadAt(b, sectionOffset(s))
 		if n != len(b) {
 			f.mu.Unlock()
 			if errors.Is(err, io.EOF) {

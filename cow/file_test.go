@@ -111,7 +111,7 @@ func TestCreateSizes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := f.CopyOnWrite(0, fill(pattern(0, 0))); !errors.Is(err, ErrFull) {
+	if _, err := f.CopyOnWriteRange(0, pattern(0, 0)); !errors.Is(err, ErrFull) {
 		t.Fatalf("copy into a store of 0 slots: %v", err)
 	}
 	f.Close(false)
@@ -221,20 +221,20 @@ func TestZeroFill(t *testing.T) {
 
 func TestOpenErrors(t *testing.T) {
 	dir := t.TempDir()
-	if _, err := Open(filepath.Join(dir, "none"), 1<<20, 0); err == nil || !strings.Contains(err.Error(), "does not exist") {
+	if _, _, err := openPath(filepath.Join(dir, "none"), ReloadSnapshot, 1<<20, 0); err == nil || !strings.Contains(err.Error(), "does not exist") {
 		t.Fatalf("missing: %v", err)
 	}
 	path := filepath.Join(dir, "cow")
 	const dev = 64 << 20
 	f := mustCreate(t, path, Options{DeviceSize: dev, FileSize: 8 << 20})
-	if _, err := f.CopyOnWrite(3, fill(pattern(1, 3))); err != nil {
+	if _, err := f.CopyOnWriteRange(3, pattern(1, 3)); err != nil {
 		t.Fatal(err)
 	}
 	if err := f.Close(false); err != nil {
 		t.Fatal(err)
 	}
 	before := readRaw(t, path)
-	if _, err := Open(path, dev, 0); !errors.Is(err, ErrNotClean) || err.Error() != "cow file "+path+" not left in clean state" {
+	if _, _, err := openPath(path, ReloadSnapshot, dev, 0); !errors.Is(err, ErrNotClean) || err.Error() != "cow file "+path+" not left in clean state" {
 		t.Fatalf("dirty: %v", err)
 	}
 	if !bytes.Equal(before.b, readRaw(t, path).b) {
@@ -242,30 +242,27 @@ func TestOpenErrors(t *testing.T) {
 	}
 	// Make it clean by hand, then open it for the wrong device: a device so
 	// large that its index would overlap the data slots.
-	hb, _ := ParseHeader(before.b[:HeaderSize])
+	hb, _ := parseHeader(before.b[:HeaderSize])
 	hb.Flags |= FlagClean
 	raw, _ := hb.MarshalBinary()
 	writeAt(t, path, raw, 0)
-	if _, err := Open(path, 1<<40, 0); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "another device") {
+	if _, _, err := openPath(path, ReloadSnapshot, 1<<40, 0); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "another device") {
 		t.Fatalf("wrong device: %v", err)
 	}
-	if _, err := Open(path, 0, 0); err == nil {
+	if _, _, err := openPath(path, ReloadSnapshot, 0, 0); err == nil {
 		t.Fatal("device size 0 accepted")
 	}
 	// Truncated below its allocated size.
 	if err := os.Truncate(path, 4<<20); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Open(path, dev, 0); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "truncated") {
+	if _, _, err := openPath(path, ReloadSnapshot, dev, 0); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "truncated") {
 		t.Fatalf("truncated: %v", err)
 	}
 	if err := os.Truncate(path, 8<<20); err != nil {
 		t.Fatal(err)
 	}
-	g, err := Open(path, dev, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	g := mustOpen(t, path, ReloadSnapshot, dev, 0)
 	// Open rewrote the header dirty, on disk, at once.
 	if r := readRaw(t, path); r.flags()&FlagClean != 0 {
 		t.Fatalf("open left the header clean on disk: %#x", r.flags())
@@ -275,12 +272,12 @@ func TestOpenErrors(t *testing.T) {
 	}
 	g.Close(true)
 	// A directory and garbage.
-	if _, err := Open(dir, dev, 0); err == nil {
+	if _, _, err := openPath(dir, ReloadSnapshot, dev, 0); err == nil {
 		t.Fatal("directory accepted")
 	}
 	junk := filepath.Join(dir, "junk")
 	os.WriteFile(junk, bytes.Repeat([]byte{0x5A}, 10000), 0o600)
-	if _, err := Open(junk, dev, 0); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "bad magic") {
+	if _, _, err := openPath(junk, ReloadSnapshot, dev, 0); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "bad magic") {
 		t.Fatalf("junk: %v", err)
 	}
 }
@@ -302,13 +299,11 @@ func TestOpenReadOnlyBadFiles(t *testing.T) {
 	// A valid index-only file and a valid snapshot file to cut down.
 	inc := filepath.Join(dir, "inc")
 	f := mustCreate(t, inc, Options{DeviceSize: 3 * 16 << 20, IndexOnly: true})
-	f.MarkChanged(5)
+	f.MarkRange(5, 6)
 	f.Close(true)
 	snap := filepath.Join(dir, "snap")
 	f = mustCreate(t, snap, Options{DeviceSize: 16 << 20, FileSize: 1 << 20})
-	for b := range uint64(10) {
-		f.CopyOnWrite(b, fill(pattern(0, b)))
-	}
+	f.CopyOnWriteRange(0, blocksOf(0, 0, 10))
 	f.Close(true)
 	incB, _ := os.ReadFile(inc)
 	snapB, _ := os.ReadFile(snap)
@@ -335,7 +330,7 @@ func TestOpenReadOnlyBadFiles(t *testing.T) {
 		if err := os.WriteFile(p, c.data, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		g, err := OpenReadOnly(p)
+		g, _, err := openPath(p, ReadOnly, 0, 0)
 		if err == nil {
 			g.Close(false)
 			t.Errorf("%s: accepted", c.name)
@@ -348,10 +343,10 @@ func TestOpenReadOnlyBadFiles(t *testing.T) {
 			t.Errorf("%s: message spans lines: %q", c.name, err)
 		}
 	}
-	if _, err := OpenReadOnly(dir); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+	if _, _, err := openPath(dir, ReadOnly, 0, 0); err == nil || err.Error() != "cow file "+dir+" is not a regular file" {
 		t.Errorf("directory: %v", err)
 	}
-	if _, err := OpenReadOnly(filepath.Join(dir, "none")); err == nil || err.Error() != "cow file "+filepath.Join(dir, "none")+" does not exist" {
+	if _, _, err := openPath(filepath.Join(dir, "none"), ReadOnly, 0, 0); err == nil || err.Error() != "cow file "+filepath.Join(dir, "none")+" does not exist" {
 		t.Errorf("missing: %v", err)
 	}
 }
@@ -362,25 +357,22 @@ func TestOpenReadOnly(t *testing.T) {
 	const dev = 3*16<<20 + 5 // 3 sections + 1 partial block: 4 sections
 	f := mustCreate(t, path, Options{DeviceSize: dev, FileSize: 4 << 20})
 	for _, b := range []uint64{0, 1, 2, 100} {
-		if _, err := f.CopyOnWrite(b, fill(pattern(9, b))); err != nil {
+		if _, err := f.CopyOnWriteRange(b, pattern(9, b)); err != nil {
 			t.Fatal(err)
 		}
 	}
 	f.Close(true)
 
 	// Snapshot mode: the index extent is not known without the device size.
-	g, err := OpenReadOnly(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	g := mustOpen(t, path, ReadOnly, 0, 0)
 	if err := g.ChangedRuns(func(a, n uint64) error { return nil }); err == nil || !strings.Contains(err.Error(), "SetDeviceSize") {
 		t.Fatalf("ChangedRuns without the device size: %v", err)
 	}
-	if _, err := g.CopyOnWrite(5, fill(pattern(0, 0))); !errors.Is(err, ErrMode) {
-		t.Fatalf("CopyOnWrite on a read-only file: %v", err)
+	if _, err := g.CopyOnWriteRange(5, pattern(0, 0)); !errors.Is(err, ErrMode) {
+		t.Fatalf("CopyOnWriteRange on a read-only file: %v", err)
 	}
-	if _, err := g.MarkChanged(5); !errors.Is(err, ErrMode) {
-		t.Fatalf("MarkChanged on a read-only file: %v", err)
+	if _, err := g.MarkRange(5, 6); !errors.Is(err, ErrMode) {
+		t.Fatalf("MarkRange on a read-only file: %v", err)
 	}
 	if err := g.Expand(4096); !errors.Is(err, ErrMode) {
 		t.Fatalf("Expand on a read-only file: %v", err)
@@ -421,10 +413,7 @@ func TestOpenReadOnly(t *testing.T) {
 	}
 
 	// Index-only: the extent is exact.
-	f, err = Open(path, dev, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	f = mustOpen(t, path, ReloadSnapshot, dev, 0)
 	if err := f.TruncateToIndex(); err != nil {
 		t.Fatal(err)
 	}
@@ -435,10 +424,7 @@ func TestOpenReadOnly(t *testing.T) {
 	// Read-only use never writes, not even on a clean close.
 	r := readRaw(t, path)
 	st0, _ := os.Stat(path)
-	g, err = OpenReadOnly(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	g = mustOpen(t, path, ReadOnly, 0, 0)
 	if g.Blocks() != 4*SectionEntries {
 		t.Fatalf("index-only blocks %d, want the capacity %d", g.Blocks(), 4*SectionEntries)
 	}
@@ -483,10 +469,7 @@ func TestDattobdIndexOnlyFile(t *testing.T) {
 	if err := os.WriteFile(path, b, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	g, err := OpenReadOnly(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	g := mustOpen(t, path, ReadOnly, 0, 0)
 	if g.Header().Flags != FlagClean|FlagIndexOnly {
 		t.Fatalf("flags %#x", g.Header().Flags)
 	}
@@ -496,12 +479,9 @@ func TestDattobdIndexOnlyFile(t *testing.T) {
 		t.Fatalf("runs %v", runs)
 	}
 	g.Close(false)
-	f, err := Open(path, dev, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if ok, err := f.MarkChanged(8); !ok || err != nil || f.NrChangedBlocks() != 3 {
-		t.Fatalf("MarkChanged: %v %v %d", ok, err, f.NrChangedBlocks())
+	f := mustOpen(t, path, ReloadIncremental, dev, 0)
+	if must, err := f.MarkRange(7, 9); must || err != nil || f.NrChangedBlocks() != 3 {
+		t.Fatalf("MarkRange: %v %v %d", must, err, f.NrChangedBlocks())
 	}
 	f.Close(true)
 	if r := readRaw(t, path); r.flags() != FlagClean|FlagIndexOnly || r.entry(8) != 1 || r.nr() != 3 || r.seqid() != 4 {
@@ -517,22 +497,18 @@ func TestErrFullAndExpand(t *testing.T) {
 	defer f.Close(false)
 	first := uint64(dataOff) / BlockSize
 	for b := range uint64(4) {
-		if ok, err := f.CopyOnWrite(b*1000, fill(pattern(1, b))); !ok || err != nil {
-			t.Fatalf("copy %d: %v %v", b, ok, err)
+		if n, err := f.CopyOnWriteRange(b*1000, pattern(1, b)); n != 1 || err != nil {
+			t.Fatalf("copy %d: %v %v", b, n, err)
 		}
 	}
 	h := f.Header()
 	length := fileLen(t, path)
-	called := false
-	ok, err := f.CopyOnWrite(4000, func(p []byte) error { called = true; return nil })
-	if ok || !errors.Is(err, ErrFull) || !errors.Is(err, syscall.EFBIG) {
-		t.Fatalf("full store: %v %v", ok, err)
+	n, err := f.CopyOnWriteRange(4000, pattern(1, 4))
+	if n != 0 || !errors.Is(err, ErrFull) || !errors.Is(err, syscall.EFBIG) {
+		t.Fatalf("full store: %v %v", n, err)
 	}
 	if !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "max size exceeded") {
 		t.Fatalf("message %q", err)
-	}
-	if called {
-		t.Fatal("readOld called for a copy that cannot be stored")
 	}
 	if f.Header() != h || fileLen(t, path) != length {
 		t.Fatalf("ErrFull changed something: %+v", f.Header())
@@ -540,13 +516,16 @@ func TestErrFullAndExpand(t *testing.T) {
 	if e, _ := f.Lookup(4000); e != 0 {
 		t.Fatalf("entry %d after ErrFull", e)
 	}
-	// A block already copied still answers false, nil.
-	if ok, err := f.CopyOnWrite(0, fill(nil)); ok || err != nil {
-		t.Fatalf("copied block on a full store: %v %v", ok, err)
+	// A block already copied still answers 0, nil.
+	if n, err := f.CopyOnWriteRange(0, pattern(2, 0)); n != 0 || err != nil {
+		t.Fatalf("copied block on a full store: %v %v", n, err)
 	}
-	// MarkChanged needs no slot.
-	if ok, err := f.MarkChanged(4001); !ok || err != nil {
-		t.Fatalf("MarkChanged on a full store: %v %v", ok, err)
+	// MarkRange needs no slot.
+	if _, err := f.MarkRange(4001, 4002); err != nil {
+		t.Fatalf("MarkRange on a full store: %v", err)
+	}
+	if e, _ := f.Lookup(4001); e != 1 {
+		t.Fatalf("entry %d after MarkRange on a full store", e)
 	}
 	if err := f.Expand(1); err != nil { // rounded up to one block
 		t.Fatal(err)
@@ -557,10 +536,10 @@ func TestErrFullAndExpand(t *testing.T) {
 	if fileLen(t, path) != int64(h.FSize)+BlockSize {
 		t.Fatalf("file is %d bytes after Expand", fileLen(t, path))
 	}
-	if ok, err := f.CopyOnWrite(4000, fill(pattern(1, 4))); !ok || err != nil {
-		t.Fatalf("copy after Expand: %v %v", ok, err)
+	if n, err := f.CopyOnWriteRange(4000, pattern(1, 4)); n != 1 || err != nil {
+		t.Fatalf("copy after Expand: %v %v", n, err)
 	}
-	if _, err := f.CopyOnWrite(5000, fill(nil)); !errors.Is(err, ErrFull) {
+	if _, err := f.CopyOnWriteRange(5000, pattern(1, 5)); !errors.Is(err, ErrFull) {
 		t.Fatalf("second full: %v", err)
 	}
 	if err := f.Expand(0); err == nil {
@@ -583,12 +562,20 @@ func TestErrFullAndExpand(t *testing.T) {
 
 func TestCopyOnWriteErrors(t *testing.T) {
 	path := tempPath(t)
-	f := mustCreate(t, path, Options{DeviceSize: 1 << 20, FileSize: 1 << 20})
+	const dev = 1 << 20
+	g := mustCreate(t, path, Options{DeviceSize: dev, FileSize: 1 << 20})
+	g.Close(true)
+	f, hs := openHooked(t, path, ReloadSnapshot, dev, 0)
 	defer f.Close(false)
 	h := f.Header()
-	boom := errors.New("boom")
-	if ok, err := f.CopyOnWrite(1, func(p []byte) error { return boom }); ok || err != boom {
-		t.Fatalf("readOld error: %v %v", ok, err)
+	hs.onWrite = func(p []byte, off int64) error {
+		if off >= HeaderSize+SectionBytes {
+			return errInjected
+		}
+		return nil
+	}
+	if n, err := f.CopyOnWriteRange(1, pattern(1, 1)); n != 0 || !errors.Is(err, errInjected) || !strings.Contains(err.Error(), "write data slots") {
+		t.Fatalf("failing data write: %v %v", n, err)
 	}
 	if f.Header() != h {
 		t.Fatalf("failed copy changed the header: %+v", f.Header())
@@ -596,34 +583,22 @@ func TestCopyOnWriteErrors(t *testing.T) {
 	if e, _ := f.Lookup(1); e != 0 {
 		t.Fatalf("entry %d after a failed copy", e)
 	}
-	func() {
-		defer func() {
-			if recover() == nil {
-				t.Fatal("panic swallowed")
-			}
-		}()
-		f.CopyOnWrite(1, func(p []byte) error { panic("readOld") })
-	}()
-	// The block is free again after the panic.
-	if ok, err := f.CopyOnWrite(1, func(p []byte) error {
-		for i := range p {
-			if p[i] != 0 {
-				return fmt.Errorf("buffer not zeroed at %d", i)
-			}
-		}
-		p[0] = 0x42 // a partial fill: the rest stays zero
-		return nil
-	}); !ok || err != nil {
-		t.Fatalf("copy after failures: %v %v", ok, err)
+	// The block is free again after the failure, and gets the slot back.
+	hs.onWrite = nil
+	if n, err := f.CopyOnWriteRange(1, pattern(2, 1)); n != 1 || err != nil {
+		t.Fatalf("copy after a failure: %v %v", n, err)
 	}
 	if g := f.Header(); g.FPos != h.FPos+1 || g.NrChangedBlocks != 1 {
 		t.Fatalf("header %+v", g)
 	}
-	if _, err := f.CopyOnWrite(f.Blocks(), fill(nil)); err == nil {
+	if e, _ := f.Lookup(1); e != h.FPos {
+		t.Fatalf("block 1 in slot %d, want %d", e, h.FPos)
+	}
+	if _, err := f.CopyOnWriteRange(f.Blocks(), pattern(0, 0)); err == nil {
 		t.Fatal("copy past the device accepted")
 	}
-	if _, err := f.MarkChanged(f.Blocks()); err == nil {
-		t.Fatal("MarkChanged past the device accepted")
+	if _, err := f.MarkRange(f.Blocks(), f.Blocks()+1); err == nil {
+		t.Fatal("MarkRange past the device accepted")
 	}
 	p := make([]byte, BlockSize)
 	if err := f.ReadBlock(h.FPos, p[:100]); err == nil {
@@ -635,7 +610,7 @@ func TestCopyOnWriteErrors(t *testing.T) {
 	if err := f.ReadBlock(h.FPos+1, p); err == nil {
 		t.Fatal("unallocated slot accepted")
 	}
-	if err := f.ReadBlock(h.FPos, p); err != nil || p[0] != 0x42 || !bytes.Equal(p[1:], make([]byte, BlockSize-1)) {
+	if err := f.ReadBlock(h.FPos, p); err != nil || !bytes.Equal(p, pattern(2, 1)) {
 		t.Fatalf("ReadBlock: %v", err)
 	}
 }
@@ -644,14 +619,11 @@ func TestLookupRejectsCorruptEntry(t *testing.T) {
 	path := tempPath(t)
 	const dev = 1 << 20
 	f := mustCreate(t, path, Options{DeviceSize: dev, FileSize: 1 << 20})
-	f.CopyOnWrite(0, fill(pattern(0, 0)))
+	f.CopyOnWriteRange(0, pattern(0, 0))
 	f.Close(true)
 	writeAt(t, path, []byte{5}, HeaderSize+8*1)   // below the data store
 	writeAt(t, path, []byte{200}, HeaderSize+8*2) // beyond fpos
-	g, err := Open(path, dev, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	g := mustOpen(t, path, ReloadSnapshot, dev, 0)
 	defer g.Close(false)
 	for _, b := range []uint64{1, 2} {
 		if _, err := g.Lookup(b); !errors.Is(err, ErrCorrupt) {
@@ -670,10 +642,10 @@ func TestTruncateToIndex(t *testing.T) {
 	f := mustCreate(t, path, Options{DeviceSize: dev, FileSize: 8 << 20, CacheBytes: SectionBytes})
 	slots := map[uint64]uint64{}
 	for _, b := range []uint64{3, 4097, 3 * 4096, 5*4096 - 1} {
-		f.CopyOnWrite(b, fill(pattern(2, b)))
+		f.CopyOnWriteRange(b, pattern(2, b))
 		slots[b], _ = f.Lookup(b)
 	}
-	f.MarkChanged(70)
+	f.MarkRange(70, 71)
 	if err := f.TruncateToIndex(); err != nil {
 		t.Fatal(err)
 	}
@@ -693,8 +665,8 @@ func TestTruncateToIndex(t *testing.T) {
 			t.Fatalf("Lookup(%d) = %d, %v; want %d", b, e, err, s)
 		}
 	}
-	if _, err := f.CopyOnWrite(9, fill(nil)); !errors.Is(err, ErrMode) {
-		t.Fatalf("CopyOnWrite after truncation: %v", err)
+	if _, err := f.CopyOnWriteRange(9, pattern(2, 9)); !errors.Is(err, ErrMode) {
+		t.Fatalf("CopyOnWriteRange after truncation: %v", err)
 	}
 	if err := f.Expand(1 << 20); !errors.Is(err, ErrMode) {
 		t.Fatalf("Expand after truncation: %v", err)
@@ -702,17 +674,14 @@ func TestTruncateToIndex(t *testing.T) {
 	if err := f.ReadBlock(slots[3], make([]byte, BlockSize)); !errors.Is(err, ErrMode) {
 		t.Fatalf("ReadBlock after truncation: %v", err)
 	}
-	if ok, err := f.MarkChanged(9); !ok || err != nil {
+	if _, err := f.MarkRange(9, 10); err != nil {
 		t.Fatal(err)
 	}
 	if err := f.TruncateToIndex(); err != nil { // a retry is harmless
 		t.Fatal(err)
 	}
 	f.Close(true)
-	g, err := Open(path, dev, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	g := mustOpen(t, path, ReloadIncremental, dev, 0)
 	if g.Header().Flags != FlagIndexOnly || g.NrChangedBlocks() != 6 {
 		t.Fatalf("reopened: %+v", g.Header())
 	}
@@ -741,9 +710,9 @@ func TestChangedRuns(t *testing.T) {
 		}
 	}
 	rng.Shuffle(len(all), func(i, j int) { all[i], all[j] = all[j], all[i] })
-	for _, b := range all {
-		if ok, err := f.MarkChanged(b); !ok || err != nil {
-			t.Fatalf("MarkChanged(%d): %v %v", b, ok, err)
+	for i, b := range all {
+		if _, err := f.MarkRange(b, b+1); err != nil || f.NrChangedBlocks() != uint64(i+1) {
+			t.Fatalf("MarkRange(%d): %v, %d changed after %d marks", b, err, f.NrChangedBlocks(), i+1)
 		}
 	}
 	collect := func(f *File) [][2]uint64 {
@@ -766,10 +735,7 @@ func TestChangedRuns(t *testing.T) {
 		t.Fatalf("fn error: %v after %d calls", err, n)
 	}
 	f.Close(true)
-	g, err := OpenReadOnly(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	g := mustOpen(t, path, ReadOnly, 0, 0)
 	defer g.Close(false)
 	if got := collect(g); !slices.Equal(got, want) {
 		t.Fatalf("runs from the read-only file:\n got %v\nwant %v", got, want)
@@ -800,9 +766,9 @@ func TestBoundedMemory(t *testing.T) {
 		b := rng.Uint64N(1 << 28)
 		var err error
 		if i%2 == 0 {
-			_, err = f.CopyOnWrite(b, fill(pattern(7, b)))
+			_, err = f.CopyOnWriteRange(b, pattern(7, b))
 		} else {
-			_, err = f.MarkChanged(b)
+			_, err = f.MarkRange(b, b+1)
 		}
 		if err != nil {
 			t.Fatal(err)
@@ -836,10 +802,7 @@ func TestBoundedMemory(t *testing.T) {
 	if testing.Short() {
 		return
 	}
-	g, err := OpenReadOnly(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	g := mustOpen(t, path, ReadOnly, 0, 0)
 	defer g.Close(false)
 	if err := g.SetDeviceSize(dev); err != nil {
 		t.Fatal(err)

@@ -28,7 +28,7 @@ func FuzzParseHeader(f *testing.F) {
 }
 
 func checkParse(t *testing.T, b []byte) {
-	h, err := ParseHeader(b)
+	h, err := parseHeader(b)
 	if err != nil {
 		if !errors.Is(err, ErrCorrupt) || err.Error() == "" {
 			t.Fatalf("error %v is not a described ErrCorrupt", err)
@@ -43,7 +43,7 @@ func checkParse(t *testing.T, b []byte) {
 	if err != nil || len(m) != HeaderSize {
 		t.Fatalf("MarshalBinary: %d bytes, %v", len(m), err)
 	}
-	h2, err := ParseHeader(m)
+	h2, err := parseHeader(m)
 	if err != nil || h2 != h {
 		t.Fatalf("round trip: %+v, %v; want %+v", h2, err, h)
 	}
@@ -62,7 +62,7 @@ func checkParse(t *testing.T, b []byte) {
 
 // FuzzOpenReadOnly builds a file from a header (padded to 4096 bytes when
 // pad is set), a few bytes after it (the first index entries) and a hole,
-// opens it read-only and uses it.
+// opens it ReadOnly and uses it.
 func FuzzOpenReadOnly(f *testing.F) {
 	hdr := func(h Header) []byte {
 		b, _ := h.MarshalBinary()
@@ -75,7 +75,7 @@ func FuzzOpenReadOnly(f *testing.F) {
 	f.Add([]byte{}, false, []byte{}, uint32(0))
 	f.Fuzz(func(t *testing.T, head []byte, pad bool, tail []byte, hole uint32) {
 		path := buildFuzzFile(t, head, pad, tail, hole)
-		g, err := OpenReadOnly(path)
+		g, _, err := openPath(path, ReadOnly, 0, 0)
 		if err != nil {
 			if err.Error() == "" {
 				t.Fatal("empty error")
@@ -135,7 +135,7 @@ func buildFuzzFile(t *testing.T, head []byte, pad bool, tail []byte, hole uint32
 	return path
 }
 
-// useReadOnly exercises a file OpenReadOnly accepted, checking invariants,
+// useReadOnly exercises a file Open accepted ReadOnly, checking invariants,
 // and returns its changed runs.
 func useReadOnly(t *testing.T, g *File) [][2]uint64 {
 	h := g.Header()
@@ -182,7 +182,7 @@ func useReadOnly(t *testing.T, g *File) [][2]uint64 {
 // fuzzer starts from inputs that reach past the header checks.
 func TestFuzzSeedsOpen(t *testing.T) {
 	for i, sd := range fuzzSeeds() {
-		g, err := OpenReadOnly(buildFuzzFile(t, sd.head, sd.pad, sd.tail, sd.hole))
+		g, _, err := openPath(buildFuzzFile(t, sd.head, sd.pad, sd.tail, sd.hole), ReadOnly, 0, 0)
 		if err != nil {
 			t.Fatalf("seed %d: %v", i, err)
 		}

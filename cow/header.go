@@ -126,13 +126,13 @@ func (h Header) MarshalBinary() ([]byte, error) {
 	return b, nil
 }
 
-// ParseHeader decodes and validates a header block. b must be exactly
+// parseHeader decodes and validates a header block. b must be exactly
 // HeaderSize bytes. It checks the magic, the version (0 or 1), that no
 // unknown flag is set, and that fpos and fsize are plausible on their own
 // (checks against a device size are Open's). FlagVmallocUpper is accepted
 // and cleared. For version 0, which has no nr_changed_blocks field, the
 // count reads as 0. The reserved space is ignored. It never panics.
-func ParseHeader(b []byte) (Header, error) {
+func parseHeader(b []byte) (Header, error) {
 	if len(b) != HeaderSize {
 		return Header{}, corrupt("cow header is %d bytes, want %d", len(b), HeaderSize)
 	}

@@ -51,12 +51,12 @@ func TestHeaderGolden(t *testing.T) {
 			}
 		}
 	}
-	h, err := ParseHeader(want)
+	h, err := parseHeader(want)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if h != goldenStruct() {
-		t.Fatalf("ParseHeader(golden) = %+v, want %+v", h, goldenStruct())
+		t.Fatalf("parseHeader(golden) = %+v, want %+v", h, goldenStruct())
 	}
 }
 
@@ -122,7 +122,7 @@ func TestHeaderRoundTrip(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		g, err := ParseHeader(b)
+		g, err := parseHeader(b)
 		if err != nil {
 			t.Fatalf("%+v: %v", h, err)
 		}
@@ -136,7 +136,7 @@ func TestParseHeaderSpecialFields(t *testing.T) {
 	h := validHeader()
 	h.Flags = FlagClean | FlagVmallocUpper
 	b, _ := h.MarshalBinary()
-	g, err := ParseHeader(b)
+	g, err := parseHeader(b)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,13 +147,13 @@ func TestParseHeaderSpecialFields(t *testing.T) {
 	h = validHeader()
 	h.Version = 0
 	b, _ = h.MarshalBinary()
-	if g, err = ParseHeader(b); err != nil || g.NrChangedBlocks != 0 || g.Version != 0 {
+	if g, err = parseHeader(b); err != nil || g.NrChangedBlocks != 0 || g.Version != 0 {
 		t.Fatalf("version 0: %+v, %v", g, err)
 	}
 	// The reserved space is ignored.
 	b, _ = validHeader().MarshalBinary()
 	b[0x40], b[HeaderSize-1] = 0xFF, 0xFF
-	if g, err = ParseHeader(b); err != nil || g != validHeader() {
+	if g, err = parseHeader(b); err != nil || g != validHeader() {
 		t.Fatalf("reserved bytes: %+v, %v", g, err)
 	}
 }
@@ -192,7 +192,7 @@ func TestParseHeaderRejects(t *testing.T) {
 		{"fsize over int64", "out of range", mod(func(h *Header) { h.FSize = math.MaxInt64 - 100 })},
 	}
 	for _, c := range cases {
-		_, err := ParseHeader(c.b)
+		_, err := parseHeader(c.b)
 		if err == nil {
 			t.Errorf("%s: accepted", c.name)
 			continue

@@ -42,6 +42,70 @@ func mustCreate(t *testing.T, path string, opt Options) *File {
 	return f
 }
 
+// openPath opens the COW file at path through its filesystem, in mode.
+func openPath(path string, mode Mode, deviceSize, cacheBytes int64) (*File, Recovered, error) {
+	s, err := FileStorage(path, mode == ReadOnly)
+	if err != nil {
+		return nil, Recovered{}, err
+	}
+	return Open(path, s, mode, deviceSize, cacheBytes)
+}
+
+func mustOpen(t *testing.T, path string, mode Mode, deviceSize, cacheBytes int64) *File {
+	t.Helper()
+	f, _, err := openPath(path, mode, deviceSize, cacheBytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// hookStorage is a file's storage that calls onWrite before every write
+// (WriteAt and the bulk data path); a non-nil error fails the write
+// unperformed. onWrite may block, to hold a copy in flight. Set it before
+// the File is shared, or only between operations.
+type hookStorage struct {
+	*fileStorage
+	onWrite func(p []byte, off int64) error
+}
+
+func (s *hookStorage) WriteAt(p []byte, off int64) (int, error) {
+	if s.onWrite != nil {
+		if err := s.onWrite(p, off); err != nil {
+			return 0, err
+		}
+	}
+	return s.fileStorage.WriteAt(p, off)
+}
+
+func (s *hookStorage) writeData(p []byte, off int64) (int, error) {
+	if s.onWrite != nil {
+		if err := s.onWrite(p, off); err != nil {
+			return 0, err
+		}
+	}
+	return s.fileStorage.writeData(p, off)
+}
+
+// openHooked opens the file at path for writing, in mode, through a
+// hookStorage (returned, to set its hook).
+func openHooked(t *testing.T, path string, mode Mode, deviceSize, cacheBytes int64) (*File, *hookStorage) {
+	t.Helper()
+	s, err := FileStorage(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &hookStorage{fileStorage: s.(*fileStorage)}
+	f, _, err := Open(path, h, mode, deviceSize, cacheBytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f, h
+}
+
+// errInjected is what a hookStorage fails a write with.
+var errInjected = errors.New("injected write error")
+
 // rawFile decodes a COW file the way dattobd and its update-img do,
 // without this package's code: the header fields at their offsets, entry b
 // at 4096+8*b, the data of slot s at s*4096.
@@ -125,9 +189,5 @@ func pattern(a, b uint64) []byte {
 	return p
 }
 
-func fill(data []byte) func(p []byte) error {
-	return func(p []byte) error {
-		copy(p, data)
-		return nil
-	}
-}
+// who is the first argument of the pattern that fills p (see pattern).
+func who(p []byte) uint64 { return binary.LittleEndian.Uint64(p) }

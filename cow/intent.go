@@ -14,9 +14,9 @@ import (
 // a region of the device is let through, the region is recorded in the
 // header's reserved space and fsynced (group commit: every waiting writer
 // shares one fsync); a periodic Checkpoint writes the index back and
-// clears the regions that saw no new mark since. After a crash, Recover
-// marks every block of every recorded region: the result is a superset of
-// the blocks written, never missing one. Regions are coarse (at least
+// clears the regions that saw no new mark since. After a crash, Open
+// (ReloadIncremental) marks every block of every recorded region: the
+// result is a superset of the blocks written, never missing one. Regions are coarse (at least
 // 4 MiB, and the regions after a new one are recorded with it) so that
 // only the first write into a stretch of the device pays for an fsync.
 //
@@ -274,11 +274,11 @@ func (f *File) Checkpoint() error {
 }
 
 func (f *File) writeAndSync(hdr []byte) error {
-	if _, err := f.f.WriteAt(hdr, 0); err != nil {
+	if _, err := f.s.WriteAt(hdr, 0); err != nil {
 		return fmt.Errorf("cow file %s: write header: %w", f.path, unwrapPath(err))
 	}
 	crashPoint(f)
-	if err := f.f.Sync(); err != nil {
+	if err := f.s.Sync(); err != nil {
 		return fmt.Errorf("cow file %s: fsync: %w", f.path, unwrapPath(err))
 	}
 	crashPoint(f)
@@ -289,9 +289,9 @@ func (f *File) writeAndSync(hdr []byte) error {
 // the moments a crash can separate.
 var crashPoint = func(*File) {}
 
-// IntentRegions reports the number of regions recorded on disk and the
+// intentRegions reports the number of regions recorded on disk and the
 // region size in bytes (0, 0 when write-intent logging is off).
-func (f *File) IntentRegions() (n int, regionBytes int64) {
+func (f *File) intentRegions() (n int, regionBytes int64) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if !f.intent.enabled {

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -47,6 +48,7 @@ func TestIntentSurvivesCrashAtEveryPoint(t *testing.T) {
 	path := filepath.Join(dir, "inc")
 	const dev = 64 << 20 // 4 sections, 16 regions of 4 MiB
 	f := mustCreate(t, path, Options{DeviceSize: dev, IndexOnly: true, CacheBytes: SectionBytes})
+	defer f.Close(false) // after the captures: the crash is simulated on copies
 	issued := map[uint64]bool{}
 	var images []crashImage
 	snap := func() map[uint64]bool {
@@ -106,7 +108,7 @@ func TestIntentSurvivesCrashAtEveryPoint(t *testing.T) {
 		if err := os.WriteFile(p, img.bytes, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		g, rec, err := Recover(p, dev, 0)
+		g, rec, err := openPath(p, ReloadIncremental, dev, 0)
 		if err != nil {
 			t.Fatalf("crash point %d: %v", i, err)
 		}
@@ -139,14 +141,14 @@ func TestIntentSurvivesCrashAtEveryPoint(t *testing.T) {
 	if err := f.Checkpoint(); err != nil {
 		t.Fatal(err)
 	}
-	if n, _ := f.IntentRegions(); n != 0 {
+	if n, _ := f.intentRegions(); n != 0 {
 		t.Fatalf("%d regions recorded after an idle checkpoint", n)
 	}
 	crashPoint(f)
 	last := images[len(images)-1]
 	p := filepath.Join(dir, "last")
 	os.WriteFile(p, last.bytes, 0o600)
-	g, rec, err := Recover(p, dev, 0)
+	g, rec, err := openPath(p, ReloadIncremental, dev, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -168,10 +170,10 @@ func TestRecoverRefuses(t *testing.T) {
 	f := mustCreate(t, snap, Options{DeviceSize: dev})
 	f.Close(false)
 	before, _ := os.ReadFile(snap)
-	if _, _, err := Recover(snap, dev, 0); !errors.Is(err, ErrMode) {
+	if _, _, err := openPath(snap, ReloadIncremental, dev, 0); !errors.Is(err, ErrMode) {
 		t.Fatalf("crashed snapshot as an incremental: %v", err)
 	}
-	if _, err := OpenSnapshot(snap, dev, 0); !errors.Is(err, ErrNotClean) {
+	if _, _, err := openPath(snap, ReloadSnapshot, dev, 0); !errors.Is(err, ErrNotClean) {
 		t.Fatalf("crashed snapshot: %v", err)
 	}
 	if after, _ := os.ReadFile(snap); string(after) != string(before) {
@@ -196,11 +198,17 @@ func TestRecoverRefuses(t *testing.T) {
 	torn, _ := os.ReadFile(inc)
 	torn[intentOff+intentBitsOff] ^= 0x80
 	os.WriteFile(inc, torn, 0o600)
-	if _, _, err := Recover(inc, dev, 0); !errors.Is(err, ErrCorrupt) {
+	if _, _, err := openPath(inc, ReloadIncremental, dev, 0); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "a full backup is required") {
 		t.Fatalf("torn record: %v", err)
 	}
-	if _, err := Open(inc, dev, 0); !errors.Is(err, ErrNotClean) {
-		t.Fatalf("Open of a dirty file: %v", err)
+	if after, _ := os.ReadFile(inc); string(after) != string(torn) {
+		t.Fatal("a refused recovery changed the file")
+	}
+	// Without a record at all (a dirty file of dattobd's): refused too.
+	clear(torn[intentOff:])
+	os.WriteFile(inc, torn, 0o600)
+	if _, _, err := openPath(inc, ReloadIncremental, dev, 0); !errors.Is(err, ErrNotClean) || !strings.Contains(err.Error(), "a full backup is required") {
+		t.Fatalf("dirty file without a record: %v", err)
 	}
 }
 
@@ -223,13 +231,13 @@ func TestCleanCloseDropsIntent(t *testing.T) {
 		t.Fatal("clean file keeps a write-intent record")
 	}
 	before, _ := os.ReadFile(path)
-	if _, err := OpenSnapshot(path, dev, 0); !errors.Is(err, ErrMode) {
+	if _, _, err := openPath(path, ReloadSnapshot, dev, 0); !errors.Is(err, ErrMode) {
 		t.Fatalf("incremental file as a snapshot: %v", err)
 	}
 	if after, _ := os.ReadFile(path); string(after) != string(before) {
-		t.Fatal("a refused OpenSnapshot changed the file")
+		t.Fatal("a refused ReloadSnapshot changed the file")
 	}
-	g, rec, err := Recover(path, dev, 0)
+	g, rec, err := openPath(path, ReloadIncremental, dev, 0)
 	if err != nil || rec.Crashed {
 		t.Fatalf("clean reopen: %+v %v", rec, err)
 	}

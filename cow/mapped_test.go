@@ -2,9 +2,12 @@ package cow
 
 import (
 	"bytes"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"syscall"
 	"testing"
 )
@@ -34,11 +37,14 @@ func TestMappedStorage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := openMapped(dev, xs)
+	m, err := DeviceStorage(dev, xs)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()
+	if size, err := m.Size(); size != 48*BlockSize || err != nil {
+		t.Fatalf("Size() = %d, %v", size, err)
+	}
 	model := make([]byte, 48*BlockSize)
 	for range 300 {
 		off := rng.Int64N(int64(len(model)) - 1)
@@ -78,17 +84,186 @@ func TestMappedStorage(t *testing.T) {
 }
 
 func TestCheckExtents(t *testing.T) {
-	ok := []Extent{{4096, 0, 4096}, {0, 8192, 4096}}
+	ok := []Extent{{Logical: 4096, Physical: 0, Length: 4096}, {Logical: 0, Physical: 8192, Length: 4096}}
 	if got, err := checkExtents("f", ok, 8192); err != nil || got[0].Logical != 0 {
 		t.Fatalf("%v %v", got, err)
 	}
-	if _, err := checkExtents("f", []Extent{{0, 0, 4096}, {8192, 4096, 4096}}, 12288); err == nil {
+	if _, err := checkExtents("f", []Extent{{Logical: 0, Physical: 0, Length: 4096}, {Logical: 8192, Physical: 4096, Length: 4096}}, 12288); err == nil {
 		t.Fatal("a hole was accepted")
 	}
-	if _, err := checkExtents("f", []Extent{{0, 0, 4096}}, 8192); err == nil {
+	if _, err := checkExtents("f", []Extent{{Logical: 0, Physical: 0, Length: 4096}}, 8192); err == nil {
 		t.Fatal("a short map was accepted")
 	}
-	if got, _ := checkExtents("f", []Extent{{0, 0, 16384}}, 8192); got[0].Length != 8192 {
+	if got, _ := checkExtents("f", []Extent{{Logical: 0, Physical: 0, Length: 16384}}, 8192); got[0].Length != 8192 {
 		t.Fatalf("not clipped: %v", got)
+	}
+}
+
+func TestDeviceStorageRefusesBadExtents(t *testing.T) {
+	dev := filepath.Join(t.TempDir(), "dev")
+	if err := os.WriteFile(dev, make([]byte, 4*BlockSize), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, xs := range [][]Extent{
+		nil,
+		{{Logical: BlockSize, Physical: 0, Length: BlockSize}},                                              // not from byte 0
+		{{Logical: 0, Physical: 0, Length: BlockSize}, {Logical: 2 * BlockSize, Physical: 0, Length: 4096}}, // a hole
+		{{Logical: 0, Physical: 0, Length: 0}},
+	} {
+		if s, err := DeviceStorage(dev, xs); err == nil {
+			s.Close()
+			t.Errorf("DeviceStorage(%v) accepted", xs)
+		}
+	}
+}
+
+// fakeVolume creates a COW file on the temp filesystem and a sparse file
+// standing in for the device under it, big enough for the file's extents:
+// MoveToDevice then writes the stand-in at the file's real physical
+// offsets, never the real device.
+func fakeVolume(t *testing.T, opt Options) (path, dev string, f *File) {
+	t.Helper()
+	dir := t.TempDir()
+	path, dev = filepath.Join(dir, "cow"), filepath.Join(dir, "dev")
+	f = mustCreate(t, path, opt)
+	xs, err := fileExtents(path, int64(f.Header().FSize))
+	if err != nil {
+		f.Close(false)
+		t.Skipf("FIEMAP unusable here: %v", err)
+	}
+	fh, err := os.OpenFile(dev, os.O_RDWR|os.O_CREATE|syscall.O_DIRECT, 0o600)
+	if err != nil {
+		f.Close(false)
+		t.Skipf("O_DIRECT unsupported here: %v", err)
+	}
+	defer fh.Close()
+	var end int64
+	for _, x := range xs {
+		end = max(end, x.Physical+x.Length)
+	}
+	if err := fh.Truncate(end); err != nil {
+		f.Close(false)
+		t.Fatal(err)
+	}
+	return path, dev, f
+}
+
+// TestMoveToDevice: a new file moved to its (stand-in) device reads and
+// writes only there, at its extents; closed and reopened from the extents
+// (ReloadSnapshot, then ReloadIncremental) it holds what was written.
+func TestMoveToDevice(t *testing.T) {
+	const devSize = 64 << 20
+	path, dev, f := fakeVolume(t, Options{DeviceSize: devSize, FileSize: 2 << 20})
+	defer func() {
+		if f != nil {
+			f.Close(false)
+		}
+	}()
+	before := readRaw(t, path)
+	if f.Mapped() {
+		t.Fatal("a new file is mapped")
+	}
+	extents, err := f.MoveToDevice(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !f.Mapped() || len(extents) == 0 {
+		t.Fatalf("after MoveToDevice: mapped %v, %d extents", f.Mapped(), len(extents))
+	}
+	if _, err := f.MoveToDevice(dev); !errors.Is(err, ErrMode) {
+		t.Fatalf("second MoveToDevice: %v", err)
+	}
+	if err := f.Expand(BlockSize); !errors.Is(err, ErrMode) || !strings.Contains(err.Error(), "snapshotted volume") {
+		t.Fatalf("Expand on the device: %v", err)
+	}
+	if n, err := f.CopyOnWriteRange(10, blocksOf(3, 10, 20)); n != 20 || err != nil {
+		t.Fatalf("CopyOnWriteRange: %d %v", n, err)
+	}
+	if _, err := f.MarkRange(100, 110); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(true); err != nil {
+		t.Fatal(err)
+	}
+	f = nil
+	// Nothing went through the filesystem after the move: the file still
+	// holds the header Create wrote.
+	if after := readRaw(t, path); !bytes.Equal(after.b[:HeaderSize], before.b[:HeaderSize]) {
+		t.Fatal("the header was written through the filesystem")
+	}
+	// The device holds the file at its extents.
+	fh, err := os.Open(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var img []byte
+	for _, x := range extents {
+		b := make([]byte, x.Length)
+		if _, err := fh.ReadAt(b, x.Physical); err != nil {
+			t.Fatal(err)
+		}
+		img = append(img, b...)
+	}
+	fh.Close()
+	r := rawFile{t, img}
+	if r.flags() != FlagClean || r.nr() != 30 || r.entry(100) != 1 {
+		t.Fatalf("on the device: flags %#x, nr %d", r.flags(), r.nr())
+	}
+	for b := uint64(10); b < 30; b++ {
+		if !bytes.Equal(r.slot(r.entry(b)), pattern(3, b)) {
+			t.Fatalf("block %d: its slot on the device holds other data", b)
+		}
+	}
+	// Reopened from its extents, without its filesystem.
+	s, err := DeviceStorage(dev, extents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, _, err := Open(path, s, ReloadSnapshot, devSize, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !g.Mapped() {
+		t.Fatal("a file opened on its device is not mapped")
+	}
+	mustData(t, g, 15, pattern(3, 15))
+	if err := g.TruncateToIndex(); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Close(true); err != nil {
+		t.Fatal(err)
+	}
+	s, err = DeviceStorage(dev, extents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, rec, err := Open(path, s, ReloadIncremental, devSize, 0)
+	if err != nil || rec.Crashed {
+		t.Fatal(rec, err)
+	}
+	defer g.Close(false)
+	var runs [][2]uint64
+	g.ChangedRuns(func(a, n uint64) error { runs = append(runs, [2]uint64{a, n}); return nil })
+	if !slices.Equal(runs, [][2]uint64{{10, 20}, {100, 10}}) {
+		t.Fatalf("runs %v", runs)
+	}
+}
+
+// TestMoveToDeviceRefuses: only a new file moves, and a failed move leaves
+// the File on its filesystem, usable.
+func TestMoveToDeviceRefuses(t *testing.T) {
+	path, _, f := fakeVolume(t, Options{DeviceSize: 64 << 20, FileSize: 2 << 20})
+	defer f.Close(false)
+	if _, err := f.MoveToDevice(filepath.Join(filepath.Dir(path), "nodev")); err == nil || !strings.Contains(err.Error(), "nodev") {
+		t.Fatalf("missing device: %v", err)
+	}
+	if f.Mapped() {
+		t.Fatal("a failed move left the file mapped")
+	}
+	if n, err := f.CopyOnWriteRange(0, pattern(1, 0)); n != 1 || err != nil {
+		t.Fatalf("copy after a failed move: %d %v", n, err)
+	}
+	if _, err := f.MoveToDevice(filepath.Join(filepath.Dir(path), "dev")); !errors.Is(err, ErrMode) {
+		t.Fatalf("move of a used file: %v", err)
 	}
 }

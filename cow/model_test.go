@@ -55,6 +55,29 @@ func runModel(t *testing.T, seed uint64) {
 
 	startSlots := uint64(50 + rng.IntN(100))
 	f := mustCreate(t, path, Options{DeviceSize: dev, FileSize: dataOff + int64(startSlots)*BlockSize, CacheBytes: cache})
+	if err := f.Close(true); err != nil {
+		t.Fatal(err)
+	}
+	// Reopened through a storage whose data writes can be made to fail.
+	failWrites := false
+	reopen := func(mode Mode) (*File, error) {
+		s, err := FileStorage(path, false)
+		if err != nil {
+			return nil, err
+		}
+		hs := &hookStorage{fileStorage: s.(*fileStorage), onWrite: func(p []byte, off int64) error {
+			if failWrites && off >= dataOff {
+				return errInjected
+			}
+			return nil
+		}}
+		g, _, err := Open(path, hs, mode, dev, cache)
+		return g, err
+	}
+	f, err := reopen(ReloadSnapshot)
+	if err != nil {
+		t.Fatal(err)
+	}
 	m := &model{
 		entries: map[uint64]uint64{}, data: map[uint64][]byte{},
 		fpos: uint64(dataOff) / BlockSize, fsize: uint64(dataOff) + startSlots*BlockSize,
@@ -102,60 +125,81 @@ func runModel(t *testing.T, seed uint64) {
 			fail("ChangedRuns gives %d blocks, model has %d", len(got), len(want))
 		}
 	}
+	// span picks a range of 1..max blocks at a hot block, now and then one
+	// that runs past the device's end.
+	span := func(maxLen int) (first, n uint64) {
+		first = pick()
+		n = 1 + uint64(rng.IntN(maxLen))
+		if rng.IntN(30) == 0 {
+			return blocks - 1, 2
+		}
+		return first, min(n, blocks-first)
+	}
 
 	const nops = 1500
 	for range nops {
 		switch x := rng.IntN(100); {
-		case x < 35: // CopyOnWrite
-			b := pick()
-			data := pattern(seed<<32|uint64(len(ops)), b)
-			failRead := rng.IntN(20) == 0
-			called := false
-			ok, err := f.CopyOnWrite(b, func(p []byte) error {
-				called = true
-				if failRead {
-					return errors.New("read error")
+		case x < 35: // CopyOnWriteRange
+			first, n := span(8)
+			data := blocksOf(seed<<32|uint64(len(ops)), first, n)
+			injected := rng.IntN(20) == 0
+			failWrites = injected
+			got, err := f.CopyOnWriteRange(first, data)
+			failWrites = false
+			ops = append(ops, fmt.Sprintf("cow(%d+%d)", first, n))
+			var mine []uint64 // what the model copies: the blocks with entry 0
+			for b := first; b < first+n && b < blocks; b++ {
+				if m.entries[b] == 0 {
+					mine = append(mine, b)
 				}
-				copy(p, data)
-				return nil
-			})
-			ops = append(ops, fmt.Sprintf("cow(%d)", b))
+			}
+			k := uint64(len(mine))
 			switch {
 			case m.indexOnly:
-				if !errors.Is(err, ErrMode) || called {
-					fail("CopyOnWrite on an index-only file: %v %v", ok, err)
+				if !errors.Is(err, ErrMode) || got != 0 {
+					fail("CopyOnWriteRange on an index-only file: %d %v", got, err)
 				}
-			case m.entries[b] != 0:
-				if ok || err != nil || called {
-					fail("CopyOnWrite of a changed block: %v %v called=%v", ok, err, called)
+			case first+n > blocks:
+				if err == nil || got != 0 {
+					fail("CopyOnWriteRange past the device: %d %v", got, err)
 				}
-			case m.fpos >= m.fsize/BlockSize:
-				if ok || !errors.Is(err, ErrFull) || called {
-					fail("CopyOnWrite on a full store: %v %v called=%v", ok, err, called)
+			case k > 0 && m.fpos+k > m.fsize/BlockSize:
+				if !errors.Is(err, ErrFull) || got != 0 {
+					fail("CopyOnWriteRange on a full store: %d %v", got, err)
 				}
-			case failRead:
-				if ok || err == nil || !called {
-					fail("CopyOnWrite with a failing read: %v %v", ok, err)
+			case k > 0 && injected: // the data write fails: nothing changes
+				if !errors.Is(err, errInjected) || got != 0 {
+					fail("CopyOnWriteRange with a failing write: %d %v", got, err)
 				}
 			default:
-				if !ok || err != nil || !called {
-					fail("CopyOnWrite: %v %v called=%v", ok, err, called)
+				if err != nil || got != int(k) {
+					fail("CopyOnWriteRange copied %d, %v; want %d", got, err, k)
 				}
-				m.entries[b] = m.fpos
-				m.data[m.fpos] = data
-				m.fpos++
-				m.nr++
+				for _, b := range mine {
+					m.entries[b] = m.fpos
+					m.data[m.fpos] = data[(b-first)*BlockSize : (b-first+1)*BlockSize]
+					m.fpos++
+					m.nr++
+				}
 			}
-		case x < 45: // MarkChanged
-			b := pick()
-			ok, err := f.MarkChanged(b)
-			ops = append(ops, fmt.Sprintf("mark(%d)", b))
-			if err != nil || ok != (m.entries[b] == 0) {
-				fail("MarkChanged(%d) = %v, %v with entry %d", b, ok, err, m.entries[b])
+		case x < 45: // MarkRange
+			first, n := span(16)
+			must, err := f.MarkRange(first, first+n)
+			ops = append(ops, fmt.Sprintf("mark(%d+%d)", first, n))
+			if first+n > blocks {
+				if err == nil {
+					fail("MarkRange past the device accepted")
+				}
+				break
 			}
-			if ok {
-				m.entries[b] = 1
-				m.nr++
+			if err != nil || must {
+				fail("MarkRange(%d, %d) = %v, %v", first, first+n, must, err)
+			}
+			for b := first; b < first+n; b++ {
+				if m.entries[b] == 0 {
+					m.entries[b] = 1
+					m.nr++
+				}
 			}
 		case x < 65: // Lookup, sometimes of a cold block
 			b := pick()
@@ -194,8 +238,12 @@ func runModel(t *testing.T, seed uint64) {
 				fail("Close: %v", err)
 			}
 			checkDisk(t, path, m, blocks, dataOff, true)
+			mode := ReloadSnapshot
+			if m.indexOnly {
+				mode = ReloadIncremental
+			}
 			var err error
-			if f, err = Open(path, dev, cache); err != nil {
+			if f, err = reopen(mode); err != nil {
 				fail("Open: %v", err)
 			}
 			limit = cache
@@ -241,10 +289,7 @@ func runModel(t *testing.T, seed uint64) {
 	checkDisk(t, path, m, blocks, dataOff, true)
 
 	// A read-only view agrees with the model.
-	g, err := OpenReadOnly(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	g := mustOpen(t, path, ReadOnly, 0, 0)
 	if !m.indexOnly {
 		if err := g.SetDeviceSize(dev); err != nil {
 			t.Fatal(err)
@@ -263,14 +308,18 @@ func runModel(t *testing.T, seed uint64) {
 	g.Close(false)
 
 	// An unclean close leaves a file that Open refuses.
-	if f, err = Open(path, dev, cache); err != nil {
+	mode := ReloadSnapshot
+	if m.indexOnly {
+		mode = ReloadIncremental
+	}
+	if f, err = reopen(mode); err != nil {
 		t.Fatal(err)
 	}
 	if err := f.Close(false); err != nil {
 		t.Fatal(err)
 	}
 	checkDisk(t, path, m, blocks, dataOff, false)
-	if _, err := Open(path, dev, cache); !errors.Is(err, ErrNotClean) {
+	if _, err := reopen(mode); !errors.Is(err, ErrNotClean) {
 		t.Fatalf("Open of an unclean file: %v", err)
 	}
 }

@@ -7,88 +7,61 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// CreateOnVolume creates a COW file at path on the filesystem of the
-// volume being snapshotted (see mapped.go). It is Create, plus: the index
-// is written (zeros) through the filesystem, so that the filesystem reads
+// MoveToDevice puts a new COW file on the filesystem of the volume being
+// snapshotted (see mapped.go) onto that volume's device: the index is
+// written (zeros) through the filesystem, so that the filesystem reads
 // back what is later written at its extents on the device (the data store
 // stays preallocated, never read through the filesystem); the file is
-// synced, its extents read, its cached pages dropped, and from then on the
-// File reads and writes device at those extents only. The extents are
-// returned for reloads, which open the file without its filesystem.
-func CreateOnVolume(path, device string, opt Options) (*File, []Extent, error) {
-	f, err := Create(path, opt)
-	if err != nil {
-		return nil, nil, err
+// synced, its extents read (fileExtents), its cached pages dropped, and
+// from then on the File reads and writes device at those extents only. It
+// returns the extents, for reloads that open the file without its
+// filesystem (DeviceStorage).
+//
+// It is for a file fresh from Create, before the File is shared: it
+// refuses one in which anything was recorded. If it fails, the File is
+// unchanged, still on its filesystem.
+func (f *File) MoveToDevice(device string) ([]Extent, error) {
+	f.opMu.Lock()
+	defer f.opMu.Unlock()
+	f.mu.Lock()
+	err := f.writable()
+	fs, isFile := f.s.(*fileStorage)
+	switch {
+	case err != nil:
+	case !isFile:
+		err = modeErr("cow file %s is not a file on its filesystem: it cannot move to %s", f.path, device)
+	case f.hdr.NrChangedBlocks != 0 || f.hdr.FPos != uint64(f.dataOffset)/BlockSize || len(f.inflight) > 0:
+		err = modeErr("cow file %s is not new: only a file nothing was recorded in yet can move to %s", f.path, device)
 	}
-	fail := func(err error) (*File, []Extent, error) {
-		f.Close(false)
-		os.Remove(path)
-		return nil, nil, err
+	dataOff, size := f.dataOffset, int64(f.hdr.FSize)
+	f.mu.Unlock()
+	if err != nil {
+		return nil, err
 	}
 	zeros := make([]byte, 1<<20)
-	for off := int64(HeaderSize); off < f.dataOffset; off += int64(len(zeros)) {
-		n := min(int64(len(zeros)), f.dataOffset-off)
-		if _, err := f.file.WriteAt(zeros[:n], off); err != nil {
-			return fail(fmt.Errorf("cow file %s: write its index: %w", path, unwrapPath(err)))
+	for off := int64(HeaderSize); off < dataOff; off += int64(len(zeros)) {
+		n := min(int64(len(zeros)), dataOff-off)
+		if _, err := fs.WriteAt(zeros[:n], off); err != nil {
+			return nil, fmt.Errorf("cow file %s: write its index: %w", f.path, unwrapPath(err))
 		}
 	}
-	if err := f.file.Sync(); err != nil {
-		return fail(fmt.Errorf("cow file %s: fsync: %w", path, unwrapPath(err)))
+	if err := fs.Sync(); err != nil {
+		return nil, fmt.Errorf("cow file %s: fsync: %w", f.path, unwrapPath(err))
 	}
-	extents, err := FileExtents(path, int64(f.hdr.FSize))
+	extents, err := fileExtents(f.path, size)
 	if err != nil {
-		return fail(fmt.Errorf("cow file %s: %w", path, err))
+		return nil, fmt.Errorf("cow file %s: %w", f.path, err)
 	}
-	m, err := openMapped(device, extents)
+	d, err := DeviceStorage(device, extents)
 	if err != nil {
-		return fail(fmt.Errorf("cow file %s: open %s: %w", path, device, err))
+		return nil, fmt.Errorf("cow file %s: open %s: %w", f.path, device, err)
 	}
-	unix.Fadvise(int(f.file.Fd()), 0, 0, unix.FADV_DONTNEED)
+	fs.dropCache()
 	f.mu.Lock()
-	if f.direct != nil {
-		f.direct.Close()
-		f.direct = nil
-	}
-	f.file.Close()
-	f.file = nil
-	f.f = m
+	f.s = d
 	f.mu.Unlock()
-	return f, extents, nil
-}
-
-// OnVolume says how OpenOnVolume opens a file.
-type OnVolume int
-
-const (
-	// ReloadSnapshot: a cleanly closed snapshot (OpenSnapshot).
-	ReloadSnapshot OnVolume = iota
-	// ResumeSnapshot: a snapshot whose server died (RecoverSnapshot).
-	ResumeSnapshot
-	// ReloadIncremental: an incremental file, clean or crashed (Recover).
-	ReloadIncremental
-)
-
-// OpenOnVolume opens a COW file on the snapshotted volume at its recorded
-// extents on device, without its filesystem (which may not be mounted
-// yet, as at boot). path only names it in messages.
-func OpenOnVolume(path, device string, extents []Extent, deviceSize, cacheBytes int64, how OnVolume) (*File, Recovered, error) {
-	m, err := openMapped(device, extents)
-	if err != nil {
-		return nil, Recovered{}, fmt.Errorf("cow file %s: open %s: %w", path, device, err)
-	}
-	hdr, size, err := readHeaderFrom(m, m.size, path)
-	if err != nil {
-		m.Close()
-		return nil, Recovered{}, err
-	}
-	o := openOpts{want: wantDataStore}
-	switch how {
-	case ResumeSnapshot:
-		o.trustDirtyIndex = true
-	case ReloadIncremental:
-		o = openOpts{want: wantIndexOnly, replayIntent: true}
-	}
-	return openOn(m, nil, hdr, size, path, deviceSize, cacheBytes, o)
+	fs.Close()
+	return extents, nil
 }
 
 // DropCache drops the page cache of the file at path, so that readers

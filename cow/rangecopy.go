@@ -2,22 +2,23 @@ package cow
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
-	"syscall"
-	"unsafe"
 )
 
 // CopyOnWriteRange preserves the pre-snapshot data of the blocks
 // first..first+len(old)/BlockSize-1, whose current contents old holds
-// (len(old) a multiple of BlockSize). It is CopyOnWrite for a whole
-// request: the blocks whose entry is 0 get consecutive slots and their
-// data is written with one I/O, then their entries are set, so a 1 MiB
-// first write costs one write to the store instead of 256. Blocks already
-// preserved are skipped; blocks another call is copying are waited for.
-// It returns how many blocks it copied. When the store has too few free
-// slots for the blocks it would copy, it returns ErrFull and changes
-// nothing. If a concurrent copy it waited for failed, it reports an error.
+// (len(old) a multiple of BlockSize), first write wins: the blocks whose
+// entry is 0 get consecutive slots at fpos and their data is written with
+// one I/O, and only then are their entries set, so a 1 MiB first write
+// costs one write to the store instead of 256. Blocks already preserved
+// are skipped; blocks another call is copying are waited for, so
+// concurrent calls copy each block once. The data I/O runs without the
+// file's lock, so copies of different blocks proceed in parallel. It
+// returns how many blocks it copied. When the store has too few free slots
+// for the blocks it would copy, it returns ErrFull (wrapping EFBIG) and
+// changes nothing. If the write fails, its blocks stay unchanged (entry 0)
+// and the error is returned. If a concurrent copy it waited for failed, it
+// reports an error.
 func (f *File) CopyOnWriteRange(first uint64, old []byte) (int, error) {
 	if len(old)%BlockSize != 0 {
 		return 0, fmt.Errorf("cow file %s: CopyOnWriteRange needs whole blocks, got %d bytes", f.path, len(old))
@@ -99,22 +100,14 @@ func (f *File) CopyOnWriteRange(first uint64, old []byte) (int, error) {
 	return int(k), nil
 }
 
-// writeData writes whole slots. Large writes go with O_DIRECT when data
-// is aligned for it (no page-cache copy); small ones through the page
-// cache, where the filesystem converts the preallocated (unwritten)
-// extents in batches at writeback instead of once per write.
+// writeData writes whole data slots, through the storage's bulk path
+// where it has one.
 func (f *File) writeData(data []byte, off int64) (int, error) {
-	if f.direct != nil && len(data) >= directMin && uintptr(unsafe.Pointer(unsafe.SliceData(data)))%BlockSize == 0 {
-		n, err := f.direct.WriteAt(data, off)
-		if !errors.Is(err, syscall.EINVAL) {
-			return n, err
-		}
+	if w, ok := f.s.(bulkWriter); ok {
+		return w.writeData(data, off)
 	}
-	return f.f.WriteAt(data, off)
+	return f.s.WriteAt(data, off)
 }
-
-// directMin is the smallest data write issued with O_DIRECT.
-const directMin = 64 << 10
 
 // gather returns the data of blocks (a sorted subset of the blocks old
 // starts at first) back to back: old itself when they are all of it.
@@ -149,7 +142,7 @@ func (f *File) finishRange(blocks []uint64, slot uint64, ch chan struct{}, err e
 				// The rest stay 0; their slots are simply not reused.
 				break
 			}
-			f.countChange(old)
+			f.countChange(old) // old is 1 if MarkRange ran meanwhile: counted already
 		}
 		if err == nil {
 			err = f.writeEntriesThrough(blocks)
@@ -191,7 +184,7 @@ func (f *File) AllPreserved(first, last uint64) (bool, error) {
 }
 
 // rebuildFromIndex recomputes fpos and nr_changed_blocks from the index on
-// disk (RecoverSnapshot), checking that every entry names a data slot.
+// disk (ResumeSnapshot), checking that every entry names a data slot.
 // Caller is open, before the file is shared.
 func (f *File) rebuildFromIndex() error {
 	lo, hi := f.firstSlot(), f.hdr.FSize/BlockSize
@@ -200,7 +193,7 @@ func (f *File) rebuildFromIndex() error {
 	for b := uint64(0); b < f.blocks; {
 		n := min(uint64(len(buf)/8), f.blocks-b)
 		chunk := buf[:n*8]
-		if _, err := f.f.ReadAt(chunk, HeaderSize+int64(b)*8); err != nil {
+		if _, err := f.s.ReadAt(chunk, HeaderSize+int64(b)*8); err != nil {
 			return fmt.Errorf("cow file %s: read index: %w", f.path, unwrapPath(err))
 		}
 		for i := uint64(0); i < n; i++ {
@@ -230,7 +223,7 @@ func (f *File) rebuildFromIndex() error {
 
 // writeEntriesThrough writes the index entries of blocks (ascending) to
 // the file at once, one write per run of adjacent blocks, so that a
-// server that dies keeps them in the page cache (RecoverSnapshot). Caller
+// server that dies keeps them in the page cache (ResumeSnapshot). Caller
 // holds mu; the entries are in cached sections.
 func (f *File) writeEntriesThrough(blocks []uint64) error {
 	for i := 0; i < len(blocks); {
@@ -244,7 +237,7 @@ func (f *File) writeEntriesThrough(blocks []uint64) error {
 		}
 		lo := (blocks[i] % SectionEntries) * 8
 		hi := (blocks[j-1]%SectionEntries)*8 + 8
-		if _, err := f.f.WriteAt(s.b[lo:hi], sectionOffset(s.idx)+int64(lo)); err != nil {
+		if _, err := f.s.WriteAt(s.b[lo:hi], sectionOffset(s.idx)+int64(lo)); err != nil {
 			return fmt.Errorf("cow file %s: write index entries: %w", f.path, unwrapPath(err))
 		}
 		i = j

@@ -45,8 +45,8 @@ func TestCopyOnWriteRange(t *testing.T) {
 	defer f.Close(false)
 	// Blocks 12 and 14 were preserved earlier with other data.
 	for _, b := range []uint64{12, 14} {
-		if ok, err := f.CopyOnWrite(b, fill(pattern(9, b))); !ok || err != nil {
-			t.Fatal(ok, err)
+		if n, err := f.CopyOnWriteRange(b, pattern(9, b)); n != 1 || err != nil {
+			t.Fatal(n, err)
 		}
 	}
 	fpos := f.Header().FPos
@@ -116,16 +116,25 @@ func TestCopyOnWriteRangeFull(t *testing.T) {
 // another call is copying waits for it, and reports its failure.
 func TestCopyOnWriteRangeWaitsForFailedCopy(t *testing.T) {
 	path := tempPath(t)
-	f := mustCreate(t, path, Options{DeviceSize: 64 << 20})
+	const dev = 64 << 20
+	g := mustCreate(t, path, Options{DeviceSize: dev})
+	g.Close(true)
+	f, hs := openHooked(t, path, ReloadSnapshot, dev, 0)
 	defer f.Close(false)
+	// The copy of block 21 with pattern(7, 21) is held in its data write,
+	// then fails.
 	entered, release := make(chan struct{}), make(chan struct{})
-	done := make(chan error)
-	go func() {
-		_, err := f.CopyOnWrite(21, func(p []byte) error {
+	hs.onWrite = func(p []byte, off int64) error {
+		if off >= DataOffset(Blocks(dev)) && who(p) == 7 {
 			close(entered)
 			<-release
-			return errors.New("injected")
-		})
+			return errInjected
+		}
+		return nil
+	}
+	done := make(chan error)
+	go func() {
+		_, err := f.CopyOnWriteRange(21, pattern(7, 21))
 		done <- err
 	}()
 	<-entered
@@ -176,17 +185,7 @@ func TestConcurrentCopyOnWriteRange(t *testing.T) {
 			for range 300 {
 				first := rng.Uint64N(span)
 				n := 1 + rng.Uint64N(64)
-				var copied int
-				var err error
-				if n == 1 && w%2 == 0 {
-					var ok bool
-					ok, err = f.CopyOnWrite(first, fill(pattern(0, first)))
-					if ok {
-						copied = 1
-					}
-				} else {
-					copied, err = f.CopyOnWriteRange(first, blocksOf(0, first, n))
-				}
+				copied, err := f.CopyOnWriteRange(first, blocksOf(0, first, n))
 				if err != nil {
 					t.Error(err)
 					return
@@ -220,12 +219,12 @@ func TestConcurrentCopyOnWriteRange(t *testing.T) {
 	}
 }
 
-// TestRecoverSnapshotAfterServerDeath: a snapshot file abandoned without a
+// TestResumeSnapshotAfterServerDeath: a snapshot file abandoned without a
 // close (its server was killed; the page cache, which is what the file
-// reads as, survived) reopens with RecoverSnapshot: every preserved block
+// reads as, survived) reopens with ResumeSnapshot: every preserved block
 // reads back its old data, new copies get fresh slots, and the counts are
-// rebuilt. OpenSnapshot refuses the same dirty file.
-func TestRecoverSnapshotAfterServerDeath(t *testing.T) {
+// rebuilt. ReloadSnapshot refuses the same dirty file.
+func TestResumeSnapshotAfterServerDeath(t *testing.T) {
 	const dev = 64 << 20
 	path := tempPath(t)
 	f := mustCreate(t, path, Options{DeviceSize: dev, CacheBytes: SectionBytes})
@@ -250,14 +249,15 @@ func TestRecoverSnapshotAfterServerDeath(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	f.Close(false) // the copy is the dead server's file; this one is done
 	crashed := filepath.Join(t.TempDir(), "crashed")
 	os.WriteFile(crashed, img, 0o600)
-	if _, err := OpenSnapshot(crashed, dev, 0); !errors.Is(err, ErrNotClean) {
-		t.Fatalf("OpenSnapshot of a dirty snapshot: %v", err)
+	if _, _, err := openPath(crashed, ReloadSnapshot, dev, 0); !errors.Is(err, ErrNotClean) {
+		t.Fatalf("ReloadSnapshot of a dirty snapshot: %v", err)
 	}
-	g, err := RecoverSnapshot(crashed, dev, 0)
-	if err != nil {
-		t.Fatal(err)
+	g, rec, err := openPath(crashed, ResumeSnapshot, dev, 0)
+	if err != nil || !rec.Crashed {
+		t.Fatal(rec, err)
 	}
 	defer g.Close(false)
 	if got := g.NrChangedBlocks(); got != uint64(len(want)) {

@@ -2,16 +2,29 @@
 // and units, parsed with kong. Each command is a struct whose Run method
 // does the work; Main maps every failure to one line on stderr and a
 // non-zero exit status, never a stack trace.
+//
+// The CLI talks to the server of each minor through internal/protocol and
+// reads the state directory through internal/state. What needs the daemon
+// itself (running a server in this process, removing a device whose server
+// died) comes in through Host, so this package does not depend on the
+// daemon.
 package ctl
 
 import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"os"
+	"strconv"
 	"strings"
 
 	"github.com/alecthomas/kong"
+
+	"github.com/dbdublk/dbdublk/backup"
+	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/protocol"
+	"github.com/dbdublk/dbdublk/ublk"
 )
 
 // CLI is the root of dbdctl's command tree.
@@ -36,10 +49,23 @@ type CLI struct {
 	Version VersionCmd `cmd:"" help:"Print the version."`
 }
 
-// Env is what commands need from outside: where to print.
+// Host is what the CLI needs from the daemon without depending on it.
+// daemon.Host implements it; the command (ctl/dbdctl) passes it to Main.
+type Host interface {
+	// Check refuses a server start that cannot work, before anything
+	// changes, with the one-line reason the server would give.
+	Check(o protocol.ServeOptions) error
+	// Run runs a server (or its supervisor) in this process.
+	Run(o protocol.ServeOptions, logger *log.Logger, onReady func(front string)) error
+	// RemoveOrphan removes a front device whose server died.
+	RemoveOrphan(m dattobd.Minor) (bool, error)
+}
+
+// Env is what commands need from outside.
 type Env struct {
 	Stdout io.Writer
 	Stderr io.Writer
+	Host   Host
 }
 
 // exitError carries a specific exit status.
@@ -52,7 +78,7 @@ func (e *exitError) Error() string { return e.err.Error() }
 
 // Main runs dbdctl with args (without the program name) and returns the
 // exit status.
-func Main(args []string, stdout, stderr io.Writer) (code int) {
+func Main(args []string, stdout, stderr io.Writer, host Host) (code int) {
 	defer func() {
 		if r := recover(); r != nil {
 			fmt.Fprintf(stderr, "dbdctl: internal error: %v\n", r)
@@ -67,6 +93,13 @@ func Main(args []string, stdout, stderr io.Writer) (code int) {
 		kong.Writers(stdout, stderr),
 		kong.Exit(func(int) { exited = true }),
 		kong.ConfigureHelp(kong.HelpOptions{Compact: true}),
+		kong.Vars{
+			// Defaults shown in help come from the packages that own them.
+			"queues":  strconv.Itoa(ublk.DefaultQueues),
+			"depth":   strconv.Itoa(ublk.DefaultDepth),
+			"maxio":   strconv.Itoa(ublk.DefaultMaxIOBytes),
+			"workers": strconv.Itoa(backup.DefaultWorkers),
+		},
 	)
 	if err != nil {
 		fmt.Fprintf(stderr, "dbdctl: internal error: %v\n", err)
@@ -80,7 +113,7 @@ func Main(args []string, stdout, stderr io.Writer) (code int) {
 		fmt.Fprintf(stderr, "dbdctl: %s (see dbdctl --help)\n", oneLine(err.Error()))
 		return 2
 	}
-	if err := kctx.Run(&Env{Stdout: stdout, Stderr: stderr}); err != nil {
+	if err := kctx.Run(&Env{Stdout: stdout, Stderr: stderr, Host: host}); err != nil {
 		fmt.Fprintf(stderr, "dbdctl: %s\n", oneLine(err.Error()))
 		var ee *exitError
 		if errors.As(err, &ee) {
@@ -98,7 +131,7 @@ type VersionCmd struct{}
 
 // Run prints the version.
 func (VersionCmd) Run(env *Env) error {
-	fmt.Fprintln(env.Stdout, "dbdctl", version())
+	fmt.Fprintln(env.Stdout, "dbdctl", protocol.Version)
 	return nil
 }
 

@@ -1,40 +1,28 @@
 package ctl
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
-	"net"
 	"os"
 	"reflect"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
-	"github.com/dbdublk/dbdublk/server"
+	"github.com/dbdublk/dbdublk/internal/daemon"
+	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/protocol"
+	"github.com/dbdublk/dbdublk/internal/protocol/protocoltest"
 )
 
-// useRunDir points server.RunDir at a fresh directory so no test talks to a
-// real server of this host.
-func useRunDir(t *testing.T) {
-	t.Helper()
-	dir := t.TempDir()
-	if len(dir) > 80 { // keep socket paths under sun_path's 108 bytes
-		d, err := os.MkdirTemp("", "run")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.RemoveAll(d) })
-		dir = d
-	}
-	old := server.RunDir
-	server.RunDir = dir
-	t.Cleanup(func() { server.RunDir = old })
-}
+func useRunDir(t *testing.T) { protocoltest.UseRunDir(t) }
 
+// run runs dbdctl with the real daemon host (its checks run; no test
+// reaches a point where a server would be started).
 func run(args ...string) (code int, stdout, stderr string) {
 	var out, errb bytes.Buffer
-	code = Main(args, &out, &errb)
+	code = Main(args, &out, &errb, daemon.Host{})
 	return code, out.String(), errb.String()
 }
 
@@ -81,19 +69,22 @@ func TestMainErrors(t *testing.T) {
 		{[]string{"detach"}, 2, "missing minor (or --all)", false},
 		{[]string{"detach", "--all", "3"}, 2, "give a minor or --all, not both", false},
 		{[]string{"reload-incremental", "/dev/vda", "/tmp/x"}, 2, `expected "<minor>"`, false},
-		{[]string{"reload-snapshot", "/dev/vda", "/tmp/x", "999"}, 1, "minor 999 is out of range 0..255", false},
+		{[]string{"reload-snapshot", "/dev/vda", "/tmp/x", "999"}, 2, "minor 999 is out of range 0..255", false},
 		{[]string{"reload-incremental", "--cache=-5", "/dev/vda", "/tmp/x", "1"}, 1, "cache size must not be negative", false},
 		{[]string{"reload-incremental", "/dev/vda", "/nonexistent/cow", "7"}, 1, "COW file /nonexistent/cow does not exist", true},
 		{[]string{"reload-snapshot", "/dev/vda", "/dev", "7"}, 1, "COW file /dev is not a regular file", true},
 		{[]string{"attach", "/dev/vda", "1", "extra"}, 2, "unexpected argument extra", false},
 		{[]string{"attach", "--queues=x", "/dev/vda", "1"}, 2, "--queues", false},
-		{[]string{"attach", "/dev/vda", "abc"}, 1, `minor "abc" is not a number`, false},
-		{[]string{"attach", "/dev/vda", "256"}, 1, "minor 256 is out of range 0..255", false},
-		{[]string{"attach", "/dev/vda", ""}, 1, "minor is empty", false},
-		{[]string{"detach", "x"}, 1, `minor "x" is not a number`, false},
+		{[]string{"attach", "/dev/vda", "abc"}, 2, `minor "abc" is not a number`, false},
+		{[]string{"attach", "/dev/vda", "256"}, 2, "minor 256 is out of range 0..255", false},
+		{[]string{"attach", "/dev/vda", ""}, 2, "minor is empty", false},
+		{[]string{"detach", "x"}, 2, `minor "x" is not a number`, false},
 		{[]string{"detach", "-1"}, 2, "unknown flag -1", false},
-		{[]string{"info", "300"}, 1, "minor 300 is out of range 0..255", false},
-		{[]string{"info", "1.5"}, 1, `minor "1.5" is not a number`, false},
+		{[]string{"info", "300"}, 2, "minor 300 is out of range 0..255", false},
+		{[]string{"info", "1.5"}, 2, `minor "1.5" is not a number`, false},
+		{[]string{"transition-to-incremental", "0x1"}, 2, `minor "0x1" is not a number`, false},
+		{[]string{"update-img", "--workers=0", "/dev/datto0", "/c", "/i"}, 1, "workers must be 1..64", false},
+		{[]string{"update-img", "/dev/null", "/c", "/i"}, 1, "/dev/null does not appear to be a snapshot device", false},
 		{[]string{"attach", "/nonexistent", "0"}, 1, "/nonexistent does not exist", true},
 		{[]string{"attach", "/dev/null", "0"}, 1, "/dev/null is not a block device", true},
 		{[]string{"detach", "5"}, 1, "minor 5 is not attached", true},
@@ -153,59 +144,77 @@ func TestMainVersion(t *testing.T) {
 	if code != 0 || stderr != "" {
 		t.Fatalf("version = %d, stderr %q", code, stderr)
 	}
-	if want := "dbdctl " + server.Version + "\n"; stdout != want {
+	if want := "dbdctl " + protocol.Version + "\n"; stdout != want {
 		t.Errorf("version printed %q, want %q", stdout, want)
 	}
 }
 
-// fakeServer answers dbdctl's control protocol for one minor in RunDir.
+// fakeServer answers dbdctl's control protocol for one minor in RunDir,
+// through the real protocol server: info describes dev (nil: an answer
+// without a device), every other request fails with err (nil: succeeds).
 type fakeServer struct {
-	ln     net.Listener
-	answer func(server.Request) server.Response
-	wg     sync.WaitGroup
-	mu     sync.Mutex
-	ops    []string
+	dev *protocol.DeviceInfo
+	err error
+
+	mu  sync.Mutex
+	ops []protocol.Op
 }
 
-func startFake(t *testing.T, minor int, answer func(server.Request) server.Response) *fakeServer {
+func (f *fakeServer) note(op protocol.Op) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.ops = append(f.ops, op)
+	return f.err
+}
+
+func (f *fakeServer) received() []protocol.Op {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]protocol.Op(nil), f.ops...)
+}
+
+func (f *fakeServer) Info() protocol.DeviceInfo {
+	f.note(protocol.OpInfo)
+	if f.dev == nil {
+		return protocol.DeviceInfo{}
+	}
+	return *f.dev
+}
+func (f *fakeServer) Detach(protocol.Detach) error { return f.note(protocol.OpDetach) }
+func (f *fakeServer) SetupSnapshot(protocol.SetupSnapshot) error {
+	return f.note(protocol.OpSetupSnapshot)
+}
+func (f *fakeServer) TransitionToIncremental() error {
+	return f.note(protocol.OpTransitionToIncremental)
+}
+func (f *fakeServer) TransitionToSnapshot(protocol.TransitionToSnapshot) error {
+	return f.note(protocol.OpTransitionToSnapshot)
+}
+func (f *fakeServer) Destroy() error                         { return f.note(protocol.OpDestroy) }
+func (f *fakeServer) Reconfigure(protocol.Reconfigure) error { return f.note(protocol.OpReconfigure) }
+func (f *fakeServer) ExpandCowFile(protocol.ExpandCowFile) error {
+	return f.note(protocol.OpExpandCowFile)
+}
+func (f *fakeServer) ReconfigureAutoExpand(protocol.AutoExpand) error {
+	return f.note(protocol.OpReconfigureAutoExpand)
+}
+
+func startFake(t *testing.T, m dattobd.Minor, f *fakeServer) *fakeServer {
 	t.Helper()
-	ln, err := net.Listen("unix", server.SocketPath(minor))
+	s, err := protocol.Listen(m, f)
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fakeServer{ln: ln, answer: answer}
-	f.wg.Add(1)
-	go func() {
-		defer f.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			var req server.Request
-			line, _ := bufio.NewReader(c).ReadString('\n')
-			if json.Unmarshal([]byte(line), &req) == nil {
-				f.mu.Lock()
-				f.ops = append(f.ops, req.Op)
-				f.mu.Unlock()
-				json.NewEncoder(c).Encode(f.answer(req))
-			}
-			c.Close()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); f.wg.Wait() })
+	done := make(chan struct{})
+	go func() { s.Serve(); close(done) }()
+	t.Cleanup(func() { s.Close(); s.Drain(time.Second); <-done })
 	return f
 }
 
-func (f *fakeServer) received() []string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return append([]string(nil), f.ops...)
-}
-
-func fakeDevice(minor int) *server.DeviceInfo {
-	return &server.DeviceInfo{Minor: minor, BlockDevice: "/dev/sdz", State: server.StateAttached,
-		Mode: "passthrough", FrontDevice: "/dev/ublkb3", Size: 1 << 30, Stats: server.IOCounters{Writes: 9}}
+func fakeDevice(m dattobd.Minor) *protocol.DeviceInfo {
+	return &protocol.DeviceInfo{Minor: m, BlockDevice: "/dev/sdz", State: dattobd.StateAttached,
+		Mode: dattobd.Passthrough, Status: protocol.StatusServing, FrontDevice: m.FrontPath(), Size: 1 << 30,
+		Stats: protocol.IOCounters{Writes: 9}}
 }
 
 func TestMainInfo(t *testing.T) {
@@ -213,7 +222,7 @@ func TestMainInfo(t *testing.T) {
 		t.Skip("info needs root")
 	}
 	useRunDir(t)
-	startFake(t, 3, func(server.Request) server.Response { return server.Response{Device: fakeDevice(3)} })
+	startFake(t, 3, &fakeServer{dev: fakeDevice(3)})
 
 	for _, args := range [][]string{{"info"}, {"info", "3"}, {"info", "003"}} {
 		code, stdout, stderr := run(args...)
@@ -221,13 +230,13 @@ func TestMainInfo(t *testing.T) {
 			t.Fatalf("Main(%q) = %d, stderr %q", args, code, stderr)
 		}
 		var doc struct {
-			Version string              `json:"version"`
-			Devices []server.DeviceInfo `json:"devices"`
+			Version string                `json:"version"`
+			Devices []protocol.DeviceInfo `json:"devices"`
 		}
 		if err := json.Unmarshal([]byte(stdout), &doc); err != nil {
 			t.Fatalf("Main(%q) printed invalid JSON %q: %v", args, stdout, err)
 		}
-		if doc.Version != server.Version {
+		if doc.Version != protocol.Version {
 			t.Errorf("Main(%q) version = %q", args, doc.Version)
 		}
 		if len(doc.Devices) != 1 || !reflect.DeepEqual(doc.Devices[0], *fakeDevice(3)) {
@@ -256,12 +265,7 @@ func TestMainDetach(t *testing.T) {
 		t.Skip("detach needs root")
 	}
 	useRunDir(t)
-	f := startFake(t, 3, func(req server.Request) server.Response {
-		if req.Op == "info" {
-			return server.Response{Device: fakeDevice(3)}
-		}
-		return server.Response{}
-	})
+	f := startFake(t, 3, &fakeServer{dev: fakeDevice(3)})
 	code, stdout, stderr := run("detach", "3")
 	if code != 0 || stderr != "" {
 		t.Fatalf("detach 3 = %d, stderr %q", code, stderr)
@@ -269,7 +273,7 @@ func TestMainDetach(t *testing.T) {
 	if want := "detached /dev/sdz from /dev/ublkb3\n"; stdout != want {
 		t.Errorf("detach 3 printed %q, want %q", stdout, want)
 	}
-	if got := f.received(); !reflect.DeepEqual(got, []string{"info", "detach"}) {
+	if got := f.received(); !reflect.DeepEqual(got, []protocol.Op{protocol.OpInfo, protocol.OpDetach}) {
 		t.Errorf("server received %q, want [info detach]", got)
 	}
 }
@@ -281,12 +285,7 @@ func TestMainDetachRefused(t *testing.T) {
 	useRunDir(t)
 	// A multi-line server message still becomes one line.
 	msg := "/dev/ublkb4 is in use (mounted or open);\nunmount or close it before detaching"
-	startFake(t, 4, func(req server.Request) server.Response {
-		if req.Op == "info" {
-			return server.Response{Device: fakeDevice(4)}
-		}
-		return server.Response{Error: msg}
-	})
+	startFake(t, 4, &fakeServer{dev: fakeDevice(4), err: protocol.Errorf(protocol.ErrInUse, "%s", msg)})
 	args := []string{"detach", "4"}
 	code, stdout, stderr := run(args...)
 	wantOneLineError(t, args, code, stdout, stderr)
@@ -309,24 +308,5 @@ func TestOneLine(t *testing.T) {
 		if got := oneLine(in); got != want {
 			t.Errorf("oneLine(%q) = %q, want %q", in, got, want)
 		}
-	}
-}
-
-// A server whose info answer lacks the device must not be detached blind,
-// and the user gets one line, not an internal error.
-func TestMainDetachNoDeviceInfo(t *testing.T) {
-	if !isRoot() {
-		t.Skip("detach needs root")
-	}
-	useRunDir(t)
-	f := startFake(t, 6, func(server.Request) server.Response { return server.Response{} })
-	args := []string{"detach", "6"}
-	code, stdout, stderr := run(args...)
-	wantOneLineError(t, args, code, stdout, stderr)
-	if !strings.Contains(stderr, "no device info") {
-		t.Errorf("stderr = %q", stderr)
-	}
-	if got := f.received(); !reflect.DeepEqual(got, []string{"info"}) {
-		t.Errorf("server received %q, want only [info]", got)
 	}
 }

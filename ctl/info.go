@@ -4,119 +4,100 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"time"
 
-	"github.com/dbdublk/dbdublk/server"
+	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/protocol"
 )
 
 // DetachCmd removes a front device.
 type DetachCmd struct {
-	Minor string `arg:"" optional:"" name:"minor" help:"Minor of the attached device."`
-	All   bool   `help:"Detach every attached device and keep their state for reload-all (what the boot unit runs at shutdown)."`
+	Minor *dattobd.Minor `arg:"" optional:"" name:"minor" help:"Minor of the attached device."`
+	All   bool           `help:"Detach every attached device and keep their state for reload-all (what the boot unit runs at shutdown)."`
 }
 
 // Run detaches: the server flushes and deletes the front device, releases
 // the real device and exits. A tracking device becomes dormant: its COW
 // file is closed clean for reload-snapshot or reload-incremental.
 func (c *DetachCmd) Run(env *Env) error {
-	if c.All {
-		if c.Minor != "" {
-			return &exitError{2, errors.New("give a minor or --all, not both")}
-		}
-		if err := requireRoot(); err != nil {
-			return err
-		}
-		failed := 0
-		for _, m := range server.Minors() {
-			if err := detachOne(env, m, true); err != nil {
-				failed++
-				fmt.Fprintf(env.Stderr, "dbdctl: minor %d: %s\n", m, oneLine(err.Error()))
-			}
-		}
-		if failed > 0 {
-			return fmt.Errorf("%d device(s) could not be detached; see above", failed)
-		}
-		return nil
-	}
-	if c.Minor == "" {
+	switch {
+	case c.All && c.Minor != nil:
+		return &exitError{2, errors.New("give a minor or --all, not both")}
+	case !c.All && c.Minor == nil:
 		return &exitError{2, errors.New("missing minor (or --all)")}
-	}
-	minor, err := server.ParseMinor(c.Minor)
-	if err != nil {
-		return err
 	}
 	if err := requireRoot(); err != nil {
 		return err
 	}
-	return detachOne(env, minor, false)
+	if !c.All {
+		return detachOne(env, *c.Minor, false)
+	}
+	failed := 0
+	for _, m := range protocol.Minors() {
+		if err := detachOne(env, m, true); err != nil {
+			failed++
+			fmt.Fprintf(env.Stderr, "dbdctl: minor %d: %s\n", m, oneLine(err.Error()))
+		}
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d device(s) could not be detached; see above", failed)
+	}
+	return nil
 }
 
-func detachOne(env *Env, minor int, keep bool) error {
-	resp, err := server.Call(minor, server.Request{Op: "info"}, 5*time.Second)
-	if errors.Is(err, server.ErrNotAttached) {
+func detachOne(env *Env, m dattobd.Minor, keepState bool) error {
+	c := protocol.For(m)
+	d, err := c.Info()
+	if errors.Is(err, protocol.ErrNotAttached) {
 		// No server answers; its ublk device may have outlived it.
-		removed, oerr := server.RemoveOrphan(minor)
+		removed, oerr := env.Host.RemoveOrphan(m)
 		if oerr != nil {
 			return oerr
 		}
 		if removed {
-			fmt.Fprintf(env.Stdout, "removed /dev/ublkc%d, left behind by a server that died\n", minor)
+			fmt.Fprintf(env.Stdout, "removed %s, left behind by a server that died\n", m.FrontCharPath())
 			return nil
 		}
 	}
 	if err != nil {
 		return err
 	}
-	if resp.Device == nil {
-		return errors.New("server sent no device info")
-	}
-	if _, err := server.Call(minor, server.Request{Op: "detach", Keep: keep}, 10*time.Minute); err != nil {
+	if err := c.Detach(protocol.Detach{KeepState: keepState}); err != nil {
 		return err
 	}
-	if resp.Device.Mode != "passthrough" {
+	if d.Mode.Tracking() {
 		fmt.Fprintf(env.Stdout, "detached %s from %s; %s mode is dormant in %s (resume with dbdctl reload-%s)\n",
-			resp.Device.BlockDevice, resp.Device.FrontDevice, resp.Device.Mode, resp.Device.CowFile, resp.Device.Mode)
+			d.BlockDevice, d.FrontDevice, d.Mode, d.CowFile, d.Mode)
 		return nil
 	}
-	fmt.Fprintf(env.Stdout, "detached %s from %s\n", resp.Device.BlockDevice, resp.Device.FrontDevice)
+	fmt.Fprintf(env.Stdout, "detached %s from %s\n", d.BlockDevice, d.FrontDevice)
 	return nil
 }
 
 // InfoCmd prints device state.
 type InfoCmd struct {
-	Minor string `arg:"" optional:"" name:"minor" help:"Only this minor."`
+	Minor *dattobd.Minor `arg:"" optional:"" name:"minor" help:"Only this minor."`
 }
 
 // infoDoc is the document info prints: /proc/datto-info's shape.
 type infoDoc struct {
-	Version string              `json:"version"`
-	Devices []server.DeviceInfo `json:"devices"`
+	Version string                `json:"version"`
+	Devices []protocol.DeviceInfo `json:"devices"`
 }
 
 // Run prints the JSON document.
 func (c *InfoCmd) Run(env *Env) error {
-	doc := infoDoc{Version: server.Version, Devices: []server.DeviceInfo{}}
-	if c.Minor != "" {
-		minor, err := server.ParseMinor(c.Minor)
+	if err := requireRoot(); err != nil {
+		return err
+	}
+	doc := infoDoc{Version: protocol.Version, Devices: []protocol.DeviceInfo{}}
+	if c.Minor != nil {
+		d, err := protocol.For(*c.Minor).Info()
 		if err != nil {
 			return err
 		}
-		if err := requireRoot(); err != nil {
-			return err
-		}
-		resp, err := server.Call(minor, server.Request{Op: "info"}, 5*time.Second)
-		if err != nil {
-			return err
-		}
-		if resp.Device == nil {
-			return errors.New("server sent no device info")
-		}
-		doc.Devices = append(doc.Devices, *resp.Device)
+		doc.Devices = append(doc.Devices, d)
 	} else {
-		if err := requireRoot(); err != nil {
-			return err
-		}
-		doc.Devices = append(doc.Devices, server.ListDevices()...)
+		doc.Devices = append(doc.Devices, protocol.ListDevices()...)
 	}
 	out, err := json.MarshalIndent(doc, "", "  ")
 	if err != nil {

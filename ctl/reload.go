@@ -4,20 +4,20 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strconv"
-	"time"
 
-	"github.com/dbdublk/dbdublk/server"
+	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/protocol"
+	"github.com/dbdublk/dbdublk/internal/state"
 )
 
 // reloadArgs are reload-snapshot's and reload-incremental's arguments
 // (dattobd's): the device, the COW file left by the previous attachment,
 // the minor.
 type reloadArgs struct {
-	Cache       int64  `short:"c" name:"cache" help:"Index cache limit in bytes (default 300 MiB)." default:"0"`
-	BlockDevice string `arg:"" name:"block-device" help:"The real block device, not mounted and not attached."`
-	CowFile     string `arg:"" name:"cow-file" help:"The COW file the device was tracking into when it was detached, stopped or crashed."`
-	Minor       string `arg:"" name:"minor"`
+	Cache       int64         `short:"c" name:"cache" help:"Index cache limit in bytes (default 300 MiB)." default:"0"`
+	BlockDevice string        `arg:"" name:"block-device" help:"The real block device, not mounted and not attached."`
+	CowFile     string        `arg:"" name:"cow-file" help:"The COW file the device was tracking into when it was detached, stopped or crashed."`
+	Minor       dattobd.Minor `arg:"" name:"minor"`
 	ServerFlags
 }
 
@@ -29,16 +29,12 @@ type ReloadSnapshotCmd struct{ reloadArgs }
 type ReloadIncrementalCmd struct{ reloadArgs }
 
 // Run reloads the snapshot.
-func (c *ReloadSnapshotCmd) Run(env *Env) error { return c.run(env, "snapshot", 0) }
+func (c *ReloadSnapshotCmd) Run(env *Env) error { return c.run(env, dattobd.Snapshot, 0) }
 
 // Run reloads incremental tracking.
-func (c *ReloadIncrementalCmd) Run(env *Env) error { return c.run(env, "incremental", 0) }
+func (c *ReloadIncrementalCmd) Run(env *Env) error { return c.run(env, dattobd.Incremental, 0) }
 
-func (c *reloadArgs) run(env *Env, mode string, fallocMiB int64) error {
-	minor, err := server.ParseMinor(c.Minor)
-	if err != nil {
-		return err
-	}
+func (c *reloadArgs) run(env *Env, mode dattobd.Mode, fallocMiB int64) error {
 	if err := positive("cache size", c.Cache); err != nil {
 		return err
 	}
@@ -48,41 +44,46 @@ func (c *reloadArgs) run(env *Env, mode string, fallocMiB int64) error {
 	if err := requireRoot(); err != nil {
 		return err
 	}
-	// A COW file on the volume itself is found through the state file (by
-	// its path, or by its path relative to the volume's mount point, as
-	// dattobd takes it): its filesystem is not mounted yet.
-	rec, onVolume := server.OnVolumeRecord(minor, c.CowFile)
-	cowPath := c.CowFile
-	if onVolume {
-		cowPath = rec.CowFile
-	} else if cowPath, err = absCow(c.CowFile); err != nil {
+	if _, err := protocol.For(c.Minor).Info(); err == nil {
+		return fmt.Errorf("minor %d is attached already; reload-%s attaches the device itself: detach it first", c.Minor, mode)
+	} else if !errors.Is(err, protocol.ErrNotAttached) {
 		return err
 	}
-	if _, err := server.Call(minor, server.Request{Op: "info"}, 5*time.Second); err == nil {
-		return fmt.Errorf("minor %d is attached already; reload-%s attaches the device itself: detach it first", minor, mode)
-	} else if !errors.Is(err, server.ErrNotAttached) {
+	cowPath, err := c.cowPath()
+	if err != nil {
 		return err
 	}
-	st, err := os.Stat(cowPath)
-	switch {
-	case onVolume:
-	case errors.Is(err, os.ErrNotExist):
-		return fmt.Errorf("COW file %s does not exist", cowPath)
-	case err != nil:
-		return fmt.Errorf("COW file %s: %w", cowPath, err)
-	case !st.Mode().IsRegular():
-		return fmt.Errorf("COW file %s is not a regular file", cowPath)
-	}
-	if err := server.CheckAttach(c.BlockDevice, minor); err != nil {
-		return err
-	}
-	extra := []string{"--reload=" + mode, "--cow-file=" + cowPath, "--cache=" + strconv.FormatInt(c.Cache, 10),
-		"--falloc=" + strconv.FormatInt(fallocMiB, 10)}
-	if err := spawnServer(env, c.BlockDevice, minor, c.ServerFlags, extra); err != nil {
+	o := c.ServerFlags.serveOptions(c.BlockDevice, c.Minor)
+	o.Reload, o.CowFile, o.Cache, o.Falloc = mode, cowPath, c.Cache, fallocMiB
+	if err := spawn(env, o); err != nil {
 		return err
 	}
 	fmt.Fprintf(env.Stdout, "resumed %s mode on %s from %s\n", mode, c.BlockDevice, cowPath)
 	return nil
+}
+
+// cowPath finds the COW file. One on the volume itself is found through the
+// state file (by its path, or by its path relative to the volume's mount
+// point, as dattobd takes it): its filesystem is not mounted yet. Any other
+// must be a regular file.
+func (c *reloadArgs) cowPath() (string, error) {
+	if r, ok := state.OnVolume(c.Minor, c.CowFile); ok {
+		return r.CowFile, nil
+	}
+	path, err := absCow(c.CowFile)
+	if err != nil {
+		return "", err
+	}
+	st, err := os.Stat(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return "", fmt.Errorf("COW file %s does not exist", path)
+	case err != nil:
+		return "", fmt.Errorf("COW file %s: %w", path, err)
+	case !st.Mode().IsRegular():
+		return "", fmt.Errorf("COW file %s is not a regular file", path)
+	}
+	return path, nil
 }
 
 // ReloadAllCmd brings back every device recorded in the state directory,
@@ -97,30 +98,26 @@ func (c *ReloadAllCmd) Run(env *Env) error {
 	if err := requireRoot(); err != nil {
 		return err
 	}
-	states, problems := server.LoadStates()
+	records, problems := state.Load()
 	for _, p := range problems {
 		fmt.Fprintf(env.Stderr, "dbdctl: %s\n", oneLine(p.Error()))
 	}
 	failed := len(problems)
-	for _, p := range states {
-		if _, err := server.Call(p.Minor, server.Request{Op: "info"}, 5*time.Second); err == nil {
-			fmt.Fprintf(env.Stdout, "minor %d is attached already\n", p.Minor)
+	for _, r := range records {
+		if _, err := protocol.For(r.Minor).Info(); err == nil {
+			fmt.Fprintf(env.Stdout, "minor %d is attached already\n", r.Minor)
 			continue
 		}
 		var err error
-		switch p.Mode {
-		case "passthrough":
-			if err = server.CheckAttach(p.BlockDevice, p.Minor); err == nil {
-				err = spawnServer(env, p.BlockDevice, p.Minor, c.ServerFlags, nil)
-			}
-		default:
-			r := reloadArgs{Cache: p.CacheBytes, BlockDevice: p.BlockDevice, CowFile: p.CowFile,
-				Minor: strconv.Itoa(p.Minor), ServerFlags: c.ServerFlags}
-			err = r.run(env, p.Mode, p.FallocMiB)
+		if r.Mode.Tracking() {
+			ra := reloadArgs{Cache: r.CacheBytes, BlockDevice: r.BlockDevice, CowFile: r.CowFile, Minor: r.Minor, ServerFlags: c.ServerFlags}
+			err = ra.run(env, r.Mode, r.FallocMiB)
+		} else {
+			err = spawn(env, c.ServerFlags.serveOptions(r.BlockDevice, r.Minor))
 		}
 		if err != nil {
 			failed++
-			fmt.Fprintf(env.Stderr, "dbdctl: minor %d (%s): %s\n", p.Minor, p.BlockDevice, oneLine(err.Error()))
+			fmt.Fprintf(env.Stderr, "dbdctl: minor %d (%s): %s\n", r.Minor, r.BlockDevice, oneLine(err.Error()))
 		}
 	}
 	if failed > 0 {

@@ -6,27 +6,18 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
-	"strconv"
-	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/backup"
-	"github.com/dbdublk/dbdublk/server"
+	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/protocol"
 )
 
-// call sends a tracking command to minor's server and prints ok on success.
-func call(minor string, req server.Request) (int, error) {
-	m, err := server.ParseMinor(minor)
-	if err != nil {
-		return 0, err
-	}
+// client returns the client of minor's server, after the root check.
+func client(m dattobd.Minor) (protocol.Client, error) {
 	if err := requireRoot(); err != nil {
-		return 0, err
+		return protocol.Client{}, err
 	}
-	_, err = server.Call(m, req, 10*time.Minute)
-	return m, err
+	return protocol.For(m), nil
 }
 
 func absCow(path string) (string, error) {
@@ -49,20 +40,16 @@ func positive(name string, v int64) error {
 
 // SetupSnapshotCmd starts a snapshot series on a device.
 type SetupSnapshotCmd struct {
-	Cache       int64  `short:"c" name:"cache" help:"Index cache limit in bytes (default 300 MiB)." default:"0"`
-	Falloc      int64  `short:"f" name:"falloc" help:"COW file size to preallocate, in MiB (default 10% of the device)." default:"0"`
-	BlockDevice string `arg:"" name:"block-device" help:"The attached device's original path (or its /dev/ublkbN); a device not yet attached is attached first."`
-	CowFile     string `arg:"" name:"cow-file" help:"New COW file, on a filesystem other than the tracked device's."`
-	Minor       string `arg:"" name:"minor"`
+	Cache       int64         `short:"c" name:"cache" help:"Index cache limit in bytes (default 300 MiB)." default:"0"`
+	Falloc      int64         `short:"f" name:"falloc" help:"COW file size to preallocate, in MiB (default 10% of the device)." default:"0"`
+	BlockDevice string        `arg:"" name:"block-device" help:"The attached device's original path (or its /dev/ublkbN); a device not yet attached is attached first."`
+	CowFile     string        `arg:"" name:"cow-file" help:"New COW file, on a filesystem other than the tracked device's."`
+	Minor       dattobd.Minor `arg:"" name:"minor"`
 	ServerFlags
 }
 
 // Run sets up the snapshot.
 func (c *SetupSnapshotCmd) Run(env *Env) error {
-	minor, err := server.ParseMinor(c.Minor)
-	if err != nil {
-		return err
-	}
 	if err := positive("cache size", c.Cache); err != nil {
 		return err
 	}
@@ -73,35 +60,31 @@ func (c *SetupSnapshotCmd) Run(env *Env) error {
 	if err != nil {
 		return err
 	}
-	if err := requireRoot(); err != nil {
+	cl, err := client(c.Minor)
+	if err != nil {
 		return err
 	}
-	resp, err := server.Call(minor, server.Request{Op: "info"}, 5*time.Second)
+	d, err := cl.Info()
 	switch {
-	case errors.Is(err, server.ErrNotAttached):
+	case errors.Is(err, protocol.ErrNotAttached):
 		// Refuse a bad COW path before attaching anything.
 		if err := checkCowDir(cowPath); err != nil {
 			return err
 		}
-		a := &AttachCmd{BlockDevice: c.BlockDevice, Minor: c.Minor, ServerFlags: c.ServerFlags}
-		if err := server.CheckAttach(c.BlockDevice, minor); err != nil {
-			return err
-		}
-		if err := a.spawn(env, minor); err != nil {
+		if err := spawn(env, c.ServerFlags.serveOptions(c.BlockDevice, c.Minor)); err != nil {
 			return err
 		}
 	case err != nil:
 		return err
 	default:
-		if !sameDevice(c.BlockDevice, resp.Device.BlockDevice) && !sameDevice(c.BlockDevice, resp.Device.FrontDevice) {
-			return fmt.Errorf("minor %d is attached to %s, not %s", minor, resp.Device.BlockDevice, c.BlockDevice)
+		if !sameDevice(c.BlockDevice, d.BlockDevice) && !sameDevice(c.BlockDevice, d.FrontDevice) {
+			return fmt.Errorf("minor %d is attached to %s, not %s", c.Minor, d.BlockDevice, c.BlockDevice)
 		}
 	}
-	_, err = server.Call(minor, server.Request{Op: "setup-snapshot", CowFile: cowPath, CacheBytes: c.Cache, FallocMiB: c.Falloc}, 10*time.Minute)
-	if err != nil {
+	if err := cl.SetupSnapshot(protocol.SetupSnapshot{CowFile: cowPath, CacheBytes: c.Cache, FallocMiB: c.Falloc}); err != nil {
 		return err
 	}
-	fmt.Fprintf(env.Stdout, "snapshot of %s is %s (COW file %s)\n", c.BlockDevice, server.DattoPath(minor), cowPath)
+	fmt.Fprintf(env.Stdout, "snapshot of %s is %s (COW file %s)\n", c.BlockDevice, c.Minor.DattoPath(), cowPath)
 	return nil
 }
 
@@ -120,31 +103,36 @@ func checkCowDir(path string) error {
 	return nil
 }
 
+// sameDevice reports whether paths a and b are the same device node.
 func sameDevice(a, b string) bool {
-	var sa, sb unix.Stat_t
-	return unix.Stat(a, &sa) == nil && unix.Stat(b, &sb) == nil && sa.Rdev == sb.Rdev && sa.Rdev != 0
+	sa, err1 := os.Stat(a)
+	sb, err2 := os.Stat(b)
+	return err1 == nil && err2 == nil && sa.Mode()&os.ModeDevice != 0 && os.SameFile(sa, sb)
 }
 
 // TransitionToIncrementalCmd ends the snapshot and keeps tracking changes.
 type TransitionToIncrementalCmd struct {
-	Minor string `arg:"" name:"minor"`
+	Minor dattobd.Minor `arg:"" name:"minor"`
 }
 
 // Run transitions.
 func (c *TransitionToIncrementalCmd) Run(env *Env) error {
-	m, err := call(c.Minor, server.Request{Op: "transition-to-incremental"})
+	cl, err := client(c.Minor)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(env.Stdout, "minor %d is now tracking changes incrementally\n", m)
+	if err := cl.TransitionToIncremental(); err != nil {
+		return err
+	}
+	fmt.Fprintf(env.Stdout, "minor %d is now tracking changes incrementally\n", c.Minor)
 	return nil
 }
 
 // TransitionToSnapshotCmd takes the next snapshot of the series.
 type TransitionToSnapshotCmd struct {
-	Falloc  int64  `short:"f" name:"falloc" help:"COW file size to preallocate, in MiB (default: as before)." default:"0"`
-	CowFile string `arg:"" name:"cow-file" help:"New COW file; the current one becomes the changed-block list for update-img."`
-	Minor   string `arg:"" name:"minor"`
+	Falloc  int64         `short:"f" name:"falloc" help:"COW file size to preallocate, in MiB (default: as before)." default:"0"`
+	CowFile string        `arg:"" name:"cow-file" help:"New COW file; the current one becomes the changed-block list for update-img."`
+	Minor   dattobd.Minor `arg:"" name:"minor"`
 }
 
 // Run transitions.
@@ -156,33 +144,39 @@ func (c *TransitionToSnapshotCmd) Run(env *Env) error {
 	if err != nil {
 		return err
 	}
-	m, err := call(c.Minor, server.Request{Op: "transition-to-snapshot", CowFile: cowPath, FallocMiB: c.Falloc})
+	cl, err := client(c.Minor)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(env.Stdout, "new snapshot of minor %d is %s (COW file %s)\n", m, server.DattoPath(m), cowPath)
+	if err := cl.TransitionToSnapshot(protocol.TransitionToSnapshot{CowFile: cowPath, FallocMiB: c.Falloc}); err != nil {
+		return err
+	}
+	fmt.Fprintf(env.Stdout, "new snapshot of minor %d is %s (COW file %s)\n", c.Minor, c.Minor.DattoPath(), cowPath)
 	return nil
 }
 
 // DestroyCmd stops tracking and removes the current COW file.
 type DestroyCmd struct {
-	Minor string `arg:"" name:"minor"`
+	Minor dattobd.Minor `arg:"" name:"minor"`
 }
 
 // Run destroys.
 func (c *DestroyCmd) Run(env *Env) error {
-	m, err := call(c.Minor, server.Request{Op: "destroy"})
+	cl, err := client(c.Minor)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(env.Stdout, "minor %d no longer tracks changes (still attached)\n", m)
+	if err := cl.Destroy(); err != nil {
+		return err
+	}
+	fmt.Fprintf(env.Stdout, "minor %d no longer tracks changes (still attached)\n", c.Minor)
 	return nil
 }
 
 // ReconfigureCmd changes the index cache limit.
 type ReconfigureCmd struct {
-	Cache int64  `short:"c" name:"cache" required:"" help:"Index cache limit in bytes."`
-	Minor string `arg:"" name:"minor"`
+	Cache int64         `short:"c" name:"cache" required:"" help:"Index cache limit in bytes."`
+	Minor dattobd.Minor `arg:"" name:"minor"`
 }
 
 // Run reconfigures.
@@ -190,14 +184,17 @@ func (c *ReconfigureCmd) Run(env *Env) error {
 	if c.Cache <= 0 {
 		return fmt.Errorf("cache size must be a positive number of bytes (got %d)", c.Cache)
 	}
-	_, err := call(c.Minor, server.Request{Op: "reconfigure", CacheBytes: c.Cache})
-	return err
+	cl, err := client(c.Minor)
+	if err != nil {
+		return err
+	}
+	return cl.Reconfigure(protocol.Reconfigure{CacheBytes: c.Cache})
 }
 
 // ExpandCowFileCmd grows the COW store of an active snapshot.
 type ExpandCowFileCmd struct {
-	Size  int64  `arg:"" name:"size" help:"MiB to add."`
-	Minor string `arg:"" name:"minor"`
+	Size  int64         `arg:"" name:"size" help:"MiB to add."`
+	Minor dattobd.Minor `arg:"" name:"minor"`
 }
 
 // Run expands.
@@ -205,15 +202,18 @@ func (c *ExpandCowFileCmd) Run(env *Env) error {
 	if c.Size <= 0 {
 		return fmt.Errorf("expansion size must be a positive number of MiB (got %d)", c.Size)
 	}
-	_, err := call(c.Minor, server.Request{Op: "expand-cow-file", SizeMiB: c.Size})
-	return err
+	cl, err := client(c.Minor)
+	if err != nil {
+		return err
+	}
+	return cl.ExpandCowFile(protocol.ExpandCowFile{SizeMiB: c.Size})
 }
 
 // ReconfigureAutoExpandCmd makes a full COW store grow by itself.
 type ReconfigureAutoExpandCmd struct {
-	Reserved int64  `short:"r" name:"reserved" help:"MiB to always leave free on the COW file's filesystem." default:"0"`
-	Step     int64  `arg:"" name:"step" help:"MiB to add each time the store fills (0 turns auto-expand off)."`
-	Minor    string `arg:"" name:"minor"`
+	Reserved int64         `short:"r" name:"reserved" help:"MiB to always leave free on the COW file's filesystem." default:"0"`
+	Step     int64         `arg:"" name:"step" help:"MiB to add each time the store fills (0 turns auto-expand off)."`
+	Minor    dattobd.Minor `arg:"" name:"minor"`
 }
 
 // Run reconfigures.
@@ -224,8 +224,11 @@ func (c *ReconfigureAutoExpandCmd) Run(env *Env) error {
 	if err := positive("reserved space", c.Reserved); err != nil {
 		return err
 	}
-	_, err := call(c.Minor, server.Request{Op: "reconfigure-auto-expand", SizeMiB: c.Step, ReserveMiB: c.Reserved})
-	return err
+	cl, err := client(c.Minor)
+	if err != nil {
+		return err
+	}
+	return cl.ReconfigureAutoExpand(protocol.AutoExpand{StepMiB: c.Step, ReserveMiB: c.Reserved})
 }
 
 // UpdateImgCmd brings a backup image up to date.
@@ -233,56 +236,53 @@ type UpdateImgCmd struct {
 	SnapshotDevice string `arg:"" name:"snapshot-device" help:"The current snapshot, e.g. /dev/datto0."`
 	CowFile        string `arg:"" name:"cow-file" help:"The previous snapshot's COW file (its changed-block list)."`
 	Image          string `arg:"" name:"image" help:"The image made from the previous snapshot."`
-	Workers        int    `help:"Parallel copies." default:"4"`
+	Workers        int    `help:"Parallel copies." default:"${workers}"`
 }
 
-var dattoName = regexp.MustCompile(`^/dev/datto(\d+)$`)
-var ublkName = regexp.MustCompile(`^/dev/ublkb(\d+)$`)
+// maxWorkers bounds --workers.
+const maxWorkers = 64
 
-// snapshotMinor maps a snapshot device path to its minor.
-func snapshotMinor(path string) (int, error) {
-	if m := dattoName.FindStringSubmatch(filepath.Clean(path)); m != nil {
-		return server.ParseMinor(m[1])
+// snapshotMinor maps a snapshot device path (/dev/datto<minor>, or the
+// ublk device it links to) to its minor.
+func snapshotMinor(path string) (dattobd.Minor, error) {
+	if m, ok := dattobd.SnapshotMinor(filepath.Clean(path)); ok {
+		return m, nil
 	}
 	real, err := filepath.EvalSymlinks(path)
 	if err != nil {
 		return 0, fmt.Errorf("snapshot device %s does not exist", path)
 	}
-	if m := ublkName.FindStringSubmatch(real); m != nil {
-		id, _ := strconv.Atoi(m[1])
-		if id > server.MaxMinor && id-server.MaxMinor-1 <= server.MaxMinor {
-			return id - server.MaxMinor - 1, nil
-		}
+	if m, ok := dattobd.SnapshotMinor(real); ok {
+		return m, nil
 	}
 	return 0, fmt.Errorf("%s does not appear to be a snapshot device (expected /dev/datto<minor>)", path)
 }
 
 // Run updates the image.
 func (c *UpdateImgCmd) Run(env *Env) error {
-	if c.Workers < 1 || c.Workers > 64 {
-		return fmt.Errorf("workers must be 1..64 (got %d)", c.Workers)
+	if c.Workers < 1 || c.Workers > maxWorkers {
+		return fmt.Errorf("workers must be 1..%d (got %d)", maxWorkers, c.Workers)
 	}
-	minor, err := snapshotMinor(c.SnapshotDevice)
+	m, err := snapshotMinor(c.SnapshotDevice)
 	if err != nil {
 		return err
 	}
-	if err := requireRoot(); err != nil {
-		return err
-	}
-	resp, err := server.Call(minor, server.Request{Op: "info"}, 5*time.Second)
+	cl, err := client(m)
 	if err != nil {
 		return err
 	}
-	d := resp.Device
-	if d == nil || d.Mode != "snapshot" || d.SnapshotDevice == "" {
-		return fmt.Errorf("minor %d has no active snapshot", minor)
+	d, err := cl.Info()
+	if err != nil {
+		return err
+	}
+	if d.Mode != dattobd.Snapshot || d.SnapshotDevice == "" {
+		return fmt.Errorf("minor %d has no active snapshot", m)
 	}
 	if d.Error != 0 {
-		return fmt.Errorf("the snapshot of minor %d has failed (error %d); its data cannot be trusted", minor, d.Error)
+		return fmt.Errorf("the snapshot of minor %d has failed (error %d); its data cannot be trusted", m, d.Error)
 	}
-	var snap backup.Snapshot
-	snap.Path, snap.SeqID, snap.Size = server.DattoPath(minor), d.SeqID, d.Size
-	if b, err := hex.DecodeString(d.UUID); err != nil || len(b) != 16 {
+	snap := backup.Snapshot{Path: m.DattoPath(), SeqID: d.SeqID, Size: d.Size}
+	if b, err := hex.DecodeString(d.UUID); err != nil || len(b) != len(snap.UUID) {
 		return fmt.Errorf("server reported a malformed uuid %q", d.UUID)
 	} else {
 		copy(snap.UUID[:], b)

@@ -7,45 +7,17 @@ import (
 	"github.com/dbdublk/dbdublk/ublk/uapi"
 )
 
-// Backend stores the blocks a ublk device serves. Offsets and lengths are in
-// bytes. Methods may be called concurrently from several queue threads, for
-// disjoint or overlapping ranges, exactly as the block layer issues them.
+// Backend is the file a device's requests are served from: one file or
+// block device, opened for O_DIRECT I/O and mapped 1:1 onto the device.
+// Each queue issues every request as one io_uring operation on that file,
+// on its own ring, so a request costs no thread hop and no extra copy.
+// Optional capabilities (WriteInterceptor, ReadFinisher) are found by type
+// assertion.
 type Backend interface {
-	ReadAt(p []byte, off int64) (int, error)
-	WriteAt(p []byte, off int64) (int, error)
-}
-
-// Flusher makes every completed write durable (the device advertises a
-// volatile write cache when the backend is a Flusher).
-type Flusher interface {
-	Flush() error
-}
-
-// FUAWriter writes p and makes it durable before returning.
-type FUAWriter interface {
-	WriteAtFUA(p []byte, off int64) (int, error)
-}
-
-// Discarder drops a range; later reads may return anything until the range
-// is written again.
-type Discarder interface {
-	Discard(off, n int64) error
-}
-
-// ZeroWriter makes a range read as zeros. mayUnmap allows deallocation.
-type ZeroWriter interface {
-	WriteZeroes(off, n int64, mayUnmap bool) error
-}
-
-// FileBackend is a Backend that is exactly one file or block device opened
-// for O_DIRECT I/O, mapped 1:1. Its queues issue the I/O as io_uring
-// operations on their own ring, so a request costs no thread hop and no
-// extra copy: this is the passthrough fast path.
-type FileBackend interface {
-	Backend
 	// FD returns the descriptor; it must stay open while the device serves.
 	FD() int
-	// CanDiscard reports whether DISCARD should be forwarded as a hole punch.
+	// CanDiscard reports whether DISCARD should be forwarded as a hole
+	// punch; otherwise a discard completes without touching the file.
 	CanDiscard() bool
 }
 
@@ -64,7 +36,7 @@ const (
 	WritePending
 )
 
-// WriteInterceptor is a FileBackend that must see every modifying request
+// WriteInterceptor is a Backend that must see every modifying request
 // (write, discard, write-zeroes) before it reaches the file, as snapshot and
 // change tracking need. The queue calls BeforeWrite on its own thread and
 // issues the request only after it returns; an error fails the request with
@@ -74,18 +46,18 @@ const (
 // BeforeWrite must never wait for other requests to complete: the queue
 // thread that would complete them is the one waiting.
 type WriteInterceptor interface {
-	FileBackend
+	Backend
 	BeforeWrite(op uapi.IOOp, off, n int64, resume func(error)) (token uint64, action WriteAction, err error)
 	AfterWrite(token uint64)
 }
 
-// ReadFinisher is a FileBackend whose reads need a last step on the data
+// ReadFinisher is a Backend whose reads need a last step on the data
 // before it goes to the kernel (a snapshot overlays preserved blocks and
 // refuses reads once it has failed). The queue reads the file through its
 // ring as usual, then calls FinishRead on its own thread with the bytes
 // read; an error fails the request with that errno.
 type ReadFinisher interface {
-	FileBackend
+	Backend
 	FinishRead(p []byte, off int64) error
 }
 

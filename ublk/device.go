@@ -156,6 +156,10 @@ func Recoverable(ctrl *Control, id uint32) (uapi.CtrlDevInfo, bool) {
 	return info, info.State == uapi.DevQuiesced && info.Flags&uapi.FeatUserRecovery != 0
 }
 
+// recoveryWait bounds how long Recover waits for the kernel to let a new
+// server in: the dead server's files must all be released first.
+const recoveryWait = 30 * time.Second
+
 // Recover takes over a device whose server died (see Recoverable): it
 // starts user recovery, rebuilds the spec from the parameters the kernel
 // kept and opens the char device. Start then fetches every tag and ends
@@ -170,7 +174,7 @@ func Recover(ctrl *Control, id uint32, backendSize int64, backend Backend, logf 
 	if !ok {
 		return nil, fmt.Errorf("ublk device %d is not waiting for recovery (state %v)", id, info.State)
 	}
-	if err := ctrl.StartUserRecovery(id, 30*time.Second); err != nil {
+	if err := ctrl.StartUserRecovery(id, recoveryWait); err != nil {
 		return nil, fmt.Errorf("start recovery of ublk device %d: %w", id, err)
 	}
 	p, err := ctrl.Params(id)
@@ -245,14 +249,16 @@ func Create(ctrl *Control, spec DeviceSpec, backend Backend, logf func(string, .
 	return d, nil
 }
 
-// openRetry opens a char device node that devtmpfs may still be creating.
+// openRetry opens a char device node that devtmpfs may still be creating
+// (it waits up to nodeWait).
 func openRetry(path string) (int, error) {
-	for i := 0; ; i++ {
+	deadline := time.Now().Add(nodeWait)
+	for {
 		fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
 		if err == nil {
 			return fd, nil
 		}
-		if !errors.Is(err, unix.ENOENT) || i >= 100 {
+		if !errors.Is(err, unix.ENOENT) || time.Now().After(deadline) {
 			return -1, fmt.Errorf("open %s: %w", path, err)
 		}
 		time.Sleep(10 * time.Millisecond)
@@ -263,10 +269,10 @@ func openRetry(path string) (int, error) {
 func (d *Device) ID() uint32 { return d.info.DevID }
 
 // BlockPath is the block device users read and write.
-func (d *Device) BlockPath() string { return fmt.Sprintf("/dev/ublkb%d", d.info.DevID) }
+func (d *Device) BlockPath() string { return uapi.BlockPath(d.info.DevID) }
 
 // CharPath is the server's command channel.
-func (d *Device) CharPath() string { return fmt.Sprintf("/dev/ublkc%d", d.info.DevID) }
+func (d *Device) CharPath() string { return uapi.CharPath(d.info.DevID) }
 
 // Info is the negotiated device info (queues, depth, flags).
 func (d *Device) Info() uapi.CtrlDevInfo { return d.info }
@@ -275,33 +281,41 @@ func (d *Device) Info() uapi.CtrlDevInfo { return d.info }
 func (d *Device) Spec() DeviceSpec { return d.spec }
 
 // Start launches one locked thread per queue, waits until each has fetched
-// its tags, then sends START_DEV. When it returns, BlockPath exists.
+// its tags, then sends START_DEV (or ends a recovery). When it returns,
+// BlockPath exists.
 func (d *Device) Start() error {
+	if err := d.startQueues(); err != nil {
+		// Queues that did start hold their tags; closing the char device
+		// and deleting the device aborts them.
+		return err
+	}
+	if d.recovering {
+		if err := d.ctrl.EndUserRecovery(d.info.DevID, os.Getpid()); err != nil {
+			return fmt.Errorf("end recovery of ublk device %d: %w", d.info.DevID, err)
+		}
+		d.recovering = false
+		return nil
+	}
+	if err := d.ctrl.Start(d.info.DevID, os.Getpid()); err != nil {
+		return err
+	}
+	waitForNode(d.BlockPath())
+	return nil
+}
+
+// startQueues runs one thread per queue and waits until each has fetched
+// its tags (or failed to set up).
+func (d *Device) startQueues() error {
 	nq := int(d.info.NrHWQueues)
 	// Each blocked queue thread releases its P, but each needs one to run.
 	if runtime.GOMAXPROCS(0) < nq+2 {
 		runtime.GOMAXPROCS(nq + 2)
 	}
-	var file FileBackend
-	var hook WriteInterceptor
-	if fb, ok := d.backend.(FileBackend); ok {
-		file = fb
-	}
-	if wi, ok := d.backend.(WriteInterceptor); ok {
-		hook = wi
-	}
-	var reader ReadFinisher
-	if rf, ok := d.backend.(ReadFinisher); ok {
-		reader = rf
-	}
 	ready := make(chan error, nq)
 	done := make(chan error, nq)
 	d.finished = make(chan struct{})
 	for i := 0; i < nq; i++ {
-		q := &queue{
-			id: i, depth: int(d.info.QueueDepth), bufSize: d.spec.MaxIOBytes,
-			charFd: d.charFd, backend: d.backend, file: file, hook: hook, reader: reader, logf: d.logf,
-		}
+		q := newQueue(i, int(d.info.QueueDepth), d.spec.MaxIOBytes, d.charFd, d.backend, d.logf)
 		d.queues = append(d.queues, q)
 		go q.run(ready, done)
 	}
@@ -319,28 +333,21 @@ func (d *Device) Start() error {
 			firstErr = err
 		}
 	}
-	if firstErr != nil {
-		// Queues that did start hold their tags; closing the char device
-		// and deleting the device aborts them.
-		return firstErr
-	}
-	if d.recovering {
-		if err := d.ctrl.EndUserRecovery(d.info.DevID, os.Getpid()); err != nil {
-			return fmt.Errorf("end recovery of ublk device %d: %w", d.info.DevID, err)
+	return firstErr
+}
+
+// nodeWait bounds how long the device waits for devtmpfs to create a node
+// (the char device after ADD_DEV, the block device after START_DEV).
+const nodeWait = 2 * time.Second
+
+// waitForNode waits until path exists; a node that devtmpfs is slow to
+// create is not an error of the device (its users will find it later).
+func waitForNode(path string) {
+	for deadline := time.Now().Add(nodeWait); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if _, err := os.Stat(path); err == nil {
+			return
 		}
-		d.recovering = false
-		return nil
 	}
-	if err := d.ctrl.Start(d.info.DevID, os.Getpid()); err != nil {
-		return err
-	}
-	for i := 0; i < 200; i++ {
-		if _, err := os.Stat(d.BlockPath()); err == nil {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return nil
 }
 
 // Stop removes the block device: the kernel writes back dirty pages and
@@ -382,7 +389,7 @@ func (d *Device) closeChar() {
 func (d *Device) Stats() QueueStats {
 	var t QueueStats
 	for _, q := range d.queues {
-		s := q.snapshotStats()
+		s := q.stats.snapshot()
 		t.Reads += s.Reads
 		t.Writes += s.Writes
 		t.Flushes += s.Flushes

@@ -5,7 +5,6 @@ import (
 	"os"
 	"runtime"
 	"sync"
-	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -17,7 +16,7 @@ import (
 // Registered-file slots on every queue ring.
 const (
 	fixedChar = 0 // /dev/ublkcN
-	fixedFile = 1 // the FileBackend's descriptor
+	fixedFile = 1 // the backend's descriptor
 )
 
 // user_data layout: bits 0-15 tag, bits 16-23 kind.
@@ -29,23 +28,20 @@ const (
 
 func userData(kind, tag int) uint64 { return uint64(kind)<<16 | uint64(tag) }
 
-// QueueStats counts what one queue served.
-type QueueStats struct {
-	Reads, Writes, Flushes, Discards, WriteZeroes, Errors uint64
-	BytesRead, BytesWritten                               uint64
-}
-
-type queueCounters struct {
-	reads, writes, flushes, discards, writeZeroes, errors atomic.Uint64
-	bytesRead, bytesWritten                               atomic.Uint64
-}
+// Ring sizes per tag: a tag has at most one ublk command and one file
+// operation in flight, plus the wake read; completions get room to spare.
+const (
+	sqEntriesPerTag = 2
+	cqEntriesPerTag = 4
+	reapBatch       = 128 // completions taken from the ring per wakeup
+)
 
 // tagState is the queue thread's per-tag bookkeeping (touched only by that
 // thread).
 type tagState struct {
 	desc    uapi.IODesc // copy taken when the request arrived
 	aborted bool
-	busy    bool   // a backend operation is in flight for this tag
+	busy    bool   // a file operation or an interceptor's wait is in flight
 	hooked  bool   // BeforeWrite admitted this request; AfterWrite is owed
 	token   uint64 // BeforeWrite's token
 }
@@ -53,26 +49,35 @@ type tagState struct {
 // queue serves one hardware queue of a device on one locked OS thread with
 // its own io_uring: ublk commands and the backend's file I/O share the ring,
 // so a request is one ring round trip for the kernel and one for the disk.
+//
+// A request's life: FETCH completes (onRequest) → a WriteInterceptor admits
+// it (start) → prepare picks its file operation (issue) → the operation
+// completes (onFileDone) → settle and, for reads, a ReadFinisher give the
+// result → complete counts it and commits it with COMMIT_AND_FETCH.
 type queue struct {
 	id      int
 	depth   int
 	bufSize int
 	charFd  int
 	backend Backend
-	file    FileBackend      // nil unless the fast path applies
-	hook    WriteInterceptor // nil unless the file backend intercepts writes
-	reader  ReadFinisher     // nil unless the file backend finishes reads
+	hook    WriteInterceptor // nil unless the backend intercepts writes
+	reader  ReadFinisher     // nil unless the backend finishes reads
 	logf    func(string, ...any)
+
+	// commit hands a tag's result to the kernel (COMMIT_AND_FETCH, which
+	// also fetches the tag's next request). It is a field so that the
+	// request path can be driven without a ublk device (export_test.go).
+	commit func(tag int, res int32)
 
 	ring   *uring.Ring
 	descs  []uapi.IODesc // read-only kernel mapping, indexed by tag
 	descMM []byte
 	bufs   []byte // depth × bufSize, off-heap and page aligned
 	tags   []tagState
-	cqes   [128]uapi.CQE
+	cqes   [reapBatch]uapi.CQE
 
 	aborted  int
-	inflight int // backend operations (and interceptor waits) in flight
+	inflight int // file operations (and interceptor waits) in flight
 	stats    queueCounters
 
 	// Deferred admissions: a WriteInterceptor that answered WritePending
@@ -90,6 +95,14 @@ type queue struct {
 type resumed struct {
 	tag int
 	err error
+}
+
+func newQueue(id, depth, bufSize, charFd int, b Backend, logf func(string, ...any)) *queue {
+	q := &queue{id: id, depth: depth, bufSize: bufSize, charFd: charFd, backend: b, logf: logf}
+	q.hook, _ = b.(WriteInterceptor)
+	q.reader, _ = b.(ReadFinisher)
+	q.commit = q.commitAndFetch
+	return q
 }
 
 // resume is called by a WriteInterceptor when a pending write may proceed
@@ -124,34 +137,48 @@ func (q *queue) run(ready chan<- error, done chan<- error) {
 	q.teardown()
 }
 
+// setup prepares the ring, buffers and descriptors, then fetches every tag.
 func (q *queue) setup() error {
-	var err error
-	q.ring, err = uring.New(uring.Options{
-		Entries:   uint32(2 * q.depth),
-		CQEntries: uint32(4 * q.depth),
-		Flags:     uapi.SetupCoopTaskrun | uapi.SetupSingleIssuer | uapi.SetupDeferTaskrun | uapi.SetupSubmitAll,
-	})
-	if err != nil {
-		return fmt.Errorf("queue %d: ring: %w", q.id, err)
+	if err := q.setupRing(); err != nil {
+		return err
 	}
 	page := os.Getpagesize()
 	descLen := (q.depth*uapi.SizeofIODesc + page - 1) / page * page
+	var err error
 	q.descMM, err = unix.Mmap(q.charFd, uapi.CmdBufOffset+int64(q.id)*uapi.DescStride(page), descLen,
 		unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
 	if err != nil {
 		return fmt.Errorf("queue %d: map descriptors: %w", q.id, err)
 	}
 	q.descs = unsafe.Slice((*uapi.IODesc)(unsafe.Pointer(&q.descMM[0])), q.depth)
+	for tag := 0; tag < q.depth; tag++ {
+		q.prepIOCmd(uapi.IOFetchReq, tag, 0)
+	}
+	if _, err := q.ring.Submit(); err != nil {
+		return fmt.Errorf("queue %d: submit fetches: %w", q.id, err)
+	}
+	return nil
+}
+
+// setupRing creates the ring, the tags' data buffers, registers the char
+// device and the backend file, and arms the wake eventfd of an interceptor.
+// It is everything the request path needs besides the ublk device itself.
+func (q *queue) setupRing() error {
+	var err error
+	q.ring, err = uring.New(uring.Options{
+		Entries:   uint32(sqEntriesPerTag * q.depth),
+		CQEntries: uint32(cqEntriesPerTag * q.depth),
+		Flags:     uapi.SetupCoopTaskrun | uapi.SetupSingleIssuer | uapi.SetupDeferTaskrun | uapi.SetupSubmitAll,
+	})
+	if err != nil {
+		return fmt.Errorf("queue %d: ring: %w", q.id, err)
+	}
 	q.bufs, err = unix.Mmap(-1, 0, q.depth*q.bufSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
 		return fmt.Errorf("queue %d: buffers: %w", q.id, err)
 	}
 	q.tags = make([]tagState, q.depth)
-	fds := []int32{int32(q.charFd)}
-	if q.file != nil {
-		fds = append(fds, int32(q.file.FD()))
-	}
-	if err := q.ring.RegisterFiles(fds); err != nil {
+	if err := q.ring.RegisterFiles([]int32{int32(q.charFd), int32(q.backend.FD())}); err != nil {
 		return fmt.Errorf("queue %d: register files: %w", q.id, err)
 	}
 	if q.hook != nil {
@@ -168,12 +195,6 @@ func (q *queue) setup() error {
 			q.resumers[tag] = func(err error) { q.resume(tag, err) }
 		}
 		q.armWake()
-	}
-	for tag := 0; tag < q.depth; tag++ {
-		q.prepIOCmd(uapi.IOFetchReq, tag, 0)
-	}
-	if _, err := q.ring.Submit(); err != nil {
-		return fmt.Errorf("queue %d: submit fetches: %w", q.id, err)
 	}
 	return nil
 }
@@ -225,34 +246,43 @@ func (q *queue) prepIOCmd(op uapi.IOCmdOp, tag int, result int32) {
 	}
 }
 
+func (q *queue) commitAndFetch(tag int, res int32) { q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, res) }
+
 func (q *queue) serve() error {
-	for {
-		if q.aborted == q.depth && q.inflight == 0 {
-			return nil
-		}
-		if _, err := q.ring.SubmitAndWait(1); err != nil {
-			return fmt.Errorf("queue %d: wait: %w", q.id, err)
-		}
-		n := q.ring.ReapCQEs(q.cqes[:])
-		for i := 0; i < n; i++ {
-			c := &q.cqes[i]
-			if c.UserData>>16 == kindWake {
-				q.onWake()
-				continue
-			}
-			tag := int(c.UserData & 0xffff)
-			if tag >= q.depth {
-				q.logf("queue %d: completion for unknown tag %d", q.id, tag)
-				continue
-			}
-			switch c.UserData >> 16 {
-			case kindUblk:
-				q.onRequest(tag, c.Res)
-			case kindTarget:
-				q.onBackendDone(tag, c.Res)
-			}
+	for q.aborted < q.depth || q.inflight > 0 {
+		if err := q.waitAndDispatch(); err != nil {
+			return err
 		}
 	}
+	return nil
+}
+
+// waitAndDispatch submits what is queued, waits for at least one
+// completion and handles every completion there is.
+func (q *queue) waitAndDispatch() error {
+	if _, err := q.ring.SubmitAndWait(1); err != nil {
+		return fmt.Errorf("queue %d: wait: %w", q.id, err)
+	}
+	n := q.ring.ReapCQEs(q.cqes[:])
+	for i := 0; i < n; i++ {
+		c := &q.cqes[i]
+		if c.UserData>>16 == kindWake {
+			q.onWake()
+			continue
+		}
+		tag := int(c.UserData & 0xffff)
+		if tag >= q.depth {
+			q.logf("queue %d: completion for unknown tag %d", q.id, tag)
+			continue
+		}
+		switch c.UserData >> 16 {
+		case kindUblk:
+			q.onRequest(tag, c.Res)
+		case kindTarget:
+			q.onFileDone(tag, c.Res)
+		}
+	}
+	return nil
 }
 
 // onRequest handles the completion of a FETCH or COMMIT_AND_FETCH: either a
@@ -272,30 +302,23 @@ func (q *queue) onRequest(tag int, res int32) {
 	// Copy the descriptor first: the kernel rewrites it for the next request
 	// once we commit.
 	st.desc = q.descs[tag]
-	if q.file != nil {
-		q.issueFile(tag, st)
-		return
-	}
-	q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, q.handleSync(tag, &st.desc))
+	q.start(tag)
 }
 
-// issueFile turns a request into one io_uring operation on the backend
-// file, after a write interceptor has admitted it.
-func (q *queue) issueFile(tag int, st *tagState) {
+// start lets a WriteInterceptor admit a modifying request, then issues it.
+func (q *queue) start(tag int) {
+	st := &q.tags[tag]
 	d := &st.desc
-	if q.hook != nil && (d.Op() == uapi.IOOpWrite || d.Op() == uapi.IOOpDiscard || d.Op() == uapi.IOOpWriteZeroes) {
-		n := int64(d.NrSectors) << 9
-		token, action, err := q.hook.BeforeWrite(d.Op(), int64(d.StartSector<<9), n, q.resumers[tag])
+	if q.hook != nil && modifies(d.Op()) {
+		token, action, err := q.hook.BeforeWrite(d.Op(), int64(d.StartSector<<9), int64(bytesOf(d)), q.resumers[tag])
 		if err != nil {
-			q.stats.errors.Add(1)
-			q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, errnoResult(0, err))
+			q.complete(tag, errnoResult(0, err))
 			return
 		}
 		st.hooked, st.token = true, token
 		switch action {
 		case WriteSkip:
-			q.countOp(d.Op(), int32(n))
-			q.finishEarly(tag, 0)
+			q.complete(tag, skipped(d))
 			return
 		case WritePending:
 			// The interceptor calls resume from another goroutine when
@@ -305,48 +328,27 @@ func (q *queue) issueFile(tag int, st *tagState) {
 			return
 		}
 	}
-	q.issueFileOp(tag, st)
+	q.issue(tag)
 }
 
-// issueFileOp queues the file operation of an admitted request.
-func (q *queue) issueFileOp(tag int, st *tagState) {
-	d := &st.desc
-	off := d.StartSector << 9
-	n := d.NrSectors << 9
-	var s *uapi.SQE
-	switch d.Op() {
-	case uapi.IOOpRead, uapi.IOOpWrite:
-		if int(n) > q.bufSize {
-			q.finishEarly(tag, -int32(unix.EINVAL))
-			return
-		}
-		s = q.sqe()
-		buf := unsafe.Pointer(&q.bufs[tag*q.bufSize])
-		if d.Op() == uapi.IOOpRead {
-			uring.PrepRead(s, fixedFile, buf, n, off)
-		} else {
-			uring.PrepWrite(s, fixedFile, buf, n, off, 0)
-			if d.OpFlags&uapi.IOFlagFUA != 0 {
-				s.OpFlags = uapi.RWFDsync
-			}
-		}
-	case uapi.IOOpFlush:
-		s = q.sqe()
-		uring.PrepFsync(s, fixedFile, uapi.FsyncDatasync)
-	case uapi.IOOpDiscard:
-		if !q.file.CanDiscard() {
-			q.stats.discards.Add(1)
-			q.finishEarly(tag, 0)
-			return
-		}
-		s = q.sqe()
-		uring.PrepFallocate(s, fixedFile, uapi.FallocPunchHole|uapi.FallocKeepSize, off, uint64(n))
-	case uapi.IOOpWriteZeroes:
-		s = q.sqe()
-		uring.PrepFallocate(s, fixedFile, uapi.FallocZeroRange|uapi.FallocKeepSize, off, uint64(n))
-	default:
-		q.finishEarly(tag, -int32(unix.EOPNOTSUPP))
+// issue queues the file operation of an admitted request.
+func (q *queue) issue(tag int) {
+	st := &q.tags[tag]
+	op := prepare(&st.desc, q.bufSize, q.backend.CanDiscard())
+	if op.opcode == noFileOp {
+		q.complete(tag, op.immediate)
 		return
+	}
+	s := q.sqe()
+	switch op.opcode {
+	case uapi.OpRead:
+		uring.PrepRead(s, fixedFile, unsafe.Pointer(&q.bufs[tag*q.bufSize]), uint32(op.n), op.off)
+	case uapi.OpWrite:
+		uring.PrepWrite(s, fixedFile, unsafe.Pointer(&q.bufs[tag*q.bufSize]), uint32(op.n), op.off, op.rwFlags)
+	case uapi.OpFsync:
+		uring.PrepFsync(s, fixedFile, op.fsync)
+	case uapi.OpFallocate:
+		uring.PrepFallocate(s, fixedFile, op.falloc, op.off, op.n)
 	}
 	s.Flags |= uapi.SQEFixedFile
 	s.UserData = userData(kindTarget, tag)
@@ -373,10 +375,10 @@ func (q *queue) onWake() {
 		st.busy = false
 		q.inflight--
 		if r.err != nil {
-			q.finishEarly(r.tag, errnoResult(0, r.err))
+			q.complete(r.tag, errnoResult(0, r.err))
 			continue
 		}
-		q.issueFileOp(r.tag, st)
+		q.issue(r.tag)
 	}
 	q.spare = batch[:0]
 	if q.aborted < q.depth || q.inflight > 0 {
@@ -384,158 +386,28 @@ func (q *queue) onWake() {
 	}
 }
 
-// finishEarly commits a request that never reached the file, settling a
-// write interceptor's admission first.
-func (q *queue) finishEarly(tag int, res int32) {
-	st := &q.tags[tag]
-	if st.hooked {
-		st.hooked = false
-		q.hook.AfterWrite(st.token)
-	}
-	if res < 0 {
-		q.stats.errors.Add(1)
-	}
-	q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, res)
-}
-
-// onBackendDone commits the result of a file operation to the kernel.
-func (q *queue) onBackendDone(tag int, res int32) {
+// onFileDone settles a file operation's result.
+func (q *queue) onFileDone(tag int, res int32) {
 	st := &q.tags[tag]
 	st.busy = false
 	q.inflight--
+	res = settle(&st.desc, res)
+	if res > 0 && st.desc.Op() == uapi.IOOpRead && q.reader != nil {
+		if err := q.reader.FinishRead(q.buf(tag)[:res], int64(st.desc.StartSector<<9)); err != nil {
+			res = errnoResult(0, err)
+		}
+	}
+	q.complete(tag, res)
+}
+
+// complete ends a request, issued or not: it settles a write interceptor's
+// admission, counts the request and commits its result.
+func (q *queue) complete(tag int, res int32) {
+	st := &q.tags[tag]
 	if st.hooked {
 		st.hooked = false
 		q.hook.AfterWrite(st.token)
 	}
-	d := &st.desc
-	n := int32(d.NrSectors << 9)
-	switch d.Op() {
-	case uapi.IOOpRead:
-		if res == 0 && n > 0 {
-			res = -int32(unix.EIO) // a zero-byte read is end of device: never requeue
-		}
-		if res > 0 && q.reader != nil {
-			if err := q.reader.FinishRead(q.buf(tag)[:res], int64(d.StartSector<<9)); err != nil {
-				res = errnoResult(0, err)
-			}
-		}
-		q.count(&q.stats.reads, &q.stats.bytesRead, res)
-	case uapi.IOOpWrite:
-		if res == 0 && n > 0 {
-			res = -int32(unix.EIO) // zero would make the kernel requeue forever
-		}
-		q.count(&q.stats.writes, &q.stats.bytesWritten, res)
-	case uapi.IOOpDiscard:
-		// Discard is a hint: a device that cannot deallocate keeps the data.
-		if res == -int32(unix.EOPNOTSUPP) {
-			res = 0
-		}
-		q.stats.discards.Add(1)
-	case uapi.IOOpFlush:
-		q.stats.flushes.Add(1)
-	case uapi.IOOpWriteZeroes:
-		q.stats.writeZeroes.Add(1)
-	}
-	if res < 0 {
-		q.stats.errors.Add(1)
-	} else if d.Op() != uapi.IOOpRead && d.Op() != uapi.IOOpWrite {
-		res = 0
-	}
-	q.prepIOCmd(uapi.IOCommitAndFetchReq, tag, res)
-}
-
-// countOp counts a request completed without backend I/O.
-func (q *queue) countOp(op uapi.IOOp, n int32) {
-	switch op {
-	case uapi.IOOpWrite:
-		q.count(&q.stats.writes, &q.stats.bytesWritten, n)
-	case uapi.IOOpDiscard:
-		q.stats.discards.Add(1)
-	case uapi.IOOpWriteZeroes:
-		q.stats.writeZeroes.Add(1)
-	}
-}
-
-func (q *queue) count(ops, bytes *atomic.Uint64, res int32) {
-	ops.Add(1)
-	if res > 0 {
-		bytes.Add(uint64(res))
-	}
-}
-
-// handleSync serves a request through the generic Backend interface on the
-// queue thread and returns the value to commit.
-func (q *queue) handleSync(tag int, d *uapi.IODesc) int32 {
-	off := int64(d.StartSector << 9)
-	n := int(d.NrSectors << 9)
-	var res int32
-	switch d.Op() {
-	case uapi.IOOpRead:
-		if n > q.bufSize {
-			q.stats.errors.Add(1)
-			return -int32(unix.EINVAL)
-		}
-		res = errnoResult(q.backend.ReadAt(q.buf(tag)[:n], off))
-		if res == 0 && n > 0 {
-			res = -int32(unix.EIO)
-		}
-		q.count(&q.stats.reads, &q.stats.bytesRead, res)
-	case uapi.IOOpWrite:
-		if n > q.bufSize {
-			q.stats.errors.Add(1)
-			return -int32(unix.EINVAL)
-		}
-		p := q.buf(tag)[:n]
-		if fw, ok := q.backend.(FUAWriter); ok && d.OpFlags&uapi.IOFlagFUA != 0 {
-			res = errnoResult(fw.WriteAtFUA(p, off))
-		} else {
-			res = errnoResult(q.backend.WriteAt(p, off))
-			if res > 0 && d.OpFlags&uapi.IOFlagFUA != 0 {
-				if f, ok := q.backend.(Flusher); ok {
-					if err := f.Flush(); err != nil {
-						res = errnoResult(0, err)
-					}
-				}
-			}
-		}
-		if res == 0 && n > 0 {
-			res = -int32(unix.EIO)
-		}
-		q.count(&q.stats.writes, &q.stats.bytesWritten, res)
-	case uapi.IOOpFlush:
-		q.stats.flushes.Add(1)
-		if f, ok := q.backend.(Flusher); ok {
-			res = errnoResult(0, f.Flush())
-		}
-	case uapi.IOOpDiscard:
-		q.stats.discards.Add(1)
-		if dc, ok := q.backend.(Discarder); ok {
-			res = errnoResult(0, dc.Discard(off, int64(n)))
-			if res == -int32(unix.EOPNOTSUPP) {
-				res = 0 // a hint the backend cannot act on, as on the file path
-			}
-		}
-	case uapi.IOOpWriteZeroes:
-		q.stats.writeZeroes.Add(1)
-		if z, ok := q.backend.(ZeroWriter); ok {
-			res = errnoResult(0, z.WriteZeroes(off, int64(n), d.OpFlags&uapi.IOFlagNoUnmap == 0))
-		} else {
-			res = -int32(unix.EOPNOTSUPP)
-		}
-	default:
-		res = -int32(unix.EOPNOTSUPP)
-	}
-	if res < 0 {
-		q.stats.errors.Add(1)
-	}
-	return res
-}
-
-func (q *queue) snapshotStats() QueueStats {
-	s := &q.stats
-	return QueueStats{
-		Reads: s.reads.Load(), Writes: s.writes.Load(), Flushes: s.flushes.Load(),
-		Discards: s.discards.Load(), WriteZeroes: s.writeZeroes.Load(), Errors: s.errors.Load(),
-		BytesRead: s.bytesRead.Load(), BytesWritten: s.bytesWritten.Load(),
-	}
+	q.stats.count(st.desc.Op(), res)
+	q.commit(tag, res)
 }

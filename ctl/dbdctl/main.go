@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/dbdublk/dbdublk/ctl"
+	"github.com/dbdublk/dbdublk/internal/daemon"
 )
 
-func main() { os.Exit(ctl.Main(os.Args[1:], os.Stdout, os.Stderr)) }
+func main() { os.Exit(ctl.Main(os.Args[1:], os.Stdout, os.Stderr, daemon.Host{})) }

@@ -1,4 +1,7 @@
-package server
+// Package blockdev is the host's block devices as the daemon sees them:
+// the real device it serves (opened exclusively, with O_DIRECT), and what
+// mountinfo and sysfs say about a device.
+package blockdev
 
 import (
 	"errors"
@@ -6,40 +9,31 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/dbdublk/dbdublk/ublk"
+	"github.com/dbdublk/dbdublk/internal/linux"
 )
 
-// BlockDevice is the real device behind a front device, opened exclusively
+// Device is the real device behind a front device, opened exclusively
 // (O_EXCL) so nobody mounts or writes it behind the server's back, and with
 // O_DIRECT so the server's I/O bypasses the page cache: what the server
 // acknowledges is what the device received.
-type BlockDevice struct {
+type Device struct {
 	Path               string
 	Rdev               uint64
-	Size               int64
 	LogicalBlockSize   int
 	PhysicalBlockSize  int
 	DiscardGranularity int // 0 when the device cannot discard
+	size               int64
 	fd                 int
 }
 
-var _ ublk.FileBackend = (*BlockDevice)(nil)
-
-// OpenBlockDevice checks path and opens it for serving.
-func OpenBlockDevice(path string) (*BlockDevice, error) {
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		if errors.Is(err, unix.ENOENT) {
-			return nil, fmt.Errorf("%s does not exist", path)
-		}
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
-		return nil, fmt.Errorf("%s is not a block device", path)
+// Open checks path and opens it for serving.
+func Open(path string) (*Device, error) {
+	rdev, err := Rdev(path)
+	if err != nil {
+		return nil, err
 	}
 	fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT|unix.O_EXCL|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -51,45 +45,68 @@ func OpenBlockDevice(path string) (*BlockDevice, error) {
 		}
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	b := &BlockDevice{Path: path, Rdev: uint64(st.Rdev), fd: fd}
-	if err := b.probe(); err != nil {
+	d := &Device{Path: path, Rdev: rdev, fd: fd}
+	if err := d.probe(); err != nil {
 		unix.Close(fd)
 		return nil, err
 	}
-	return b, nil
+	return d, nil
 }
 
-func (b *BlockDevice) probe() error {
-	var size uint64
-	if err := ioctlPtr(b.fd, unix.BLKGETSIZE64, unsafe.Pointer(&size)); err != nil {
-		return fmt.Errorf("%s: read size: %w", b.Path, err)
+// Rdev returns the device number of the block device at path, with a
+// one-line error naming the problem when path is not one.
+func Rdev(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return 0, fmt.Errorf("%s does not exist", path)
+		}
+		return 0, fmt.Errorf("%s: %w", path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return 0, fmt.Errorf("%s is not a block device", path)
+	}
+	return uint64(st.Rdev), nil
+}
+
+// Same reports whether a and b are the same block device.
+func Same(a, b string) bool {
+	ra, err1 := Rdev(a)
+	rb, err2 := Rdev(b)
+	return err1 == nil && err2 == nil && ra == rb
+}
+
+func (d *Device) probe() error {
+	size, err := linux.DeviceSize(d.fd)
+	if err != nil {
+		return fmt.Errorf("%s: read size: %w", d.Path, err)
 	}
 	if size == 0 {
-		return fmt.Errorf("%s has size 0", b.Path)
+		return fmt.Errorf("%s has size 0", d.Path)
 	}
-	lbs, err := unix.IoctlGetInt(b.fd, unix.BLKSSZGET)
+	lbs, err := linux.LogicalBlockSize(d.fd)
 	if err != nil {
-		return fmt.Errorf("%s: read logical block size: %w", b.Path, err)
+		return fmt.Errorf("%s: read logical block size: %w", d.Path, err)
 	}
-	pbs, err := unix.IoctlGetInt(b.fd, unix.BLKPBSZGET)
+	pbs, err := linux.PhysicalBlockSize(d.fd)
 	if err != nil || pbs < lbs {
 		pbs = lbs
 	}
-	b.Size, b.LogicalBlockSize, b.PhysicalBlockSize = int64(size), lbs, pbs
-	major, minor := unix.Major(b.Rdev), unix.Minor(b.Rdev)
-	q := fmt.Sprintf("/sys/dev/block/%d:%d/", major, minor)
+	d.size, d.LogicalBlockSize, d.PhysicalBlockSize = int64(size), lbs, pbs
+	q := sysfsDir(d.Rdev)
 	// Partitions have no queue directory of their own; it is the parent's.
 	if _, err := os.Stat(q + "queue"); err != nil {
 		q += "../"
 	}
 	if readSysInt(q+"queue/discard_max_bytes") > 0 {
-		g := readSysInt(q + "queue/discard_granularity")
-		if g < int64(lbs) {
-			g = int64(lbs)
-		}
-		b.DiscardGranularity = int(g)
+		d.DiscardGranularity = int(max(readSysInt(q+"queue/discard_granularity"), int64(lbs)))
 	}
 	return nil
+}
+
+// sysfsDir is the device's directory under /sys/dev/block, with a slash.
+func sysfsDir(rdev uint64) string {
+	return fmt.Sprintf("/sys/dev/block/%d:%d/", unix.Major(rdev), unix.Minor(rdev))
 }
 
 func readSysInt(path string) int64 {
@@ -101,36 +118,27 @@ func readSysInt(path string) int64 {
 	return n
 }
 
-func ioctlPtr(fd int, req uint, p unsafe.Pointer) error {
-	_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(p))
-	if e != 0 {
-		return e
-	}
-	return nil
-}
-
 // FD is the O_DIRECT descriptor the queues use.
-func (b *BlockDevice) FD() int { return b.fd }
+func (d *Device) FD() int { return d.fd }
+
+// Size is the device's size in bytes.
+func (d *Device) Size() int64 { return d.size }
 
 // CanDiscard reports whether the device deallocates blocks.
-func (b *BlockDevice) CanDiscard() bool { return b.DiscardGranularity > 0 }
+func (d *Device) CanDiscard() bool { return d.DiscardGranularity > 0 }
 
-// ReadAt reads with pread; p must be aligned for O_DIRECT.
-func (b *BlockDevice) ReadAt(p []byte, off int64) (int, error) { return unix.Pread(b.fd, p, off) }
-
-// WriteAt writes with pwrite; p must be aligned for O_DIRECT.
-func (b *BlockDevice) WriteAt(p []byte, off int64) (int, error) { return unix.Pwrite(b.fd, p, off) }
-
-// Flush flushes the device's write cache.
-func (b *BlockDevice) Flush() error { return unix.Fdatasync(b.fd) }
+// ZeroOut makes length bytes at off read as zeros.
+func (d *Device) ZeroOut(off, length int64) error {
+	return linux.ZeroOut(d.fd, uint64(off), uint64(length))
+}
 
 // Close flushes and releases the device.
-func (b *BlockDevice) Close() error {
-	if b.fd < 0 {
+func (d *Device) Close() error {
+	if d.fd < 0 {
 		return nil
 	}
-	ferr := unix.Fsync(b.fd)
-	cerr := unix.Close(b.fd)
-	b.fd = -1
+	ferr := unix.Fsync(d.fd)
+	cerr := unix.Close(d.fd)
+	d.fd = -1
 	return errors.Join(ferr, cerr)
 }

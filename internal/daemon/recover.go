@@ -1,4 +1,4 @@
-package server
+package daemon
 
 import (
 	"errors"
@@ -9,6 +9,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/dbdublk/dbdublk/internal/blockdev"
+	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/state"
 	"github.com/dbdublk/dbdublk/ublk"
 	"github.com/dbdublk/dbdublk/ublk/uapi"
 )
@@ -25,95 +28,106 @@ import (
 // Recoverable reports whether minor's front device waits for a new server
 // and the state file says it fronts path: then attaching path as minor
 // again recovers it instead of creating a device.
-func Recoverable(path string, minor int) (Persisted, bool) {
+func Recoverable(path string, m dattobd.Minor) (state.Record, bool) {
 	ctrl, err := ublk.OpenControl()
 	if err != nil {
-		return Persisted{}, false
+		return state.Record{}, false
 	}
 	defer ctrl.Close()
-	if _, ok := ublk.Recoverable(ctrl, uint32(minor)); !ok {
-		return Persisted{}, false
+	if _, ok := ublk.Recoverable(ctrl, m.FrontID()); !ok {
+		return state.Record{}, false
 	}
-	states, _ := LoadStates()
-	for _, p := range states {
-		if p.Minor == minor && sameBlockDevice(p.BlockDevice, path) {
-			return p, true
-		}
+	if r, ok := state.Find(m); ok && blockdev.Same(r.BlockDevice, path) {
+		return r, true
 	}
-	return Persisted{}, false
+	return state.Record{}, false
 }
+
+// quiescePoll is how often WaitRecoverable asks the kernel.
+const quiescePoll = 20 * time.Millisecond
 
 // WaitRecoverable is Recoverable for a server that just died: the kernel
 // quiesces its device shortly after (a work item), so it waits up to
 // timeout for that, and answers false at once for a device that is gone.
-func WaitRecoverable(path string, minor int, timeout time.Duration) bool {
+func WaitRecoverable(path string, m dattobd.Minor, timeout time.Duration) bool {
 	ctrl, err := ublk.OpenControl()
 	if err != nil {
 		return false
 	}
-	deadline := time.Now().Add(timeout)
-	for {
-		info, err := ctrl.DevInfo(uint32(minor))
+	defer ctrl.Close()
+	for deadline := time.Now().Add(timeout); ; time.Sleep(quiescePoll) {
+		info, err := ctrl.DevInfo(m.FrontID())
 		switch {
 		case err != nil || info.State == uapi.DevDead:
-			ctrl.Close()
 			return false
 		case info.State == uapi.DevQuiesced:
-			ctrl.Close()
-			_, ok := Recoverable(path, minor)
+			_, ok := Recoverable(path, m)
 			return ok
 		case time.Now().After(deadline):
-			ctrl.Close()
 			return false
 		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }
 
-func sameBlockDevice(a, b string) bool {
-	var sa, sb unix.Stat_t
-	return unix.Stat(a, &sa) == nil && unix.Stat(b, &sb) == nil &&
-		sa.Mode&unix.S_IFMT == unix.S_IFBLK && sa.Rdev == sb.Rdev
+// startRecovered takes over the front device of a server that died, with
+// the tracking it had, then recreates its snapshot device.
+func (s *Server) startRecovered(prev state.Record) error {
+	s.log.Printf("ublk device %d is waiting for its server: recovering it (%s mode recorded)", s.cfg.Minor.FrontID(), prev.Mode)
+	s.removeDeadSnapshotDevice()
+	s.recoverTracking(prev)
+	dev, err := ublk.Recover(s.ctrl, s.cfg.Minor.FrontID(), s.bdev.Size(), s.trk, s.log.Printf)
+	if err != nil {
+		return err
+	}
+	s.dev = dev
+	if err := s.dev.Start(); err != nil {
+		return err
+	}
+	if s.mode() == dattobd.Snapshot {
+		if err := s.startSnapshotDevice(); err != nil {
+			s.log.Printf("recreate the snapshot device: %v", err)
+		}
+	}
+	if !s.recoverFailed {
+		s.persist()
+	}
+	go s.checkpointLoop()
+	s.log.Printf("recovered %s as %s", s.cfg.BlockDevice, s.FrontPath())
+	return nil
 }
 
 // recoverTracking resumes the tracking the dead server had. The machine
 // did not restart (the kernel still holds the device), so the COW file's
 // page cache holds everything the dead server wrote: a snapshot's index
-// entries are written through (cow.RecoverSnapshot trusts them), and an
+// entries are written through (cow.ResumeSnapshot trusts them), and an
 // incremental file replays its write-intent record. If tracking cannot be
 // resumed, the device is still served (its filesystem must not fail) and
 // tracking is marked failed: the next backup must be a full one.
-func (s *Server) recoverTracking(p Persisted) {
-	if p.Mode == "passthrough" || p.Mode == "" {
+func (s *Server) recoverTracking(r state.Record) {
+	if !r.Mode.Tracking() {
 		return
 	}
-	cache := p.CacheBytes
+	cache := r.CacheBytes
 	if cache <= 0 {
 		cache = DefaultCacheBytes
 	}
-	var err error
-	switch p.Mode {
-	case "incremental":
-		err = s.reload(Reload{Mode: ModeIncremental, CowFile: p.CowFile, CacheBytes: cache, FallocMiB: p.FallocMiB, Extents: p.CowExtents, resume: true})
-	case "snapshot":
-		err = s.reload(Reload{Mode: ModeSnapshot, CowFile: p.CowFile, CacheBytes: cache, FallocMiB: p.FallocMiB, Extents: p.CowExtents, PrevExtents: p.PrevCowExtents, resume: true})
-	default:
-		err = fmt.Errorf("unknown mode %q in %s", p.Mode, StatePath(p.Minor))
+	rl := Reload{Mode: r.Mode, CowFile: r.CowFile, CacheBytes: cache, FallocMiB: r.FallocMiB,
+		Extents: r.CowExtents, Relative: r.CowRelative, resume: true}
+	if r.Mode == dattobd.Snapshot {
+		rl.PrevExtents = r.PrevCowExtents
 	}
-	if err == nil {
-		s.snap.relative = p.CowRelative
-	}
-	if err != nil {
+	if err := s.reload(rl); err != nil {
 		s.recoverFailed = true
-		s.trk.fail(syscall.EIO, fmt.Errorf("cannot resume %s mode from %s after the server died: %w; the device is served untracked and the next backup must be full", p.Mode, p.CowFile, err))
+		s.trk.Fail(syscall.EIO, fmt.Errorf("cannot resume %s mode from %s after the server died: %w; the device is served untracked and the next backup must be full",
+			r.Mode, r.CowFile, err))
 	}
 }
 
 // removeDeadSnapshotDevice deletes the snapshot device a dead server left
 // (it has no recovery: its readers got errors when the server died).
 func (s *Server) removeDeadSnapshotDevice() {
-	id := uint32(snapshotIDBase + s.cfg.Minor)
-	if _, err := os.Stat(fmt.Sprintf("/dev/ublkc%d", id)); err != nil {
+	id := s.cfg.Minor.SnapshotID()
+	if _, err := os.Stat(s.cfg.Minor.SnapshotCharPath()); err != nil {
 		return
 	}
 	s.ctrl.Stop(id)

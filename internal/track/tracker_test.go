@@ -1,4 +1,4 @@
-package server
+package track
 
 import (
 	"bytes"
@@ -16,13 +16,24 @@ import (
 
 	"github.com/dbdublk/dbdublk/bitmap"
 	"github.com/dbdublk/dbdublk/cow"
+	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/dio"
 	"github.com/dbdublk/dbdublk/ublk"
 	"github.com/dbdublk/dbdublk/ublk/uapi"
 )
 
-// fakeDevice is a BlockDevice over a regular file (no O_DIRECT), holding
-// random content.
-func fakeDevice(t *testing.T, blocks int) (*BlockDevice, []byte) {
+// fileDevice is a Device over a regular file (no O_DIRECT).
+type fileDevice struct {
+	fd   int
+	size int64
+}
+
+func (d *fileDevice) FD() int          { return d.fd }
+func (d *fileDevice) CanDiscard() bool { return true }
+func (d *fileDevice) Size() int64      { return d.size }
+
+// fakeDevice is a device of blocks 4 KiB blocks of random content.
+func fakeDevice(t *testing.T, blocks int) (*fileDevice, []byte) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "dev")
 	data := make([]byte, blocks*cow.BlockSize)
@@ -35,12 +46,32 @@ func fakeDevice(t *testing.T, blocks int) (*BlockDevice, []byte) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { unix.Close(fd) })
-	return &BlockDevice{Path: path, Size: int64(len(data)), LogicalBlockSize: 512, PhysicalBlockSize: 4096, fd: fd}, data
+	return &fileDevice{fd: fd, size: int64(len(data))}, data
+}
+
+// newTracker is New, closed at the end of the test.
+func newTracker(t *testing.T, dev Device) *Tracker {
+	trk := New(dev, t.Logf)
+	t.Cleanup(trk.Close)
+	return trk
+}
+
+// readSnapshot reads the snapshot as its device's queue does: the real
+// device, then FinishRead.
+func readSnapshot(v *View, p []byte, off int64) (int, error) {
+	n := min(int64(len(p)), v.t.Size()-off)
+	if err := dio.ReadFull(v.FD(), p[:n], off); err != nil {
+		return 0, err
+	}
+	if err := v.FinishRead(p[:n], off); err != nil {
+		return 0, err
+	}
+	return int(n), nil
 }
 
 // write goes through the tracker exactly as a queue does: admission, the
 // write itself, then settlement.
-func write(t *testing.T, trk *tracker, p []byte, off int64) {
+func write(t *testing.T, trk *Tracker, p []byte, off int64) {
 	resumed := make(chan error, 1)
 	token, action, err := trk.BeforeWrite(uapi.IOOpWrite, off, int64(len(p)), func(err error) { resumed <- err })
 	if err != nil {
@@ -54,7 +85,7 @@ func write(t *testing.T, trk *tracker, p []byte, off int64) {
 		action = ublk.WriteProceed
 	}
 	if action == ublk.WriteProceed {
-		if _, err := unix.Pwrite(trk.fd, p, off); err != nil {
+		if _, err := unix.Pwrite(trk.FD(), p, off); err != nil {
 			t.Errorf("pwrite: %v", err)
 		}
 	}
@@ -77,12 +108,12 @@ func newCow(t *testing.T, size int64, fileSize int64) *cow.File {
 func TestSnapshotReadsRaceWrites(t *testing.T) {
 	const blocks = 256
 	dev, orig := fakeDevice(t, blocks)
-	trk := newTracker(dev, t.Logf)
-	c := newCow(t, dev.Size, 0)
-	if err := trk.swap(ModeSnapshot, c, nil, nil); err != nil {
+	trk := newTracker(t, dev)
+	c := newCow(t, dev.Size(), 0)
+	if err := trk.Swap(dattobd.Snapshot, c, nil, nil); err != nil {
 		t.Fatal(err)
 	}
-	view := &snapView{t: trk, st: trk.current()}
+	view := trk.View(trk.Current())
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for w := 0; w < 4; w++ {
@@ -93,8 +124,8 @@ func TestSnapshotReadsRaceWrites(t *testing.T) {
 			for i := 0; i < 400; i++ {
 				off := int64(r.IntN(blocks*8)) * 512 // 512-byte aligned, any block
 				n := int64(1+r.IntN(16)) * 512
-				if off+n > dev.Size {
-					n = dev.Size - off
+				if off+n > dev.Size() {
+					n = dev.Size() - off
 				}
 				p := make([]byte, n)
 				rand.Read(p)
@@ -118,10 +149,10 @@ func TestSnapshotReadsRaceWrites(t *testing.T) {
 				}
 				off := int64(r.IntN(blocks*8)) * 512
 				n := int64(1+r.IntN(128)) * 512
-				if off+n > dev.Size {
-					n = dev.Size - off
+				if off+n > dev.Size() {
+					n = dev.Size() - off
 				}
-				got, err := view.ReadAt(buf[:n], off)
+				got, err := readSnapshot(view, buf[:n], off)
 				if err != nil {
 					t.Errorf("snapshot read at %d: %v", off, err)
 					return
@@ -149,8 +180,8 @@ func TestSnapshotReadsRaceWrites(t *testing.T) {
 	close(stop)
 	wg.Wait()
 	<-done
-	full := make([]byte, dev.Size)
-	if _, err := view.ReadAt(full, 0); err != nil {
+	full := make([]byte, dev.Size())
+	if _, err := readSnapshot(view, full, 0); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(full, orig) {
@@ -168,11 +199,11 @@ func TestSnapshotReadsRaceWrites(t *testing.T) {
 // write admitted under the old state is still in flight.
 func TestSwapWaitsForAdmittedWrites(t *testing.T) {
 	dev, _ := fakeDevice(t, 16)
-	trk := newTracker(dev, t.Logf)
+	trk := newTracker(t, dev)
 	token, _, _ := trk.BeforeWrite(uapi.IOOpWrite, 0, 4096, nil)
-	c := newCow(t, dev.Size, 0)
+	c := newCow(t, dev.Size(), 0)
 	swapped := make(chan error, 1)
-	go func() { swapped <- trk.swap(ModeSnapshot, c, nil, nil) }()
+	go func() { swapped <- trk.Swap(dattobd.Snapshot, c, nil, nil) }()
 	select {
 	case <-swapped:
 		t.Fatal("swap returned while a write admitted before it was in flight")
@@ -194,13 +225,13 @@ func TestSwapWaitsForAdmittedWrites(t *testing.T) {
 func TestIncrementalMarksEveryWrite(t *testing.T) {
 	for _, withBits := range []bool{true, false} {
 		dev, _ := fakeDevice(t, 300)
-		trk := newTracker(dev, t.Logf)
-		c := newCow(t, dev.Size, 0)
+		trk := newTracker(t, dev)
+		c := newCow(t, dev.Size(), 0)
 		var bits *bitmap.Bitmap
 		if withBits {
 			bits = bitmap.New(c.Blocks())
 		}
-		if err := trk.swap(ModeIncremental, c, bits, nil); err != nil {
+		if err := trk.Swap(dattobd.Incremental, c, bits, nil); err != nil {
 			t.Fatal(err)
 		}
 		want := map[uint64]bool{}
@@ -216,8 +247,8 @@ func TestIncrementalMarksEveryWrite(t *testing.T) {
 					off := int64(r.IntN(300*8)) * 512
 					n := int64(1+r.IntN(20)) * 512
 					mu.Unlock()
-					if off+n > dev.Size {
-						n = dev.Size - off
+					if off+n > dev.Size() {
+						n = dev.Size() - off
 					}
 					write(t, trk, make([]byte, n), off)
 					mu.Lock()
@@ -244,25 +275,25 @@ func TestIncrementalMarksEveryWrite(t *testing.T) {
 // happens, the tracker records EFBIG and the snapshot serves only EIO.
 func TestFullCowFailsClosed(t *testing.T) {
 	dev, _ := fakeDevice(t, 64)
-	trk := newTracker(dev, t.Logf)
-	c := newCow(t, dev.Size, cow.DataOffset(cow.Blocks(dev.Size))+2*cow.BlockSize)
-	if err := trk.swap(ModeSnapshot, c, nil, nil); err != nil {
+	trk := newTracker(t, dev)
+	c := newCow(t, dev.Size(), cow.DataOffset(cow.Blocks(dev.Size()))+2*cow.BlockSize)
+	if err := trk.Swap(dattobd.Snapshot, c, nil, nil); err != nil {
 		t.Fatal(err)
 	}
-	view := &snapView{t: trk, st: trk.current()}
+	view := trk.View(trk.Current())
 	newData := bytes.Repeat([]byte{0xAB}, 3*cow.BlockSize)
 	write(t, trk, newData, 0)
 	if got := trk.Failed(); got != syscall.EFBIG {
 		t.Fatalf("Failed() = %v, want EFBIG", got)
 	}
 	got := make([]byte, 3*cow.BlockSize)
-	if _, err := unix.Pread(trk.fd, got, 0); err != nil || !bytes.Equal(got, newData) {
+	if _, err := unix.Pread(trk.FD(), got, 0); err != nil || !bytes.Equal(got, newData) {
 		t.Fatalf("the front write was lost when the snapshot failed")
 	}
-	if _, err := view.ReadAt(make([]byte, cow.BlockSize), 0); !errors.Is(err, syscall.EIO) {
+	if _, err := readSnapshot(view, make([]byte, cow.BlockSize), 0); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("snapshot read after failure: %v, want EIO", err)
 	}
-	if _, err := view.ReadAt(make([]byte, cow.BlockSize), 40*cow.BlockSize); !errors.Is(err, syscall.EIO) {
+	if _, err := readSnapshot(view, make([]byte, cow.BlockSize), 40*cow.BlockSize); !errors.Is(err, syscall.EIO) {
 		t.Fatalf("snapshot read of an untouched block after failure: %v, want EIO", err)
 	}
 }
@@ -271,9 +302,9 @@ func TestFullCowFailsClosed(t *testing.T) {
 // from the device is dropped; over preserved blocks it is forwarded.
 func TestDiscardInSnapshotMode(t *testing.T) {
 	dev, _ := fakeDevice(t, 32)
-	trk := newTracker(dev, t.Logf)
-	c := newCow(t, dev.Size, 0)
-	if err := trk.swap(ModeSnapshot, c, nil, nil); err != nil {
+	trk := newTracker(t, dev)
+	c := newCow(t, dev.Size(), 0)
+	if err := trk.Swap(dattobd.Snapshot, c, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	tok, action, _ := trk.BeforeWrite(uapi.IOOpDiscard, 0, 8*cow.BlockSize, nil)
@@ -294,9 +325,9 @@ func TestDiscardInSnapshotMode(t *testing.T) {
 // is on disk at that instant) already recovers its blocks as changed.
 func TestIncrementalWriteWaitsForIntent(t *testing.T) {
 	dev, _ := fakeDevice(t, 8192) // 32 MiB: 8 regions of 4 MiB
-	trk := newTracker(dev, t.Logf)
+	trk := newTracker(t, dev)
 	path := filepath.Join(t.TempDir(), "inc")
-	c, err := cow.Create(path, cow.Options{DeviceSize: dev.Size, IndexOnly: true})
+	c, err := cow.Create(path, cow.Options{DeviceSize: dev.Size(), IndexOnly: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -304,7 +335,7 @@ func TestIncrementalWriteWaitsForIntent(t *testing.T) {
 	if err := c.EnableIntent(); err != nil {
 		t.Fatal(err)
 	}
-	if err := trk.swap(ModeIncremental, c, bitmap.New(c.Blocks()), nil); err != nil {
+	if err := trk.Swap(dattobd.Incremental, c, bitmap.New(c.Blocks()), nil); err != nil {
 		t.Fatal(err)
 	}
 	r := mrand.New(mrand.NewPCG(5, 5))
@@ -327,7 +358,11 @@ func TestIncrementalWriteWaitsForIntent(t *testing.T) {
 		}
 		crashed := filepath.Join(t.TempDir(), "crashed")
 		os.WriteFile(crashed, img, 0o600)
-		g, _, err := cow.Recover(crashed, dev.Size, 0)
+		s, err := cow.FileStorage(crashed, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		g, _, err := cow.Open(crashed, s, cow.ReloadIncremental, dev.Size(), 0)
 		if err != nil {
 			t.Fatalf("recover after write %d: %v", i, err)
 		}

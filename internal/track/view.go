@@ -1,66 +1,48 @@
-package server
+package track
 
 import (
 	"syscall"
 
 	"github.com/dbdublk/dbdublk/cow"
+	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/ublk"
 	"github.com/dbdublk/dbdublk/ublk/uapi"
 )
 
 var (
-	_ ublk.ReadFinisher     = (*snapView)(nil)
-	_ ublk.WriteInterceptor = (*snapView)(nil)
+	_ ublk.ReadFinisher     = (*View)(nil)
+	_ ublk.WriteInterceptor = (*View)(nil)
 )
 
-// snapView is the backend of the snapshot device: the real device as it was
-// at the snapshot instant. A block whose old contents were preserved is read
+// View is the backend of the snapshot device: the real device as it was at
+// the snapshot instant. A block whose old contents were preserved is read
 // from the COW file, any other block from the real device. Once the
 // snapshot has failed (COW store full, I/O error), every read returns EIO:
 // a failed snapshot fails closed, never with data written after it.
-type snapView struct {
-	t  *tracker
-	st *trackState // the snapshot state this device serves
+type View struct {
+	t  *Tracker
+	st *State // the snapshot state this device serves
 }
 
-// ReadAt serves a snapshot read. p is a queue buffer (page aligned) and
-// off is aligned to the logical block size.
-func (v *snapView) ReadAt(p []byte, off int64) (int, error) {
-	if v.broken() {
-		return 0, syscall.EIO
-	}
-	end := off + int64(len(p))
-	if end > v.t.Size {
-		end = v.t.Size
-	}
-	if off >= end {
-		return 0, nil
-	}
-	p = p[:end-off]
-	if err := preadFull(v.t.fd, p, off); err != nil {
-		return 0, err
-	}
-	if err := v.FinishRead(p, off); err != nil {
-		return 0, err
-	}
-	return len(p), nil
-}
+// View returns the backend of the snapshot that st (a snapshot state of t)
+// holds.
+func (t *Tracker) View(st *State) *View { return &View{t: t, st: st} }
 
 // FD lets the queues read the real device through their rings; FinishRead
 // then overlays what the snapshot preserved.
-func (v *snapView) FD() int { return v.t.fd }
+func (v *View) FD() int { return v.t.FD() }
 
 // CanDiscard is false: nothing is ever written through a snapshot.
-func (v *snapView) CanDiscard() bool { return false }
+func (v *View) CanDiscard() bool { return false }
 
 // BeforeWrite refuses every modifying request (the kernel already rejects
 // writes to a read-only disk; this keeps them off the real device even so).
-func (v *snapView) BeforeWrite(uapi.IOOp, int64, int64, func(error)) (uint64, ublk.WriteAction, error) {
+func (v *View) BeforeWrite(uapi.IOOp, int64, int64, func(error)) (uint64, ublk.WriteAction, error) {
 	return 0, ublk.WriteProceed, syscall.EROFS
 }
 
 // AfterWrite has nothing to settle.
-func (v *snapView) AfterWrite(uint64) {}
+func (v *View) AfterWrite(uint64) {}
 
 // FinishRead turns bytes read from the real device at off into the
 // snapshot's view: every block the COW file holds is overlaid. The index is
@@ -68,13 +50,16 @@ func (v *snapView) AfterWrite(uint64) {}
 // after its old data is in the COW file and indexed, so a block still
 // unindexed after the read was read before any post-snapshot write reached
 // it.
-func (v *snapView) FinishRead(p []byte, off int64) error {
+func (v *View) FinishRead(p []byte, off int64) error {
+	if v.broken() {
+		return syscall.EIO
+	}
 	end := off + int64(len(p))
 	first := uint64(off) / cow.BlockSize
 	last := (uint64(end) + cow.BlockSize - 1) / cow.BlockSize
 	var blk []byte
 	for b := first; b < last; b++ {
-		e, err := v.st.cow.Lookup(b)
+		e, err := v.st.Cow.Lookup(b)
 		if err != nil {
 			return syscall.EIO
 		}
@@ -84,7 +69,7 @@ func (v *snapView) FinishRead(p []byte, off int64) error {
 		if blk == nil {
 			blk = make([]byte, cow.BlockSize)
 		}
-		if err := v.st.cow.ReadBlock(e, blk); err != nil {
+		if err := v.st.Cow.ReadBlock(e, blk); err != nil {
 			return syscall.EIO
 		}
 		bstart := int64(b) * cow.BlockSize
@@ -94,7 +79,7 @@ func (v *snapView) FinishRead(p []byte, off int64) error {
 	// A COW file on the volume itself holds live COW data at its extents;
 	// the snapshot shows them as zeros (its filesystem reads the file's
 	// preallocated blocks as zeros anyway), so backups carry none of it.
-	for _, x := range v.st.cowExtents {
+	for _, x := range v.st.CowExtents {
 		lo, hi := max(x.Physical, off), min(x.Physical+x.Length, end)
 		if lo < hi {
 			clear(p[lo-off : hi-off])
@@ -109,10 +94,7 @@ func (v *snapView) FinishRead(p []byte, off int64) error {
 }
 
 // broken reports a failed snapshot, or one that is no longer current.
-func (v *snapView) broken() bool {
-	return v.t.failed.Load() != 0 || v.t.current().cow != v.st.cow || v.t.current().mode != ModeSnapshot
+func (v *View) broken() bool {
+	cur := v.t.Current()
+	return v.t.failed.Load() != 0 || cur.Cow != v.st.Cow || cur.Mode != dattobd.Snapshot
 }
-
-// WriteAt refuses: the snapshot device is read-only (the kernel already
-// rejects writes to a read-only disk; this is the second line).
-func (v *snapView) WriteAt(p []byte, off int64) (int, error) { return 0, syscall.EROFS }

@@ -40,7 +40,11 @@ func mountFront(t *testing.T, front, dir string) {
 // the blocks marked and the blocks that differ.
 func checkIncremental(t *testing.T, cowPath, image, snapshot string) (marked, changed uint64) {
 	t.Helper()
-	c, err := cow.OpenReadOnly(cowPath)
+	s, err := cow.FileStorage(cowPath, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _, err := cow.Open(cowPath, s, cow.ReadOnly, 0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

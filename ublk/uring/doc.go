@@ -11,22 +11,21 @@
 // ring's whole life. io_uring_enter or io_uring_register from any other
 // thread then fails with EEXIST. Under DEFER_TASKRUN completions are posted
 // only while the owner thread is inside io_uring_enter with GETEVENTS
-// ([Ring.SubmitAndWait], [Ring.SubmitAndWaitTimeout]); [Ring.ReapCQEs] alone
-// never makes new ones appear, and waiting on an eventfd or epoll instead
-// does not work.
+// ([Ring.SubmitAndWait]); [Ring.ReapCQEs] alone never makes new ones
+// appear, and waiting on an eventfd or epoll instead does not work. To wake
+// an owner waiting in SubmitAndWait from another thread, keep a read of an
+// eventfd in flight on its ring ([PrepRead]) and write to the eventfd.
 //
 // # Memory rules for SQEs
 //
-// The kernel reads SQE addresses (buffers, iovecs, timespecs) after the Go
-// call that placed them returns, and for reads and writes it keeps using a
-// buffer until the CQE arrives. Every address put into an SQE must therefore
-// point to memory the Go runtime will neither move nor free while the
-// operation is in flight: memory from unix.Mmap (the usual choice), or Go
-// heap memory held by a runtime.Pinner until the CQE is reaped. Never use
-// stack memory (Go stacks move) and never rely on runtime.KeepAlive, which
-// only covers a synchronous call. Buffers given to [Ring.RegisterBuffers]
-// must be mmap'd memory that stays mapped until the buffers are unregistered
-// or the ring is closed.
+// The kernel reads SQE addresses (buffers) after the Go call that placed
+// them returns, and for reads and writes it keeps using a buffer until the
+// CQE arrives. Every address put into an SQE must therefore point to memory
+// the Go runtime will neither move nor free while the operation is in
+// flight: memory from unix.Mmap (the usual choice), or Go heap memory held
+// by a runtime.Pinner until the CQE is reaped. Never use stack memory (Go
+// stacks move) and never rely on runtime.KeepAlive, which only covers a
+// synchronous call.
 //
 // # Memory ordering
 //

@@ -17,11 +17,6 @@ import (
 // reaped. The address is stored in ring memory as an integer, so nothing in
 // Go keeps the object alive or in place for you.
 
-// PrepNop prepares a no-op; its CQE has Res 0.
-func PrepNop(sqe *uapi.SQE) {
-	sqe.Opcode = uapi.OpNop
-}
-
 func prepRW(sqe *uapi.SQE, op uint8, fd int32, buf unsafe.Pointer, n uint32, off uint64) {
 	sqe.Opcode = op
 	sqe.Fd = fd
@@ -41,21 +36,6 @@ func PrepRead(sqe *uapi.SQE, fd int32, buf unsafe.Pointer, n uint32, off uint64)
 func PrepWrite(sqe *uapi.SQE, fd int32, buf unsafe.Pointer, n uint32, off uint64, rwFlags uint32) {
 	prepRW(sqe, uapi.OpWrite, fd, buf, n, off)
 	sqe.OpFlags = rwFlags
-}
-
-// PrepReadFixed is PrepRead into registered buffer bufIndex; [buf, buf+n)
-// must lie inside that buffer.
-func PrepReadFixed(sqe *uapi.SQE, fd int32, buf unsafe.Pointer, n uint32, off uint64, bufIndex uint16) {
-	prepRW(sqe, uapi.OpReadFixed, fd, buf, n, off)
-	sqe.BufIndex = bufIndex
-}
-
-// PrepWriteFixed is PrepWrite from registered buffer bufIndex; [buf, buf+n)
-// must lie inside that buffer.
-func PrepWriteFixed(sqe *uapi.SQE, fd int32, buf unsafe.Pointer, n uint32, off uint64, rwFlags uint32, bufIndex uint16) {
-	prepRW(sqe, uapi.OpWriteFixed, fd, buf, n, off)
-	sqe.OpFlags = rwFlags
-	sqe.BufIndex = bufIndex
 }
 
 // PrepFsync prepares an fsync of the whole file; flags is 0 or
@@ -87,54 +67,13 @@ func PrepURingCmd(sqe *uapi.SQE, fd int32, cmdOp uint32) {
 	sqe.Off = uint64(cmdOp)
 }
 
-// PrepTimeout prepares an IORING_OP_TIMEOUT that completes with -ETIME after
-// *ts (or, if count > 0, after count other completions, with Res 0); flags
-// may be uapi.TimeoutAbs. The kernel reads *ts while submitting, so it must
-// stay valid (off-heap, pinned, or a heap object kept alive) until Submit
-// returns.
-func PrepTimeout(sqe *uapi.SQE, ts *uapi.Timespec, count, flags uint32) {
-	sqe.Opcode = uapi.OpTimeout
-	sqe.Fd = -1
-	sqe.Addr = uint64(uintptr(unsafe.Pointer(ts)))
-	sqe.Len = 1
-	sqe.Off = uint64(count)
-	sqe.OpFlags = flags
-}
-
-// PrepPollAdd prepares a one-shot poll of fd for events (unix.POLLIN, ...);
-// the CQE's Res is the ready mask. Polling an eventfd this way lets other
-// threads wake a ring owner that waits in SubmitAndWait.
-func PrepPollAdd(sqe *uapi.SQE, fd int32, events uint32) {
-	sqe.Opcode = uapi.OpPollAdd
-	sqe.Fd = fd
-	sqe.OpFlags = events // poll32_events, little-endian
-}
-
-// PrepCancel prepares an IORING_OP_ASYNC_CANCEL of the request whose
-// user_data is target. Its own CQE has Res 0, -ENOENT or -EALREADY.
-func PrepCancel(sqe *uapi.SQE, target uint64) {
-	sqe.Opcode = uapi.OpAsyncCancel
-	sqe.Fd = -1
-	sqe.Addr = target
-}
-
-// PrepMsgRing prepares an IORING_OP_MSG_RING that posts a CQE with
-// UserData=userData and Res=res into the ring whose fd is ringFd (a cheap
-// cross-thread wakeup). This ring also gets a CQE for the send itself.
-func PrepMsgRing(sqe *uapi.SQE, ringFd int32, res uint32, userData uint64) {
-	sqe.Opcode = uapi.OpMsgRing
-	sqe.Fd = ringFd
-	sqe.Addr = 0 // IORING_MSG_DATA
-	sqe.Len = res
-	sqe.Off = userData
-}
-
 // CmdArea returns the uring_cmd payload area of sqe: bytes 48..63 (16 bytes)
 // of a 64-byte SQE, or 48..127 (80 bytes) of a 128-byte one, as a slice over
-// the ring memory. sqe must come from Ring.NextSQE, and sqe128 must be
-// Ring.SQE128() of that ring: with true the slice runs past the end of the
-// uapi.SQE struct into the second half of the 128-byte slot, which only
-// exists in an SQE128 ring. The area is part of the zeroed slot.
+// the ring memory. sqe must come from Ring.NextSQE, and sqe128 must say
+// whether that ring was set up with uapi.SetupSQE128: with true the slice
+// runs past the end of the uapi.SQE struct into the second half of the
+// 128-byte slot, which only exists in an SQE128 ring. The area is part of
+// the zeroed slot.
 func CmdArea(sqe *uapi.SQE, sqe128 bool) []byte {
 	n := uapi.SQECmdSize
 	if sqe128 {

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -47,12 +46,8 @@ var dropOrder = [...]uint32{
 	uapi.SetupSubmitAll,                           // 5.18
 }
 
-var (
-	// ErrClosed is returned by calls on a closed Ring.
-	ErrClosed = errors.New("uring: ring is closed")
-
-	errNoExtArg = fmt.Errorf("uring: timed wait needs IORING_FEAT_EXT_ARG (Linux 5.11): %w", errors.ErrUnsupported)
-)
+// ErrClosed is returned by calls on a closed Ring.
+var ErrClosed = errors.New("uring: ring is closed")
 
 // Ring is one io_uring instance: its fd, the mapped SQ and CQ rings and the
 // SQE array. It is not safe for concurrent use; see the package doc for the
@@ -77,29 +72,19 @@ type Ring struct {
 	sqeShift uint8  // log2 of the SQE stride
 	eintr    uint32 // EINTR retries of enter (diagnostics and tests)
 
-	fd       int
-	flags    uint32
-	features uint32
-
-	cqOverflow *atomic.Uint32 // cq.overflow: CQEs the kernel had to drop
-	sqDropped  *atomic.Uint32 // sq.dropped: invalid SQ array entries skipped
+	fd    int
+	flags uint32 // the uapi.Setup* flags in force, after New dropped what the kernel refused
 
 	sqMem  []byte // SQ ring mapping (also the CQ ring with FEAT_SINGLE_MMAP)
 	cqMem  []byte // CQ ring mapping; aliases sqMem with FEAT_SINGLE_MMAP
 	sqeMem []byte // SQE array mapping
-
-	// Arguments of a timed wait. They live in the Ring (a heap object, which
-	// Go never moves) so that passing them to io_uring_enter allocates
-	// nothing; the kernel reads them only during the syscall.
-	waitArg uapi.GetEventsArg
-	waitTs  uapi.Timespec
 }
 
 // New sets up a ring, maps it (once with FEAT_SINGLE_MMAP) and fills the SQ
 // index array with the identity mapping. If the kernel rejects an optional
-// flag (see [Options]) with EINVAL, New retries without it; [Ring.Flags]
-// reports what is in force. With uapi.SetupSingleIssuer the calling OS thread
-// becomes the ring's owner: lock it first (runtime.LockOSThread).
+// flag (see [Options]) with EINVAL, New retries without it. With
+// uapi.SetupSingleIssuer the calling OS thread becomes the ring's owner: lock
+// it first (runtime.LockOSThread).
 func New(opt Options) (*Ring, error) {
 	if opt.Entries == 0 {
 		return nil, fmt.Errorf("uring: setup: Entries is 0: %w", unix.EINVAL)
@@ -127,7 +112,7 @@ func New(opt Options) (*Ring, error) {
 		return nil, fmt.Errorf("uring: io_uring_setup(%d, flags %#x): %w", opt.Entries, flags, err)
 	}
 
-	r := &Ring{fd: fd, flags: p.Flags, features: p.Features}
+	r := &Ring{fd: fd, flags: p.Flags}
 	if err := r.mapRings(&p); err != nil {
 		r.Close()
 		return nil, err
@@ -197,12 +182,10 @@ func (r *Ring) mapRings(p *uapi.IoUringParams) error {
 	r.sqHead = word(r.sqMem, p.SQOff.Head)
 	r.sqTail = word(r.sqMem, p.SQOff.Tail)
 	r.sqFlags = word(r.sqMem, p.SQOff.Flags)
-	r.sqDropped = word(r.sqMem, p.SQOff.Dropped)
 	r.sqMask = word(r.sqMem, p.SQOff.RingMask).Load()
 	r.sqCount = word(r.sqMem, p.SQOff.RingEntries).Load()
 	r.cqHead = word(r.cqMem, p.CQOff.Head)
 	r.cqTail = word(r.cqMem, p.CQOff.Tail)
-	r.cqOverflow = word(r.cqMem, p.CQOff.Overflow)
 	r.cqMask = word(r.cqMem, p.CQOff.RingMask).Load()
 	r.cqCount = word(r.cqMem, p.CQOff.RingEntries).Load()
 	if r.sqCount != p.SQEntries || r.cqCount != p.CQEntries ||
@@ -246,40 +229,11 @@ func (r *Ring) Close() error {
 		errs = append(errs, unix.Munmap(r.sqMem))
 	}
 	errs = append(errs, unix.Close(r.fd))
-	*r = Ring{fd: -1, flags: r.flags, features: r.features, sqeShift: r.sqeShift}
+	*r = Ring{fd: -1, flags: r.flags, sqeShift: r.sqeShift}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("uring: close: %w", err)
 	}
 	return nil
-}
-
-// Fd returns the ring's file descriptor (-1 after Close).
-func (r *Ring) Fd() int { return r.fd }
-
-// Flags returns the uapi.Setup* flags actually in force (the kernel's view,
-// after any optional flags were dropped).
-func (r *Ring) Flags() uint32 { return r.flags }
-
-// Features returns the kernel's uapi.RingFeat* bits.
-func (r *Ring) Features() uint32 { return r.features }
-
-// SQE128 reports whether SQE slots are 128 bytes (uapi.SetupSQE128).
-func (r *Ring) SQE128() bool { return r.sqeShift == 7 }
-
-// SQEntries returns the SQ size the kernel chose.
-func (r *Ring) SQEntries() uint32 { return r.sqCount }
-
-// CQEntries returns the CQ size the kernel chose.
-func (r *Ring) CQEntries() uint32 { return r.cqCount }
-
-// Overflow returns the kernel's count of CQEs it could not post at all
-// (cq.overflow). It stays 0 while IORING_FEAT_NODROP can park overflowing
-// CQEs; a non-zero value means completions were lost.
-func (r *Ring) Overflow() uint32 {
-	if r.cqOverflow == nil {
-		return 0
-	}
-	return r.cqOverflow.Load()
 }
 
 // NextSQE returns the next free SQE slot, zeroed over its whole 64 or 128
@@ -308,48 +262,24 @@ func (r *Ring) NextSQE() *uapi.SQE {
 	return (*uapi.SQE)(p)
 }
 
-// Pending returns the number of SQEs handed out by NextSQE that the kernel
-// has not consumed yet (prepared but unsubmitted, or left over from a
-// submission that stopped early).
-func (r *Ring) Pending() uint32 {
-	if r.sqHead == nil {
-		return 0
-	}
-	return r.sqeTail - r.sqHead.Load()
-}
-
 // Submit publishes the prepared SQEs and submits them with io_uring_enter.
 // It returns how many SQEs the kernel consumed during the call. It also
 // flushes parked CQEs when the kernel reports CQ overflow (or pending task
 // work with SetupTaskrunFlag). EINTR is retried. Any other errno is returned
 // bare (a unix.Errno, e.g. EBUSY, EAGAIN); the SQEs it left unconsumed stay
 // pending and go out with the next Submit.
-func (r *Ring) Submit() (int, error) { return r.submit(0, false, time.Time{}) }
+func (r *Ring) Submit() (int, error) { return r.submit(0) }
 
 // SubmitAndWait is Submit plus a wait until at least n CQEs are in the CQ
 // (n is capped at the CQ size). EINTR — routine under Go's SIGURG
 // preemption — is retried, so it returns only once n CQEs are ready or on a
 // real error (returned bare, as a unix.Errno). It does not enter the kernel
 // to wait when n CQEs are already there.
-func (r *Ring) SubmitAndWait(n uint32) (int, error) { return r.submit(n, false, time.Time{}) }
-
-// SubmitAndWaitTimeout is SubmitAndWait with a relative timeout, using
-// IORING_ENTER_EXT_ARG (Linux 5.11). When d passes before n CQEs are ready it
-// returns the bare errno unix.ETIME (compare with == or errors.Is); the SQEs
-// were still submitted and the count says how many. A d <= 0 submits, reaps
-// what is already complete and returns ETIME at once if fewer than n CQEs
-// are there. Without FEAT_EXT_ARG it returns an error wrapping
-// errors.ErrUnsupported.
-func (r *Ring) SubmitAndWaitTimeout(n uint32, d time.Duration) (int, error) {
-	if r.features&uapi.RingFeatExtArg == 0 {
-		return 0, errNoExtArg
-	}
-	return r.submit(n, true, time.Now().Add(d))
-}
+func (r *Ring) SubmitAndWait(n uint32) (int, error) { return r.submit(n) }
 
 // submit publishes sq.tail and loops on io_uring_enter until every pending
-// SQE is consumed and waitNr CQEs are ready (or the deadline passes).
-func (r *Ring) submit(waitNr uint32, timed bool, deadline time.Time) (int, error) {
+// SQE is consumed and waitNr CQEs are ready.
+func (r *Ring) submit(waitNr uint32) (int, error) {
 	if r.sqTail == nil {
 		return 0, ErrClosed
 	}
@@ -359,34 +289,14 @@ func (r *Ring) submit(waitNr uint32, timed bool, deadline time.Time) (int, error
 	r.sqTail.Store(r.sqeTail)
 	start := r.sqHead.Load()
 	flushed := false // one GETEVENTS pass done in this call
-	polled := false  // timed: the final non-blocking pass after the deadline is done
 	for {
 		// Recompute from the kernel's head on every pass: after EINTR or a
 		// short submission the return value of enter is not the truth.
 		head := r.sqHead.Load()
 		toSubmit := r.sqeTail - head
 		var flags, minComplete uint32
-		var arg unsafe.Pointer
-		var argSize uintptr
-		if r.CQReady() < waitNr {
+		if r.cqReady() < waitNr {
 			flags, minComplete = uapi.EnterGetEvents, waitNr
-			if timed {
-				rem := time.Until(deadline)
-				if rem <= 0 {
-					if polled {
-						return int(head - start), unix.ETIME
-					}
-					// One last pass that submits, runs task work and flushes
-					// overflow without blocking, so completions that are
-					// already done are not reported as a timeout.
-					polled, minComplete = true, 0
-				} else {
-					r.waitTs = uapi.Timespec{Sec: int64(rem / time.Second), Nsec: int64(rem % time.Second)}
-					r.waitArg = uapi.GetEventsArg{Ts: uint64(uintptr(unsafe.Pointer(&r.waitTs)))}
-					flags |= uapi.EnterExtArg
-					arg, argSize = unsafe.Pointer(&r.waitArg), unsafe.Sizeof(r.waitArg)
-				}
-			}
 		} else if !flushed && r.sqFlags.Load()&(uapi.SQCQOverflow|uapi.SQTaskrun) != 0 {
 			// CQEs are parked in the kernel's overflow list (or task work is
 			// pending): a GETEVENTS enter moves them into the CQ.
@@ -395,7 +305,7 @@ func (r *Ring) submit(waitNr uint32, timed bool, deadline time.Time) (int, error
 		if toSubmit == 0 && flags == 0 {
 			return int(head - start), nil
 		}
-		ret, errno := r.enter(toSubmit, minComplete, flags, arg, argSize)
+		ret, errno := r.enter(toSubmit, minComplete, flags)
 		switch errno {
 		case 0:
 			if flags&uapi.EnterGetEvents != 0 {
@@ -407,10 +317,6 @@ func (r *Ring) submit(waitNr uint32, timed bool, deadline time.Time) (int, error
 		case unix.EINTR:
 			// A signal (SIGURG preemption, usually) interrupted the call; loop.
 			r.eintr++
-		case unix.ETIME:
-			if r.CQReady() < waitNr {
-				return int(r.sqHead.Load() - start), unix.ETIME
-			}
 		default:
 			return int(r.sqHead.Load() - start), errno
 		}
@@ -418,38 +324,20 @@ func (r *Ring) submit(waitNr uint32, timed bool, deadline time.Time) (int, error
 }
 
 // enter is io_uring_enter. It uses Syscall6, not RawSyscall6, so that a
-// blocking wait releases the P to the scheduler. arg (when non-nil) points
-// into r, a heap object that does not move and is live across the call.
-func (r *Ring) enter(toSubmit, minComplete, flags uint32, arg unsafe.Pointer, argSize uintptr) (int, unix.Errno) {
+// blocking wait releases the P to the scheduler.
+func (r *Ring) enter(toSubmit, minComplete, flags uint32) (int, unix.Errno) {
 	n, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(toSubmit),
-		uintptr(minComplete), uintptr(flags), uintptr(arg), argSize)
+		uintptr(minComplete), uintptr(flags), 0, 0)
 	return int(n), errno
 }
 
-// CQReady returns the number of CQEs waiting in the CQ.
-func (r *Ring) CQReady() uint32 {
+// cqReady returns the number of CQEs waiting in the CQ.
+func (r *Ring) cqReady() uint32 {
 	if r.cqTail == nil {
 		return 0
 	}
 	// Acquire-load cq.tail: CQEs below it are fully written.
 	return r.cqTail.Load() - r.cqeHead
-}
-
-// PeekCQE returns a copy of the oldest CQE without consuming it. If the CQ is
-// empty but the kernel holds overflowed CQEs, it flushes them first (one
-// io_uring_enter). It never waits and, under DEFER_TASKRUN, never runs task
-// work.
-func (r *Ring) PeekCQE() (uapi.CQE, bool) {
-	if r.CQReady() == 0 {
-		if !r.overflowed() {
-			return uapi.CQE{}, false
-		}
-		r.flushOverflow()
-		if r.CQReady() == 0 {
-			return uapi.CQE{}, false
-		}
-	}
-	return *r.cqeAt(r.cqeHead), true
 }
 
 // ReapCQEs copies up to len(dst) ready CQEs into dst, oldest first, then
@@ -498,7 +386,7 @@ func (r *Ring) overflowed() bool {
 // Errors are ignored: the caller just sees no new CQEs.
 func (r *Ring) flushOverflow() {
 	for {
-		if _, errno := r.enter(0, 0, uapi.EnterGetEvents, nil, 0); errno != unix.EINTR {
+		if _, errno := r.enter(0, 0, uapi.EnterGetEvents); errno != unix.EINTR {
 			return
 		}
 	}

@@ -1,0 +1,121 @@
+package daemon
+
+import (
+	"encoding/hex"
+	"fmt"
+	"os"
+
+	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/protocol"
+)
+
+// The control protocol's requests (protocol.Handler). Each takes the
+// server's lock: requests are answered one at a time.
+
+// Info describes the attachment.
+func (s *Server) Info() protocol.DeviceInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d := protocol.DeviceInfo{
+		Minor:       s.cfg.Minor,
+		BlockDevice: s.cfg.BlockDevice,
+		State:       dattobd.StateAttached,
+		Mode:        dattobd.Passthrough,
+		Status:      protocol.StatusDetaching,
+		FrontDevice: s.FrontPath(),
+		ServerPID:   os.Getpid(),
+		Log:         protocol.LogPath(s.cfg.Minor),
+	}
+	if s.dev == nil {
+		return d
+	}
+	info := s.dev.Info()
+	st := s.dev.Stats()
+	d.Status = protocol.StatusServing
+	d.FrontDevice = s.dev.BlockPath()
+	d.Size = s.bdev.Size()
+	d.LogicalBS, d.PhysicalBS = s.bdev.LogicalBlockSize, s.bdev.PhysicalBlockSize
+	d.Queues, d.QueueDepth, d.MaxIOBytes = int(info.NrHWQueues), int(info.QueueDepth), s.dev.Spec().MaxIOBytes
+	d.Features = fmt.Sprintf("%#x", uint64(info.Flags))
+	d.KernelFeat = fmt.Sprintf("%#x", s.kernelFeatures)
+	d.Stats = protocol.IOCounters{
+		Reads: st.Reads, Writes: st.Writes, Flushes: st.Flushes, Discards: st.Discards,
+		WriteZeroes: st.WriteZeroes, Errors: st.Errors, BytesRead: st.BytesRead, BytesWritten: st.BytesWritten,
+	}
+	s.fillTrackingInfo(&d)
+	return d
+}
+
+// fillTrackingInfo adds dattobd's per-device fields.
+func (s *Server) fillTrackingInfo(d *protocol.DeviceInfo) {
+	st := s.trk.Current()
+	d.Mode = st.Mode
+	d.State = dattobd.ActiveState(st.Mode)
+	if !st.Mode.Tracking() || s.snap == nil {
+		d.State = dattobd.StateAttached
+		return
+	}
+	h := st.Cow.Header()
+	d.CowFile = s.snap.cowPath
+	d.MaxCache = s.snap.cacheBytes
+	d.Fallocate = s.snap.fallocMiB * mib
+	d.CowSizeCurrent = int64(h.FSize)
+	d.SeqID = h.SeqID
+	d.UUID = hex.EncodeToString(h.UUID[:])
+	d.Version = h.Version
+	d.NrChangedBlocks = st.Cow.NrChangedBlocks()
+	d.CacheInUse = st.Cow.CacheBytes()
+	d.Error = -int(s.trk.Failed())
+	if st.Mode == dattobd.Snapshot {
+		if s.snap.dev != nil {
+			d.SnapshotDevice = s.cfg.Minor.DattoPath()
+		}
+		if step, reserve := s.trk.AutoExpand(); step > 0 {
+			d.AutoExpand = &protocol.AutoExpandInfo{StepSizeMiB: step / mib, ReservedSpaceMiB: reserve / mib}
+		}
+	}
+}
+
+// Detach removes the front device (see detach).
+func (s *Server) Detach(r protocol.Detach) error { return s.detach(!r.KeepState) }
+
+// tracking runs fn with the lock held, once the server is not detaching.
+func (s *Server) tracking(fn func() error) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.dev == nil {
+		return protocol.Errorf(protocol.ErrDetaching, "minor %d is detaching", s.cfg.Minor)
+	}
+	return fn()
+}
+
+// SetupSnapshot starts a snapshot series.
+func (s *Server) SetupSnapshot(r protocol.SetupSnapshot) error {
+	return s.tracking(func() error { return s.setupSnapshot(r) })
+}
+
+// TransitionToIncremental ends the snapshot and keeps tracking changes.
+func (s *Server) TransitionToIncremental() error { return s.tracking(s.transitionToIncremental) }
+
+// TransitionToSnapshot takes the next snapshot of the series.
+func (s *Server) TransitionToSnapshot(r protocol.TransitionToSnapshot) error {
+	return s.tracking(func() error { return s.transitionToSnapshot(r) })
+}
+
+// Destroy stops tracking and removes the current COW file.
+func (s *Server) Destroy() error { return s.tracking(s.destroy) }
+
+// Reconfigure changes the index cache limit.
+func (s *Server) Reconfigure(r protocol.Reconfigure) error {
+	return s.tracking(func() error { return s.reconfigure(r) })
+}
+
+// ExpandCowFile grows an active snapshot's COW store.
+func (s *Server) ExpandCowFile(r protocol.ExpandCowFile) error {
+	return s.tracking(func() error { return s.expandCowFile(r) })
+}
+
+// ReconfigureAutoExpand sets auto-expansion of an active snapshot.
+func (s *Server) ReconfigureAutoExpand(r protocol.AutoExpand) error {
+	return s.tracking(func() error { return s.reconfigureAutoExpand(r) })
+}

@@ -1,0 +1,113 @@
+package protocol
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/dbdublk/dbdublk/internal/dattobd"
+)
+
+// Timeouts of the client's calls: info is quick; a tracking request may
+// set up a snapshot of a large device or write back a large index.
+const (
+	dialTimeout    = 2 * time.Second
+	InfoTimeout    = 5 * time.Second
+	CommandTimeout = requestTimeout
+)
+
+// Client talks to one minor's server.
+type Client struct {
+	Minor dattobd.Minor
+}
+
+// For returns the client of minor's server.
+func For(m dattobd.Minor) Client { return Client{Minor: m} }
+
+// Info returns the device's state. It fails with ErrNotAttached when no
+// server answers for the minor.
+func (c Client) Info() (DeviceInfo, error) {
+	resp, err := c.do(OpInfo, nil, InfoTimeout)
+	if err != nil {
+		return DeviceInfo{}, err
+	}
+	if resp.Device == nil {
+		return DeviceInfo{}, fmt.Errorf("minor %d: %w", c.Minor, errNoDevice)
+	}
+	return *resp.Device, nil
+}
+
+// Detach removes the front device; the server exits.
+func (c Client) Detach(a Detach) error { return c.command(OpDetach, a) }
+
+// SetupSnapshot starts a snapshot series.
+func (c Client) SetupSnapshot(a SetupSnapshot) error { return c.command(OpSetupSnapshot, a) }
+
+// TransitionToIncremental ends the snapshot and keeps tracking changes.
+func (c Client) TransitionToIncremental() error { return c.command(OpTransitionToIncremental, nil) }
+
+// TransitionToSnapshot takes the next snapshot.
+func (c Client) TransitionToSnapshot(a TransitionToSnapshot) error {
+	return c.command(OpTransitionToSnapshot, a)
+}
+
+// Destroy stops tracking and removes the current COW file.
+func (c Client) Destroy() error { return c.command(OpDestroy, nil) }
+
+// Reconfigure changes the index cache limit.
+func (c Client) Reconfigure(a Reconfigure) error { return c.command(OpReconfigure, a) }
+
+// ExpandCowFile grows the COW store.
+func (c Client) ExpandCowFile(a ExpandCowFile) error { return c.command(OpExpandCowFile, a) }
+
+// ReconfigureAutoExpand sets auto-expansion.
+func (c Client) ReconfigureAutoExpand(a AutoExpand) error {
+	return c.command(OpReconfigureAutoExpand, a)
+}
+
+func (c Client) command(op Op, args any) error {
+	_, err := c.do(op, args, CommandTimeout)
+	return err
+}
+
+// do sends one request and reads the answer. A server's error comes back
+// as a *RemoteError carrying its message and kind.
+func (c Client) do(op Op, args any, timeout time.Duration) (*response, error) {
+	req := request{Op: op}
+	if args != nil {
+		b, err := json.Marshal(args)
+		if err != nil {
+			return nil, err
+		}
+		req.Args = b
+	}
+	conn, err := net.DialTimeout("unix", SocketPath(c.Minor), dialTimeout)
+	if err != nil {
+		return nil, fmt.Errorf("minor %d is %w", c.Minor, ErrNotAttached)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(timeout))
+	if err := json.NewEncoder(conn).Encode(req); err != nil {
+		return nil, fmt.Errorf("minor %d: send %s: %w", c.Minor, op, err)
+	}
+	var resp response
+	if err := json.NewDecoder(conn).Decode(&resp); err != nil {
+		return nil, fmt.Errorf("minor %d: no answer to %s: %w", c.Minor, op, err)
+	}
+	if resp.Error != "" {
+		return &resp, &RemoteError{Code: resp.Code, Message: resp.Error}
+	}
+	return &resp, nil
+}
+
+// ListDevices asks every live server for its info.
+func ListDevices() []DeviceInfo {
+	var out []DeviceInfo
+	for _, m := range Minors() {
+		if info, err := For(m).Info(); err == nil {
+			out = append(out, info)
+		}
+	}
+	return out
+}

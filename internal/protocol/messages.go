@@ -1,0 +1,137 @@
+package protocol
+
+import (
+	"encoding/json"
+
+	"github.com/dbdublk/dbdublk/internal/dattobd"
+)
+
+// Op names a request.
+type Op string
+
+// The requests a server answers.
+const (
+	OpInfo                    Op = "info"
+	OpDetach                  Op = "detach"
+	OpSetupSnapshot           Op = "setup-snapshot"
+	OpTransitionToIncremental Op = "transition-to-incremental"
+	OpTransitionToSnapshot    Op = "transition-to-snapshot"
+	OpDestroy                 Op = "destroy"
+	OpReconfigure             Op = "reconfigure"
+	OpExpandCowFile           Op = "expand-cow-file"
+	OpReconfigureAutoExpand   Op = "reconfigure-auto-expand"
+)
+
+// request is one line from a client: the op and its arguments.
+type request struct {
+	Op   Op              `json:"op"`
+	Args json.RawMessage `json:"args,omitempty"`
+}
+
+// response is a server's answer: an error (message and code), or, for
+// info, the device.
+type response struct {
+	Error  string      `json:"error,omitempty"`
+	Code   Code        `json:"code,omitempty"`
+	Device *DeviceInfo `json:"device,omitempty"`
+}
+
+// Detach asks the server to remove the front device and exit.
+type Detach struct {
+	// KeepState keeps an untracked device's state file for reload-all
+	// (detach --all at shutdown); an explicit detach forgets it.
+	KeepState bool `json:"keep_state,omitempty"`
+}
+
+// SetupSnapshot starts a snapshot series (dattobd's setup-snapshot).
+type SetupSnapshot struct {
+	CowFile    string `json:"cow_file"`              // absolute path of a new file
+	CacheBytes int64  `json:"cache_bytes,omitempty"` // -c; 0 = default
+	FallocMiB  int64  `json:"falloc_mib,omitempty"`  // -f; 0 = default
+}
+
+// TransitionToSnapshot takes the next snapshot of the series.
+type TransitionToSnapshot struct {
+	CowFile   string `json:"cow_file"`             // absolute path of a new file
+	FallocMiB int64  `json:"falloc_mib,omitempty"` // -f; 0 = as before
+}
+
+// Reconfigure changes the index cache limit.
+type Reconfigure struct {
+	CacheBytes int64 `json:"cache_bytes"`
+}
+
+// ExpandCowFile grows an active snapshot's COW store.
+type ExpandCowFile struct {
+	SizeMiB int64 `json:"size_mib"`
+}
+
+// AutoExpand makes a full COW store grow by itself; StepMiB 0 turns it off.
+type AutoExpand struct {
+	StepMiB    int64 `json:"step_mib"`
+	ReserveMiB int64 `json:"reserve_mib,omitempty"`
+}
+
+// Status is what a minor's server is doing.
+type Status string
+
+const (
+	// StatusServing: the front device is served.
+	StatusServing Status = "serving"
+	// StatusDetaching: a detach is removing the front device.
+	StatusDetaching Status = "detaching"
+)
+
+// DeviceInfo is one entry of `dbdctl info`: dattobd's /proc/datto-info
+// fields first, then this project's.
+type DeviceInfo struct {
+	Minor       dattobd.Minor `json:"minor"`
+	BlockDevice string        `json:"block_device"`
+	State       dattobd.State `json:"state"`
+	Error       int           `json:"error"` // dattobd's negative errno; 0 = healthy
+
+	CowFile         string          `json:"cow_file,omitempty"`
+	MaxCache        int64           `json:"max_cache,omitempty"`
+	Fallocate       int64           `json:"fallocate,omitempty"`
+	CowSizeCurrent  int64           `json:"cow_size_current,omitempty"`
+	SeqID           uint64          `json:"seq_id,omitempty"`
+	UUID            string          `json:"uuid,omitempty"`
+	Version         uint64          `json:"version,omitempty"`
+	NrChangedBlocks uint64          `json:"nr_changed_blocks,omitempty"`
+	AutoExpand      *AutoExpandInfo `json:"auto_expand,omitempty"`
+
+	Mode           dattobd.Mode `json:"mode"`
+	Status         Status       `json:"status"`
+	SnapshotDevice string       `json:"snapshot_device,omitempty"`
+	CacheInUse     int64        `json:"cache_in_use,omitempty"`
+	FrontDevice    string       `json:"front_device"`
+	ServerPID      int          `json:"server_pid"`
+	Size           int64        `json:"size"`
+	LogicalBS      int          `json:"logical_block_size"`
+	PhysicalBS     int          `json:"physical_block_size"`
+	Queues         int          `json:"queues"`
+	QueueDepth     int          `json:"queue_depth"`
+	MaxIOBytes     int          `json:"max_io_bytes"`
+	Features       string       `json:"ublk_features"`
+	KernelFeat     string       `json:"kernel_ublk_features"`
+	Log            string       `json:"log"`
+	Stats          IOCounters   `json:"io"`
+}
+
+// AutoExpandInfo is dattobd's auto_expand entry of info.
+type AutoExpandInfo struct {
+	StepSizeMiB      int64 `json:"step_size_mib"`
+	ReservedSpaceMiB int64 `json:"reserved_space_mib"`
+}
+
+// IOCounters are the requests served since attach.
+type IOCounters struct {
+	Reads        uint64 `json:"reads"`
+	Writes       uint64 `json:"writes"`
+	Flushes      uint64 `json:"flushes"`
+	Discards     uint64 `json:"discards"`
+	WriteZeroes  uint64 `json:"write_zeroes"`
+	Errors       uint64 `json:"errors"`
+	BytesRead    uint64 `json:"bytes_read"`
+	BytesWritten uint64 `json:"bytes_written"`
+}

@@ -1,0 +1,341 @@
+package protocol_test
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/protocol"
+	"github.com/dbdublk/dbdublk/internal/protocol/protocoltest"
+)
+
+func useRunDir(t *testing.T) string { return protocoltest.UseRunDir(t) }
+
+// fakeHandler records the requests it answers; info describes minor, every
+// command fails with err (nil = succeeds).
+type fakeHandler struct {
+	minor dattobd.Minor
+	err   error
+	block chan struct{} // non-nil: commands wait for it to close
+
+	mu   sync.Mutex
+	got  []any
+	done sync.WaitGroup
+}
+
+func (h *fakeHandler) record(a any) error {
+	h.mu.Lock()
+	h.got = append(h.got, a)
+	h.mu.Unlock()
+	if h.block != nil {
+		<-h.block
+	}
+	return h.err
+}
+
+func (h *fakeHandler) received() []any {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]any(nil), h.got...)
+}
+
+func (h *fakeHandler) Info() protocol.DeviceInfo {
+	return protocol.DeviceInfo{
+		Minor: h.minor, BlockDevice: "/dev/fake" + h.minor.String(), State: dattobd.StateAttached,
+		Mode: dattobd.Passthrough, Status: protocol.StatusServing, FrontDevice: h.minor.FrontPath(), Size: 1 << 30,
+		Stats: protocol.IOCounters{Reads: 3, BytesRead: 12288},
+	}
+}
+func (h *fakeHandler) Detach(a protocol.Detach) error               { return h.record(a) }
+func (h *fakeHandler) SetupSnapshot(a protocol.SetupSnapshot) error { return h.record(a) }
+func (h *fakeHandler) TransitionToIncremental() error {
+	return h.record(protocol.OpTransitionToIncremental)
+}
+func (h *fakeHandler) TransitionToSnapshot(a protocol.TransitionToSnapshot) error { return h.record(a) }
+func (h *fakeHandler) Destroy() error                                             { return h.record(protocol.OpDestroy) }
+func (h *fakeHandler) Reconfigure(a protocol.Reconfigure) error                   { return h.record(a) }
+func (h *fakeHandler) ExpandCowFile(a protocol.ExpandCowFile) error               { return h.record(a) }
+func (h *fakeHandler) ReconfigureAutoExpand(a protocol.AutoExpand) error          { return h.record(a) }
+
+// serve runs the real protocol server for h on minor's socket.
+func serve(t *testing.T, h *fakeHandler) *protocol.Server {
+	t.Helper()
+	s, err := protocol.Listen(h.minor, h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { s.Serve(); close(done) }()
+	t.Cleanup(func() {
+		if h.block != nil {
+			select {
+			case <-h.block:
+			default:
+				close(h.block)
+			}
+		}
+		s.Close()
+		s.Drain(5 * time.Second)
+		<-done
+	})
+	return s
+}
+
+func TestSocketPath(t *testing.T) {
+	dir := useRunDir(t)
+	if got, want := protocol.SocketPath(5), filepath.Join(dir, "5.sock"); got != want {
+		t.Errorf("SocketPath(5) = %q, want %q", got, want)
+	}
+	protocol.LogDir = "/var/log/x"
+	if got := protocol.LogPath(7); got != "/var/log/x/ublk7.log" {
+		t.Errorf("LogPath(7) = %q", got)
+	}
+}
+
+func TestInfo(t *testing.T) {
+	useRunDir(t)
+	serve(t, &fakeHandler{minor: 5})
+	d, err := protocol.For(5).Info()
+	if err != nil {
+		t.Fatalf("Info = %v", err)
+	}
+	if d.Minor != 5 || d.FrontDevice != "/dev/ublkb5" || d.Size != 1<<30 || d.State != dattobd.StateAttached ||
+		d.Mode != dattobd.Passthrough || d.Stats.Reads != 3 || d.Stats.BytesRead != 12288 {
+		t.Errorf("device = %+v", d)
+	}
+}
+
+// Every command reaches its handler method with its arguments intact.
+func TestCommandsReachHandler(t *testing.T) {
+	useRunDir(t)
+	h := &fakeHandler{minor: 3}
+	serve(t, h)
+	c := protocol.For(3)
+	calls := []struct {
+		do   func() error
+		want any
+	}{
+		{func() error { return c.Detach(protocol.Detach{KeepState: true}) }, protocol.Detach{KeepState: true}},
+		{func() error { return c.SetupSnapshot(protocol.SetupSnapshot{"/c", 4096, 10}) }, protocol.SetupSnapshot{"/c", 4096, 10}},
+		{c.TransitionToIncremental, protocol.OpTransitionToIncremental},
+		{func() error { return c.TransitionToSnapshot(protocol.TransitionToSnapshot{"/d", 7}) }, protocol.TransitionToSnapshot{"/d", 7}},
+		{c.Destroy, protocol.OpDestroy},
+		{func() error { return c.Reconfigure(protocol.Reconfigure{1 << 20}) }, protocol.Reconfigure{1 << 20}},
+		{func() error { return c.ExpandCowFile(protocol.ExpandCowFile{64}) }, protocol.ExpandCowFile{64}},
+		{func() error { return c.ReconfigureAutoExpand(protocol.AutoExpand{8, 100}) }, protocol.AutoExpand{8, 100}},
+	}
+	var want []any
+	for _, call := range calls {
+		if err := call.do(); err != nil {
+			t.Fatalf("call for %v: %v", call.want, err)
+		}
+		want = append(want, call.want)
+	}
+	if got := h.received(); !reflect.DeepEqual(got, want) {
+		t.Errorf("handler received %v, want %v", got, want)
+	}
+}
+
+// A server's error keeps its message and its kind across the socket.
+func TestErrorIdentity(t *testing.T) {
+	useRunDir(t)
+	for i, kind := range []error{protocol.ErrInUse, protocol.ErrWrongMode, protocol.ErrFailed, protocol.ErrInvalid, protocol.ErrDetaching} {
+		m := dattobd.Minor(10 + i)
+		h := &fakeHandler{minor: m, err: protocol.Errorf(kind, "minor %d says no", m)}
+		serve(t, h)
+		err := protocol.For(m).Destroy()
+		if err == nil || err.Error() != "minor "+m.String()+" says no" {
+			t.Fatalf("error = %v", err)
+		}
+		if !errors.Is(err, kind) {
+			t.Errorf("errors.Is(%v, %v) = false across the socket", err, kind)
+		}
+		for _, other := range []error{protocol.ErrInUse, protocol.ErrWrongMode, protocol.ErrFailed, protocol.ErrInvalid, protocol.ErrDetaching, protocol.ErrNotAttached} {
+			if other != kind && errors.Is(err, other) {
+				t.Errorf("%v also matches %v", err, other)
+			}
+		}
+	}
+	// An error of no known kind matches none.
+	serve(t, &fakeHandler{minor: 20, err: errors.New("plain")})
+	err := protocol.For(20).Destroy()
+	if err == nil || err.Error() != "plain" || errors.Is(err, protocol.ErrInvalid) || errors.Is(err, protocol.ErrNotAttached) {
+		t.Errorf("plain error across the socket = %v", err)
+	}
+}
+
+func TestNotAttached(t *testing.T) {
+	useRunDir(t)
+	for _, m := range []dattobd.Minor{0, 9, 255} {
+		_, err := protocol.For(m).Info()
+		if !errors.Is(err, protocol.ErrNotAttached) {
+			t.Errorf("Info(%d) error = %v, want protocol.ErrNotAttached", m, err)
+		}
+		if want := "minor " + m.String() + " is not attached"; err == nil || err.Error() != want {
+			t.Errorf("Info(%d) error = %v, want %q", m, err, want)
+		}
+	}
+}
+
+// staleSocket leaves a socket file for minor with nobody listening.
+func staleSocket(t *testing.T, m dattobd.Minor) {
+	t.Helper()
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: protocol.SocketPath(m), Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.SetUnlinkOnClose(false)
+	ln.Close()
+}
+
+func TestStaleSocket(t *testing.T) {
+	useRunDir(t)
+	staleSocket(t, 7)
+	if _, err := protocol.For(7).Info(); !errors.Is(err, protocol.ErrNotAttached) {
+		t.Errorf("Info on a stale socket = %v, want protocol.ErrNotAttached", err)
+	}
+	// A new server replaces the stale socket.
+	serve(t, &fakeHandler{minor: 7})
+	if _, err := protocol.For(7).Info(); err != nil {
+		t.Errorf("Info after a new server took the stale socket: %v", err)
+	}
+}
+
+// A second server for a minor with a live one is refused.
+func TestListenRefusesLiveServer(t *testing.T) {
+	useRunDir(t)
+	serve(t, &fakeHandler{minor: 8})
+	if _, err := protocol.Listen(8, &fakeHandler{minor: 8}); err == nil || !strings.Contains(err.Error(), "already listens") {
+		t.Errorf("second protocol.Listen = %v, want a refusal", err)
+	}
+	if _, err := protocol.For(8).Info(); err != nil {
+		t.Errorf("the first server stopped answering: %v", err)
+	}
+}
+
+// Drain waits for an answer in progress, so a detach's answer arrives.
+func TestCloseWaitsForAnswers(t *testing.T) {
+	useRunDir(t)
+	h := &fakeHandler{minor: 4, block: make(chan struct{})}
+	s := serve(t, h)
+	res := make(chan error, 1)
+	go func() { res <- protocol.For(4).Destroy() }()
+	for len(h.received()) == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	closed := make(chan struct{})
+	go func() { s.Close(); s.Drain(5 * time.Second); close(closed) }()
+	time.Sleep(20 * time.Millisecond)
+	select {
+	case <-closed:
+		t.Fatal("Drain returned while an answer was in progress")
+	default:
+	}
+	close(h.block)
+	if err := <-res; err != nil {
+		t.Errorf("the answer in progress was lost: %v", err)
+	}
+	<-closed
+}
+
+// answerOnce is a server for minor that answers one request with reply.
+func answerOnce(t *testing.T, m dattobd.Minor, reply string) {
+	ln, err := net.Listen("unix", protocol.SocketPath(m))
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		bufio.NewReader(c).ReadString('\n')
+		c.Write([]byte(reply))
+		c.Close()
+	}()
+	t.Cleanup(func() { ln.Close(); <-done })
+}
+
+func TestGarbage(t *testing.T) {
+	useRunDir(t)
+	answerOnce(t, 6, "not json\n")
+	if _, err := protocol.For(6).Info(); err == nil || !strings.Contains(err.Error(), "no answer to info") {
+		t.Errorf("Info with a garbage answer = %v, want a no-answer error", err)
+	}
+	answerOnce(t, 16, "{}\n")
+	if _, err := protocol.For(16).Info(); err == nil || !strings.Contains(err.Error(), "no device info") {
+		t.Errorf("Info answered without a device = %v, want a no-device error", err)
+	}
+
+	// A client sending garbage or an unknown op gets protocol.ErrInvalid's code.
+	serve(t, &fakeHandler{minor: 9})
+	for _, line := range []string{"not json\n", `{"op":"frobnicate"}` + "\n", `{"op":"setup-snapshot","args":"x"}` + "\n"} {
+		c, err := net.Dial("unix", protocol.SocketPath(9))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte(line))
+		var resp struct{ Error, Code string }
+		err = json.NewDecoder(c).Decode(&resp)
+		c.Close()
+		if err != nil || resp.Error == "" || resp.Code != "invalid" {
+			t.Errorf("answer to %q = %+v, %v; want an invalid-argument error", line, resp, err)
+		}
+	}
+}
+
+func TestMinorsAndListDevices(t *testing.T) {
+	dir := useRunDir(t)
+	serve(t, &fakeHandler{minor: 12})
+	serve(t, &fakeHandler{minor: 5})
+	staleSocket(t, 7)
+	for _, name := range []string{"x.sock", "abc.sock", ".sock", "3", "3.sock.bak", "notes.txt"} {
+		if err := os.WriteFile(filepath.Join(dir, name), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, want := protocol.Minors(), []dattobd.Minor{5, 7, 12}; !reflect.DeepEqual(got, want) {
+		t.Errorf("Minors() = %v, want %v", got, want)
+	}
+	devs := protocol.ListDevices()
+	if len(devs) != 2 || devs[0].Minor != 5 || devs[1].Minor != 12 {
+		t.Fatalf("ListDevices() = %+v", devs)
+	}
+	protocol.RunDir = filepath.Join(dir, "missing")
+	if len(protocol.Minors()) != 0 || len(protocol.ListDevices()) != 0 {
+		t.Error("a missing run directory lists devices")
+	}
+}
+
+func TestWireNames(t *testing.T) {
+	// The wire names are part of the CLI's output (dbdctl info) and of the
+	// protocol between dbdctl and its servers.
+	b, err := json.Marshal(&protocol.DeviceInfo{Minor: 1, BlockDevice: "/dev/sdb", State: dattobd.StateAttached,
+		Mode: dattobd.Snapshot, FrontDevice: "/dev/ublkb1", LogicalBS: 512, Stats: protocol.IOCounters{WriteZeroes: 2},
+		AutoExpand: &protocol.AutoExpandInfo{StepSizeMiB: 4, ReservedSpaceMiB: 9}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	for _, want := range []string{`"minor":1`, `"block_device":"/dev/sdb"`, `"state":-1`, `"front_device":"/dev/ublkb1"`,
+		`"mode":"snapshot"`, `"logical_block_size":512`, `"io":{`, `"write_zeroes":2`,
+		`"auto_expand":{"step_size_mib":4,"reserved_space_mib":9}`} {
+		if !strings.Contains(s, want) {
+			t.Errorf("response JSON %s lacks %s", s, want)
+		}
+	}
+	if strings.Contains(s, `"cow_file"`) || strings.Contains(s, `"uuid"`) {
+		t.Errorf("info JSON %s carries tracking fields of an untracked device", s)
+	}
+}

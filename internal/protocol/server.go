@@ -1,0 +1,167 @@
+package protocol
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/dbdublk/dbdublk/internal/dattobd"
+)
+
+// Handler answers one minor's requests. Each method runs on its own
+// connection's goroutine; the implementation serialises what must be.
+type Handler interface {
+	Info() DeviceInfo
+	Detach(Detach) error
+	SetupSnapshot(SetupSnapshot) error
+	TransitionToIncremental() error
+	TransitionToSnapshot(TransitionToSnapshot) error
+	Destroy() error
+	Reconfigure(Reconfigure) error
+	ExpandCowFile(ExpandCowFile) error
+	ReconfigureAutoExpand(AutoExpand) error
+}
+
+// requestTimeout bounds one connection: the longest request (a snapshot
+// set up on a large device, a detach that writes back a big cache) fits.
+const requestTimeout = 10 * time.Minute
+
+// Server answers requests on one minor's control socket.
+type Server struct {
+	ln       *net.UnixListener
+	h        Handler
+	handlers sync.WaitGroup // connections being answered
+}
+
+// Listen claims minor's control socket (root-only), replacing a stale one
+// but refusing one a live server answers on.
+func Listen(m dattobd.Minor, h Handler) (*Server, error) {
+	if err := os.MkdirAll(RunDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create %s: %w", RunDir, err)
+	}
+	path := SocketPath(m)
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("minor %d: a server already listens on %s", m, path)
+	}
+	os.Remove(path)
+	old := unix.Umask(0o077)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	unix.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("minor %d: %w", m, err)
+	}
+	ln.SetUnlinkOnClose(true)
+	return &Server{ln: ln, h: h}, nil
+}
+
+// Serve answers connections until Close.
+func (s *Server) Serve() {
+	for {
+		conn, err := s.ln.AcceptUnix()
+		if err != nil {
+			return
+		}
+		s.handlers.Add(1)
+		go func() {
+			defer s.handlers.Done()
+			s.answer(conn)
+		}()
+	}
+}
+
+// Close stops accepting and removes the socket; answers in progress go on.
+func (s *Server) Close() { s.ln.Close() }
+
+// Drain waits up to wait for the answers in progress (so a detach's answer
+// reaches its client before the process ends).
+func (s *Server) Drain(wait time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		s.handlers.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(wait):
+	}
+}
+
+func (s *Server) answer(conn *net.UnixConn) {
+	defer conn.Close()
+	enc := json.NewEncoder(conn)
+	if !peerIsRoot(conn) {
+		enc.Encode(response{Error: "permission denied: dbdctl must run as root"})
+		return
+	}
+	conn.SetDeadline(time.Now().Add(requestTimeout))
+	var req request
+	if err := json.NewDecoder(conn).Decode(&req); err != nil {
+		enc.Encode(response{Error: "malformed request", Code: codeOf(ErrInvalid)})
+		return
+	}
+	var resp response
+	if err := s.dispatch(req, &resp); err != nil {
+		resp.Error, resp.Code = err.Error(), codeOf(err)
+	}
+	enc.Encode(resp)
+}
+
+// dispatch decodes req's arguments and calls the handler.
+func (s *Server) dispatch(req request, resp *response) error {
+	switch req.Op {
+	case OpInfo:
+		info := s.h.Info()
+		resp.Device = &info
+		return nil
+	case OpDetach:
+		return call(req, s.h.Detach)
+	case OpSetupSnapshot:
+		return call(req, s.h.SetupSnapshot)
+	case OpTransitionToIncremental:
+		return s.h.TransitionToIncremental()
+	case OpTransitionToSnapshot:
+		return call(req, s.h.TransitionToSnapshot)
+	case OpDestroy:
+		return s.h.Destroy()
+	case OpReconfigure:
+		return call(req, s.h.Reconfigure)
+	case OpExpandCowFile:
+		return call(req, s.h.ExpandCowFile)
+	case OpReconfigureAutoExpand:
+		return call(req, s.h.ReconfigureAutoExpand)
+	}
+	return Errorf(ErrInvalid, "unknown request %q", req.Op)
+}
+
+// call decodes req's arguments into an A and passes them to fn.
+func call[A any](req request, fn func(A) error) error {
+	var args A
+	if len(req.Args) > 0 {
+		if err := json.Unmarshal(req.Args, &args); err != nil {
+			return Errorf(ErrInvalid, "malformed arguments of %s: %v", req.Op, err)
+		}
+	}
+	return fn(args)
+}
+
+func peerIsRoot(conn *net.UnixConn) bool {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return false
+	}
+	ok := false
+	raw.Control(func(fd uintptr) {
+		cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+		ok = err == nil && cred.Uid == 0
+	})
+	return ok
+}
+
+var errNoDevice = errors.New("server sent no device info")

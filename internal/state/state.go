@@ -1,0 +1,164 @@
+// Package state keeps one record per attached minor in a state directory,
+// saying how to bring it back after a restart, a crash or a reboot (what
+// `dbdctl reload-all`, run by the boot unit, reads). Records are replaced
+// atomically and durably.
+package state
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/linux"
+)
+
+// Dir holds the records, one file per minor.
+var Dir = envOr("DBDCTL_STATE_DIR", "/var/lib/dbdctl")
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+// Record is what a minor's state file says.
+type Record struct {
+	Minor       dattobd.Minor `json:"minor"`
+	BlockDevice string        `json:"block_device"`
+	Mode        dattobd.Mode  `json:"mode"`
+	CowFile     string        `json:"cow_file,omitempty"`
+	CacheBytes  int64         `json:"cache_bytes,omitempty"`
+	FallocMiB   int64         `json:"falloc_mib,omitempty"`
+	// CowExtents locate a COW file on the volume itself on the device, so
+	// a reload opens it before its filesystem is mounted.
+	CowExtents []linux.Extent `json:"cow_extents,omitempty"`
+	// CowRelative is the COW file's path relative to the mount point of
+	// the volume it lives on (dattobd's reload takes it that way).
+	CowRelative string `json:"cow_relative,omitempty"`
+	// PrevCowExtents, in snapshot mode, are the extents of the previous COW
+	// file (the change list update-img is about to use) when it is on the
+	// volume: the snapshot shows them as zeros.
+	PrevCowExtents []linux.Extent `json:"prev_cow_extents,omitempty"`
+}
+
+// Path is the state file of minor.
+func Path(m dattobd.Minor) string { return filepath.Join(Dir, m.String()+".json") }
+
+// Write replaces r's state file atomically and durably.
+func Write(r Record) error {
+	if err := os.MkdirAll(Dir, 0o700); err != nil {
+		return err
+	}
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := Path(r.Minor) + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(append(b, '\n'))
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, Path(r.Minor))
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return syncDir()
+}
+
+// Remove deletes minor's state file: it is not to come back.
+func Remove(m dattobd.Minor) error {
+	if err := os.Remove(Path(m)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return syncDir()
+}
+
+// syncDir makes a rename or removal in Dir durable.
+func syncDir() error {
+	d, err := os.Open(Dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// Load reads every state file, in minor order. A file that cannot be read
+// or does not describe its minor is reported and skipped.
+func Load() (records []Record, problems []error) {
+	entries, err := os.ReadDir(Dir)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, nil
+		}
+		return nil, []error{err}
+	}
+	for _, e := range entries {
+		name := e.Name()
+		if !strings.HasSuffix(name, ".json") {
+			continue
+		}
+		path := filepath.Join(Dir, name)
+		b, err := os.ReadFile(path)
+		if err != nil {
+			problems = append(problems, err)
+			continue
+		}
+		var r Record
+		if err := json.Unmarshal(b, &r); err != nil {
+			problems = append(problems, fmt.Errorf("%s: %v", path, err))
+			continue
+		}
+		if r.Minor.String()+".json" != name || r.BlockDevice == "" {
+			problems = append(problems, fmt.Errorf("%s: does not describe minor %s", path, strings.TrimSuffix(name, ".json")))
+			continue
+		}
+		records = append(records, r)
+	}
+	sort.Slice(records, func(i, j int) bool { return records[i].Minor < records[j].Minor })
+	return records, problems
+}
+
+// Find returns minor's record, if it has one that can be read.
+func Find(m dattobd.Minor) (Record, bool) {
+	records, _ := Load()
+	for _, r := range records {
+		if r.Minor == m {
+			return r, true
+		}
+	}
+	return Record{}, false
+}
+
+// OnVolume returns minor's record of a COW file on its own volume that
+// path names (the absolute path it had, or its path relative to the
+// volume's mount point), if there is one.
+func OnVolume(m dattobd.Minor, path string) (Record, bool) {
+	r, ok := Find(m)
+	if !ok || len(r.CowExtents) == 0 {
+		return Record{}, false
+	}
+	if path == r.CowFile || (r.CowRelative != "" && strings.TrimPrefix(path, "/") == r.CowRelative) {
+		return r, true
+	}
+	return Record{}, false
+}
