@@ -7,8 +7,12 @@ default: test
 build:
 	CGO_ENABLED=0 go build -o bin/dbdctl ./ctl/dbdctl
 
+# Install what PROFILE (demo, test or bench) needs, only if missing: Debian packages (root or sudo), Go modules, the kernel.
+setup PROFILE:
+	bash scripts/setup {{PROFILE}}
+
 # Every test: vet, host unit tests, and the in-VM tests against the real ublk driver.
-test:
+test: (setup "test")
 	go vet ./...
 	CGO_ENABLED=0 go build ./...
 	go test -count=1 -timeout 80m ./...
@@ -16,18 +20,18 @@ test:
 # The main job, shown end to end: attach a disk, use a filesystem through
 # /dev/ublkbN, detach, check the real device (inside the VM rig when this
 # kernel has no ublk).
-demo:
+demo: (setup "demo")
 	go run ./tests/demo
 
 # All benchmarks inside the VM: frontbench, then snapbench.
 bench: frontbench snapbench
 
 # Raw virtio disk vs the ublk front device.
-frontbench:
+frontbench: (setup "bench")
 	go run ./bench/cmd/frontbench
 
 # Snapshots, incremental mode, update-img, setup on 1 TiB, server memory (~11 min).
-snapbench *ARGS:
+snapbench *ARGS: (setup "bench")
 	go run ./bench/cmd/snapbench {{ARGS}}
 
 # Fetch and cache the test kernel (DBD_KERNEL=6.12 by default).
