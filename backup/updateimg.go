@@ -8,13 +8,16 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/dio"
+	"github.com/dbdublk/dbdublk/internal/safepath"
 )
 
 // Snapshot identifies the snapshot an image is brought up to.
@@ -39,49 +42,97 @@ type Summary struct {
 	Seconds       float64
 }
 
+// Checked is what Check found good: the open COW file and the image,
+// opened once for writing (its name is not looked up again).
+type Checked struct {
+	Cow   *cow.File
+	Image *os.File
+}
+
+// Close closes both.
+func (c *Checked) Close() {
+	c.Cow.Close(false)
+	c.Image.Close()
+}
+
 // Check validates the COW file and the image against the snapshot without
-// changing anything, and returns the open COW file.
-func Check(snap Snapshot, cowPath, imagePath string) (*cow.File, error) {
+// changing anything, and returns them open. Neither is reached through a
+// symbolic link, and neither may sit in a directory a user other than root
+// can change (the paths are names a root program follows once).
+func Check(snap Snapshot, cowPath, imagePath string) (*Checked, error) {
+	if err := safepath.CheckDir(filepath.Dir(cowPath)); err != nil {
+		return nil, fmt.Errorf("COW file %s: %w", cowPath, err)
+	}
 	c, err := openCow(cowPath)
 	if err != nil {
 		return nil, err
 	}
-	h := c.Header()
-	fail := func(err error) (*cow.File, error) {
+	fail := func(err error) (*Checked, error) {
 		c.Close(false)
 		return nil, err
 	}
+	if err := checkCow(c, snap, cowPath); err != nil {
+		return fail(err)
+	}
+	img, err := openImage(imagePath, snap.Size)
+	if err != nil {
+		return fail(err)
+	}
+	return &Checked{Cow: c, Image: img}, nil
+}
+
+// checkCow checks that the COW file is the intact change list of the
+// snapshot before snap, of the same series and size.
+func checkCow(c *cow.File, snap Snapshot, cowPath string) error {
+	h := c.Header()
+	if x := c.Failed(); x != nil {
+		return fmt.Errorf("COW file %s records a tracking failure: %s; its changed-block list misses writes, a full backup is required", cowPath, x)
+	}
 	if h.UUID != snap.UUID {
-		return fail(fmt.Errorf("COW file %s belongs to another snapshot series (uuid %s, the snapshot's is %s)",
-			cowPath, hex.EncodeToString(h.UUID[:]), hex.EncodeToString(snap.UUID[:])))
+		return fmt.Errorf("COW file %s belongs to another snapshot series (uuid %s, the snapshot's is %s)",
+			cowPath, hex.EncodeToString(h.UUID[:]), hex.EncodeToString(snap.UUID[:]))
 	}
 	if snap.SeqID < 2 || h.SeqID+1 != snap.SeqID {
-		return fail(fmt.Errorf("COW file %s is the changed-block list of snapshot %d, but %s is snapshot %d: it needs snapshot %d's COW file",
-			cowPath, h.SeqID, snap.Path, snap.SeqID, snap.SeqID-1))
+		return fmt.Errorf("COW file %s is the changed-block list of snapshot %d, but %s is snapshot %d: it needs snapshot %d's COW file",
+			cowPath, h.SeqID, snap.Path, snap.SeqID, snap.SeqID-1)
 	}
 	if h.Flags&cow.FlagClean == 0 {
-		return fail(fmt.Errorf("COW file %s was not closed cleanly; its changed-block list cannot be trusted", cowPath))
+		return fmt.Errorf("COW file %s was not closed cleanly; its changed-block list cannot be trusted", cowPath)
 	}
 	if err := c.SetDeviceSize(snap.Size); err != nil {
-		return fail(fmt.Errorf("COW file %s does not match the snapshot's size: %w", cowPath, err))
+		return fmt.Errorf("COW file %s does not match the snapshot's size: %w", cowPath, err)
 	}
-	st, err := os.Stat(imagePath)
+	return nil
+}
+
+// openImage opens the image for writing, never through a symbolic link
+// (a block device named by a link, such as /dev/mapper/x, is resolved once
+// here), and checks its size.
+func openImage(path string, size int64) (*os.File, error) {
+	real, err := filepath.EvalSymlinks(path)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return fail(fmt.Errorf("image %s does not exist", imagePath))
+			return nil, fmt.Errorf("image %s does not exist", path)
 		}
-		return fail(fmt.Errorf("image %s: %w", imagePath, err))
+		return nil, fmt.Errorf("image %s: %w", path, err)
 	}
-	size := st.Size()
-	if !st.Mode().IsRegular() {
-		if size, err = deviceSize(imagePath); err != nil {
-			return fail(err)
-		}
+	if err := safepath.CheckDir(filepath.Dir(real)); err != nil {
+		return nil, fmt.Errorf("image %s: %w", path, err)
 	}
-	if size != snap.Size {
-		return fail(fmt.Errorf("image %s is %d bytes, but the snapshot is %d bytes", imagePath, size, snap.Size))
+	f, err := os.OpenFile(real, os.O_WRONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", path, err)
 	}
-	return c, nil
+	n, err := f.Seek(0, io.SeekEnd) // a file's size, or a block device's
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("size of image %s: %w", path, err)
+	}
+	if n != size {
+		f.Close()
+		return nil, fmt.Errorf("image %s is %d bytes, but the snapshot is %d bytes", path, n, size)
+	}
+	return f, nil
 }
 
 // openCow opens the COW file at path read-only, through its filesystem.
@@ -92,19 +143,6 @@ func openCow(path string) (*cow.File, error) {
 	}
 	c, _, err := cow.Open(path, s, cow.ReadOnly, 0, 0)
 	return c, err
-}
-
-func deviceSize(path string) (int64, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return 0, err
-	}
-	defer f.Close()
-	n, err := f.Seek(0, 2)
-	if err != nil {
-		return 0, fmt.Errorf("size of %s: %w", path, err)
-	}
-	return n, nil
 }
 
 // DefaultWorkers is how many copies run at once: enough requests in flight
@@ -127,11 +165,12 @@ type extent struct{ off, n int64 }
 // change list is streamed to the copiers.
 func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary, error) {
 	start := time.Now()
-	c, err := Check(snap, cowPath, imagePath)
+	ck, err := Check(snap, cowPath, imagePath)
 	if err != nil {
 		return Summary{}, err
 	}
-	defer c.Close(false)
+	defer ck.Close()
+	c := ck.Cow
 	if opt.Workers <= 0 {
 		opt.Workers = DefaultWorkers
 	}
@@ -142,7 +181,7 @@ func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary
 	if err != nil {
 		return Summary{}, fmt.Errorf("read changed-block list %s: %w", cowPath, err)
 	}
-	f, err := openEnds(snap.Path, imagePath)
+	f, err := openEnds(snap.Path, ck.Image)
 	if err != nil {
 		return Summary{}, err
 	}
@@ -177,23 +216,26 @@ type ends struct {
 	dst, dstDirect *os.File
 }
 
-func openEnds(snapPath, imagePath string) (*ends, error) {
-	f := &ends{}
+// openEnds opens the snapshot (twice, the second with O_DIRECT, both
+// through its descriptor after the first open) and the image's O_DIRECT
+// twin through the image's descriptor.
+func openEnds(snapPath string, image *os.File) (*ends, error) {
+	f := &ends{dst: image}
 	var err error
 	if f.src, err = os.Open(snapPath); err != nil {
 		return nil, fmt.Errorf("open snapshot %s: %w", snapPath, err)
 	}
-	if f.dst, err = os.OpenFile(imagePath, os.O_WRONLY, 0); err != nil {
-		f.close()
-		return nil, fmt.Errorf("open image %s: %w", imagePath, err)
-	}
-	f.srcDirect, _ = os.OpenFile(snapPath, os.O_RDONLY|syscall.O_DIRECT, 0)
-	f.dstDirect, _ = os.OpenFile(imagePath, os.O_WRONLY|syscall.O_DIRECT, 0)
+	f.srcDirect, _ = os.OpenFile(fdPath(f.src), os.O_RDONLY|syscall.O_DIRECT, 0)
+	f.dstDirect, _ = os.OpenFile(fdPath(image), os.O_WRONLY|syscall.O_DIRECT, 0)
 	return f, nil
 }
 
+// fdPath names an open file by its descriptor.
+func fdPath(f *os.File) string { return fmt.Sprintf("/proc/self/fd/%d", f.Fd()) }
+
+// close closes what openEnds opened (the image is the Checked's).
 func (f *ends) close() {
-	for _, x := range []*os.File{f.src, f.srcDirect, f.dst, f.dstDirect} {
+	for _, x := range []*os.File{f.src, f.srcDirect, f.dstDirect} {
 		if x != nil {
 			x.Close()
 		}

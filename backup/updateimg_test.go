@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -708,6 +709,24 @@ func TestUpdateImageRefusals(t *testing.T) {
 			want: []string{"not closed cleanly"},
 		},
 		{
+			name: "cow records a tracking failure",
+			setup: func(t *testing.T, fx *fixture, snap *Snapshot) {
+				recreateCOW(t, fx, func(p string) {
+					f, err := cow.Create(p, cow.Options{DeviceSize: size, IndexOnly: true, SeqID: cowSeq, UUID: testUUID})
+					if err != nil {
+						t.Fatal(err)
+					}
+					if err := f.RecordFailure(syscall.EIO, "write the change list: input/output error"); err != nil {
+						t.Fatal(err)
+					}
+					if err := f.Close(true); err != nil {
+						t.Fatal(err)
+					}
+				})
+			},
+			want: []string{"records a tracking failure", "write the change list", "a full backup is required"},
+		},
+		{
 			name: "cow left open (dirty header of a live file)",
 			setup: func(t *testing.T, fx *fixture, snap *Snapshot) {
 				recreateCOW(t, fx, func(p string) {
@@ -814,7 +833,7 @@ func TestUpdateImageRefusals(t *testing.T) {
 
 			// Check alone gives the same verdict.
 			if c, err2 := Check(snap, fx.cowPath, fx.img); err2 == nil {
-				c.Close(false)
+				c.Close()
 				t.Errorf("Check accepts what UpdateImage refused")
 			} else if err2.Error() != err.Error() {
 				t.Errorf("Check says %q, UpdateImage %q", err2, err)
@@ -832,10 +851,12 @@ func TestCheckValid(t *testing.T) {
 	fx, _ := newFixture(t, size, 71, blocks)
 	before := freezeImage(t, fx.img)
 	cowBefore := readFile(t, fx.cowPath)
-	c, err := Check(fx.snapshot(), fx.cowPath, fx.img)
+	ck, err := Check(fx.snapshot(), fx.cowPath, fx.img)
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer ck.Close()
+	c := ck.Cow
 	if c.Blocks() != cow.Blocks(size) {
 		t.Errorf("cow file has %d blocks, want %d", c.Blocks(), cow.Blocks(size))
 	}
@@ -964,4 +985,54 @@ func TestUpdateImageProgressOrderedWithWorkers(t *testing.T) {
 		t.Fatalf("Progress called %d times, want %d", len(order), len(blocks))
 	}
 	checkIncreasing(t, order, sum.BytesCopied)
+}
+
+// Paths are followed once and only in directories no other user can
+// change: an image or COW file in a directory writable by a non-root user
+// without the sticky bit is refused, and a COW file reached through a
+// symbolic link too; the image is left untouched.
+func TestUntrustedPaths(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	const size = 1 << 20
+	blocks := []uint64{3, 7}
+	for _, tc := range []struct {
+		name string
+		move func(t *testing.T, fx *fixture)
+		want string
+	}{
+		{"image in a world-writable directory", func(t *testing.T, fx *fixture) {
+			open := filepath.Join(fx.dir, "open")
+			os.Mkdir(open, 0o777)
+			os.Chmod(open, 0o777)
+			dst := filepath.Join(open, "image")
+			os.Rename(fx.img, dst)
+			fx.img = dst
+		}, "writable by a user other than root"},
+		{"COW file in a user's directory", func(t *testing.T, fx *fixture) {
+			home := filepath.Join(fx.dir, "home")
+			os.Mkdir(home, 0o755)
+			os.Chown(home, 1000, 1000)
+			dst := filepath.Join(home, "cow")
+			os.Rename(fx.cowPath, dst)
+			fx.cowPath = dst
+		}, "writable by a user other than root"},
+		{"COW file through a symbolic link", func(t *testing.T, fx *fixture) {
+			link := filepath.Join(fx.dir, "cowlink")
+			os.Symlink(fx.cowPath, link)
+			fx.cowPath = link
+		}, "symbolic link"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fx, _ := newFixture(t, size, 81, blocks)
+			tc.move(t, fx)
+			before := freezeImage(t, fx.img)
+			_, err := UpdateImage(fx.snapshot(), fx.cowPath, fx.img, Options{})
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("UpdateImage = %v, want %q", err, tc.want)
+			}
+			before.verify(t, fx.img)
+		})
+	}
 }

@@ -68,6 +68,8 @@ type File struct {
 	inflight    map[uint64]chan struct{} // blocks whose CopyOnWriteRange is doing data I/O
 	idle        sync.Cond                // broadcast when inflight becomes empty
 	intent      intentState              // write-intent logging (incremental mode)
+	failure     *Failure                 // the failure record, once tracking has failed (failure.go)
+	ino         uint64                   // inode of a file moved to its device (MoveToDevice)
 }
 
 func newFile(path string, s Storage, readOnly bool, hdr Header, blocks uint64, dataOffset int64, cacheBytes int64) *File {
@@ -112,7 +114,10 @@ func Create(path string, opt Options) (*File, error) {
 		hdr.UUID[8] = hdr.UUID[8]&0x3f | 0x80 // RFC 4122 variant
 	}
 
-	fh, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	// O_EXCL and O_NOFOLLOW: a name planted there (a file, a symbolic
+	// link) is refused, never followed; from here on the file is reached
+	// only through this descriptor.
+	fh, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return nil, createError(path, err)
 	}
@@ -196,26 +201,30 @@ func unwrapPath(err error) error {
 // readHeader reads and parses the header of the file whose bytes s holds,
 // after checking that it is long enough for one; it also returns the
 // file's size.
-func readHeader(s Storage, path string) (Header, int64, error) {
+func readHeader(s Storage, path string) (Header, int64, *Failure, error) {
 	size, err := s.Size()
 	if err != nil {
-		return Header{}, 0, fmt.Errorf("cow file %s: %w", path, unwrapPath(err))
+		return Header{}, 0, nil, fmt.Errorf("cow file %s: %w", path, unwrapPath(err))
 	}
 	if size == 0 {
-		return Header{}, 0, corrupt("cow file %s is empty", path)
+		return Header{}, 0, nil, corrupt("cow file %s is empty", path)
 	}
 	if size < HeaderSize {
-		return Header{}, 0, corrupt("cow file %s is truncated: %d bytes, shorter than the %d-byte header", path, size, HeaderSize)
+		return Header{}, 0, nil, corrupt("cow file %s is truncated: %d bytes, shorter than the %d-byte header", path, size, HeaderSize)
 	}
 	b := make([]byte, HeaderSize)
 	if _, err := s.ReadAt(b, 0); err != nil {
-		return Header{}, 0, fmt.Errorf("cow file %s: read header: %w", path, unwrapPath(err))
+		return Header{}, 0, nil, fmt.Errorf("cow file %s: read header: %w", path, unwrapPath(err))
 	}
 	h, err := parseHeader(b)
 	if err != nil {
-		return Header{}, 0, fmt.Errorf("cow file %s: %w", path, err)
+		return Header{}, 0, nil, fmt.Errorf("cow file %s: %w", path, err)
 	}
-	return h, size, nil
+	x, err := parseFailure(b)
+	if err != nil {
+		return Header{}, 0, nil, fmt.Errorf("cow file %s: %w", path, err)
+	}
+	return h, size, x, nil
 }
 
 // Mode says what Open accepts and how it recovers a file left dirty.
@@ -290,7 +299,7 @@ type Recovered struct {
 // without FlagClean (and fsyncs it) before anything else can change the
 // file.
 func Open(path string, s Storage, mode Mode, deviceSize, cacheBytes int64) (*File, Recovered, error) {
-	hdr, size, err := readHeader(s, path)
+	hdr, size, failure, err := readHeader(s, path)
 	if err != nil {
 		s.Close()
 		return nil, Recovered{}, err
@@ -298,8 +307,15 @@ func Open(path string, s Storage, mode Mode, deviceSize, cacheBytes int64) (*Fil
 	switch mode {
 	case ReadOnly:
 		f, err := openReadOnly(path, s, hdr, size)
+		if f != nil {
+			f.failure = failure
+		}
 		return f, Recovered{}, err
 	case ReloadSnapshot, ResumeSnapshot, ReloadIncremental:
+		if failure != nil {
+			s.Close()
+			return nil, Recovered{}, failedErr(path, failure)
+		}
 		return openWritable(path, s, hdr, size, mode, deviceSize, cacheBytes)
 	}
 	s.Close()
@@ -721,7 +737,7 @@ func (f *File) Mapped() bool {
 
 // Close refuses new operations, waits for copies in progress, writes back
 // the index and the header and fsyncs. With clean, and only if all of that
-// succeeded, it then sets FlagClean in the header and fsyncs again, so a
+// succeeded and no failure is recorded, it then sets FlagClean in the header and fsyncs again, so a
 // clean header never describes an index that is not on disk. A read-only
 // file is just closed.
 func (f *File) Close(clean bool) error {
@@ -748,7 +764,7 @@ func (f *File) Close(clean bool) error {
 	if err == nil {
 		err = f.s.Sync()
 	}
-	if err == nil && clean {
+	if err == nil && clean && f.failure == nil {
 		f.hdr.Flags |= FlagClean
 		f.intent.enabled = false // a clean file needs no record: its index is whole
 		if err = f.writeHeader(); err == nil {

@@ -109,9 +109,23 @@ func parseIntent(hdr []byte, blocks uint64) (s intentState, ok bool, err error) 
 // headerBytes encodes the header block: the header fields, and the intent
 // record with the durable regions when intent logging is on. Caller holds mu.
 func (f *File) headerBytes() []byte {
-	b, _ := f.hdr.MarshalBinary()
 	if f.intent.enabled {
-		f.intent.put(b, f.intent.durable)
+		return f.headerWith(f.intent.durable)
+	}
+	return f.headerWith(nil)
+}
+
+// headerWith encodes the header block with the intent record naming the
+// regions in set (none when set is nil) and the failure record, if any.
+// Every header write goes through it, so no write drops either record.
+// Caller holds mu.
+func (f *File) headerWith(set []byte) []byte {
+	b, _ := f.hdr.MarshalBinary()
+	if set != nil {
+		f.intent.put(b, set)
+	}
+	if f.failure != nil {
+		putFailure(b, f.failure)
 	}
 	return b
 }
@@ -216,8 +230,7 @@ func (f *File) CommitIntent() error {
 			}
 		}
 	}
-	b, _ := f.hdr.MarshalBinary()
-	f.intent.put(b, target)
+	b := f.headerWith(target)
 	f.mu.Unlock()
 	err := f.writeAndSync(b)
 	if err != nil {
@@ -261,8 +274,7 @@ func (f *File) Checkpoint() error {
 	f.mu.Lock()
 	target := append([]byte(nil), f.intent.dirty...)
 	f.intent.durable = andBits(f.intent.durable, target)
-	b, _ := f.hdr.MarshalBinary()
-	f.intent.put(b, target)
+	b := f.headerWith(target)
 	f.mu.Unlock()
 	if err := f.writeAndSync(b); err != nil {
 		return err

@@ -1,9 +1,12 @@
 package cow
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
+	"io"
 	"os"
+	"slices"
 	"sort"
 	"sync"
 	"syscall"
@@ -36,12 +39,7 @@ const badExtentFlags = linux.FiemapExtentUnknown | linux.FiemapExtentDelalloc | 
 // on its device, after syncing it. It refuses a file with a hole in that
 // range, or with extents a raw write would corrupt or could not reach, or
 // that are not aligned to BlockSize.
-func fileExtents(path string, size int64) ([]Extent, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
+func fileExtents(f *os.File, path string, size int64) ([]Extent, error) {
 	mapped, err := linux.Fiemap(int(f.Fd()), 0, uint64(size), linux.FiemapFlagSync)
 	if err != nil {
 		return nil, fmt.Errorf("FIEMAP %s: %w", path, err)
@@ -100,22 +98,54 @@ type deviceStorage struct {
 // it: the file itself is truncated through its filesystem by whoever owns
 // it, once the snapshot is over.
 func DeviceStorage(device string, extents []Extent) (Storage, error) {
-	if len(extents) == 0 {
-		return nil, errors.New("no extents")
-	}
-	pos := int64(0)
-	for _, x := range extents {
-		if x.Logical != pos || x.Length <= 0 || x.Physical < 0 {
-			return nil, fmt.Errorf("extents do not map the file from byte 0 without holes or overlaps (at byte %d)", pos)
-		}
-		pos += x.Length
-	}
 	d, err := os.OpenFile(device, os.O_RDWR|syscall.O_DIRECT, 0)
 	if err != nil {
 		return nil, err
 	}
+	size, err := d.Seek(0, io.SeekEnd) // a block device's size, or a stand-in file's
+	if err != nil {
+		d.Close()
+		return nil, err
+	}
+	if err := checkMapping(extents, size); err != nil {
+		d.Close()
+		return nil, err
+	}
 	last := extents[len(extents)-1]
 	return &deviceStorage{dev: d, fd: int(d.Fd()), extents: extents, size: last.Logical + last.Length}, nil
+}
+
+// checkMapping refuses extents (read back from a state file, so not to be
+// trusted blindly) that do not map a file from byte 0 without holes, in
+// order, each BlockSize-aligned, none overlapping another on the device,
+// all inside a device of devSize bytes, and long enough for a header.
+func checkMapping(extents []Extent, devSize int64) error {
+	if len(extents) == 0 {
+		return errors.New("no extents")
+	}
+	pos := int64(0)
+	for _, x := range extents {
+		switch {
+		case x.Logical != pos || x.Length <= 0:
+			return fmt.Errorf("extents do not map the file from byte 0 without holes or overlaps (at byte %d)", pos)
+		case x.Physical%BlockSize != 0 || x.Length%BlockSize != 0:
+			return fmt.Errorf("extent %+v is not aligned to %d bytes", x, BlockSize)
+		case x.Physical < 0 || x.Physical > devSize-x.Length:
+			return fmt.Errorf("extent %+v lies outside the %d-byte device", x, devSize)
+		}
+		pos += x.Length
+	}
+	if pos < HeaderSize {
+		return fmt.Errorf("extents map %d bytes, less than a header", pos)
+	}
+	byPhys := slices.Clone(extents)
+	slices.SortFunc(byPhys, func(a, b Extent) int { return cmp.Compare(a.Physical, b.Physical) })
+	for i := 1; i < len(byPhys); i++ {
+		if byPhys[i].Physical < byPhys[i-1].Physical+byPhys[i-1].Length {
+			return fmt.Errorf("extents %+v and %+v overlap on the device", byPhys[i-1], byPhys[i])
+		}
+	}
+	return nil
 }
 
 // pieces calls fn for each device range [phys, phys+n) backing the file

@@ -126,7 +126,13 @@ func fakeVolume(t *testing.T, opt Options) (path, dev string, f *File) {
 	dir := t.TempDir()
 	path, dev = filepath.Join(dir, "cow"), filepath.Join(dir, "dev")
 	f = mustCreate(t, path, opt)
-	xs, err := fileExtents(path, int64(f.Header().FSize))
+	t.Cleanup(func() { clearImmutable(path) })
+	probe, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	xs, err := fileExtents(probe, path, int64(f.Header().FSize))
+	probe.Close()
 	if err != nil {
 		f.Close(false)
 		t.Skipf("FIEMAP unusable here: %v", err)
@@ -265,5 +271,143 @@ func TestMoveToDeviceRefuses(t *testing.T) {
 	}
 	if _, err := f.MoveToDevice(filepath.Join(filepath.Dir(path), "dev")); !errors.Is(err, ErrMode) {
 		t.Fatalf("move of a used file: %v", err)
+	}
+}
+
+// clearImmutable lets the test's directory be removed after MoveToDevice.
+func clearImmutable(path string) {
+	if fh, err := os.Open(path); err == nil {
+		SetImmutable(fh, false)
+		fh.Close()
+	}
+}
+
+// A file moved to its device is immutable (rm and mv refuse it) and is
+// found again only if its name still leads to that very inode.
+func TestMovedFileIsPinned(t *testing.T) {
+	const devSize = 16 << 20
+	path, dev, f := fakeVolume(t, Options{DeviceSize: devSize, FileSize: 1 << 20})
+	defer f.Close(false)
+	if _, err := f.MoveToDevice(dev); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(path); err == nil {
+		t.Fatal("removed a COW file the server writes raw")
+	}
+	if err := os.Rename(path, path+".moved"); err == nil {
+		t.Fatal("renamed a COW file the server writes raw")
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	if f.Inode() != st.Ino {
+		t.Fatalf("Inode() = %d, the file's is %d", f.Inode(), st.Ino)
+	}
+	fh, err := OpenVerified(path, uint64(st.Dev), f.Inode())
+	if err != nil {
+		t.Fatalf("OpenVerified of the file itself: %v", err)
+	}
+	if err := SetImmutable(fh, false); err != nil {
+		t.Fatal(err)
+	}
+	fh.Close()
+	// The name now leads elsewhere: a swapped file, a symbolic link.
+	other := path + ".other"
+	if err := os.WriteFile(other, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(other, path); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OpenVerified(path, uint64(st.Dev), f.Inode()); err == nil || !strings.Contains(err.Error(), "is not the file the server wrote") {
+		t.Errorf("OpenVerified of a swapped file = %v", err)
+	}
+	os.Remove(path)
+	if err := os.Symlink(other, path); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OpenVerified(path, uint64(st.Dev), f.Inode()); err == nil {
+		t.Error("OpenVerified followed a symbolic link")
+	}
+}
+
+// Names are never followed: Create refuses a planted symbolic link (even a
+// dangling one) and FileStorage refuses to open through one.
+func TestSymlinksRefused(t *testing.T) {
+	dir := t.TempDir()
+	target := filepath.Join(dir, "target")
+	link := filepath.Join(dir, "cow")
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Create(link, Options{DeviceSize: 1 << 20}); err == nil {
+		t.Fatal("Create followed a dangling symbolic link")
+	}
+	if _, err := os.Lstat(target); err == nil {
+		t.Fatal("Create made the link's target")
+	}
+	real := filepath.Join(dir, "real")
+	mustCreate(t, real, Options{DeviceSize: 1 << 20, IndexOnly: true}).Close(true)
+	os.Remove(link)
+	if err := os.Symlink(real, link); err != nil {
+		t.Fatal(err)
+	}
+	for _, ro := range []bool{true, false} {
+		if _, err := FileStorage(link, ro); err == nil || !strings.Contains(err.Error(), "symbolic link") {
+			t.Errorf("FileStorage(readOnly=%v) through a symbolic link: %v", ro, err)
+		}
+	}
+}
+
+func TestTruncatePinned(t *testing.T) {
+	path, dev, f := fakeVolume(t, Options{DeviceSize: 16 << 20, FileSize: 1 << 20})
+	defer f.Close(false)
+	if _, err := f.MoveToDevice(dev); err != nil {
+		t.Fatal(err)
+	}
+	var st syscall.Stat_t
+	syscall.Stat(path, &st)
+	fh, err := OpenVerified(path, uint64(st.Dev), f.Inode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fh.Close()
+	if err := TruncatePinned(fh, 8192); err != nil {
+		t.Fatal(err)
+	}
+	if fi, _ := os.Stat(path); fi.Size() != 8192 {
+		t.Errorf("size after TruncatePinned = %d", fi.Size())
+	}
+	if err := os.Remove(path); err == nil {
+		t.Error("the file is no longer immutable after TruncatePinned")
+	}
+}
+
+// Extents read back from a state file are checked before any byte is
+// read or written through them.
+func TestCheckMapping(t *testing.T) {
+	const dev = 1 << 20
+	x := func(l, p, n int64) Extent { return Extent{Logical: l, Physical: p, Length: n} }
+	ok := []Extent{x(0, 8192, 4096), x(4096, 0, 8192)}
+	if err := checkMapping(ok, dev); err != nil {
+		t.Fatalf("valid mapping refused: %v", err)
+	}
+	for name, xs := range map[string][]Extent{
+		"none":             nil,
+		"hole":             {x(0, 0, 4096), x(8192, 8192, 4096)},
+		"not from zero":    {x(4096, 0, 4096)},
+		"unsorted":         {x(4096, 0, 4096), x(0, 4096, 4096)},
+		"unaligned phys":   {x(0, 512, 4096)},
+		"unaligned length": {x(0, 0, 4097)},
+		"past the device":  {x(0, dev-4096, 8192)},
+		"negative":         {x(0, -4096, 4096)},
+		"overlap":          {x(0, 0, 8192), x(8192, 4096, 4096)},
+		"empty length":     {x(0, 0, 0)},
+		"too short":        {x(0, 0, 0)},
+	} {
+		if err := checkMapping(xs, dev); err == nil {
+			t.Errorf("%s: mapping %v accepted", name, xs)
+		}
 	}
 }

@@ -1,10 +1,14 @@
 package cow
 
 import (
+	"errors"
 	"fmt"
 	"os"
+	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/dbdublk/dbdublk/internal/linux"
 )
 
 // MoveToDevice puts a new COW file on the filesystem of the volume being
@@ -48,28 +52,97 @@ func (f *File) MoveToDevice(device string) ([]Extent, error) {
 	if err := fs.Sync(); err != nil {
 		return nil, fmt.Errorf("cow file %s: fsync: %w", f.path, unwrapPath(err))
 	}
-	extents, err := fileExtents(f.path, size)
+	extents, err := fileExtents(fs.f, f.path, size)
 	if err != nil {
+		return nil, fmt.Errorf("cow file %s: %w", f.path, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(fs.f.Fd()), &st); err != nil {
 		return nil, fmt.Errorf("cow file %s: %w", f.path, err)
 	}
 	d, err := DeviceStorage(device, extents)
 	if err != nil {
 		return nil, fmt.Errorf("cow file %s: open %s: %w", f.path, device, err)
 	}
+	// Its blocks are written raw from now on: rm, mv or a defragmenter
+	// must not free or move them (the owner clears the flag when the
+	// file is released).
+	if err := SetImmutable(fs.f, true); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("cow file %s: its filesystem cannot mark it immutable (%v), so its blocks could be freed under the server; put it on another filesystem", f.path, err)
+	}
 	fs.dropCache()
 	f.mu.Lock()
 	f.s = d
+	f.ino = st.Ino
 	f.mu.Unlock()
 	fs.Close()
 	return extents, nil
 }
 
-// DropCache drops the page cache of the file at path, so that readers
-// through its filesystem see what was written at its extents on the
-// device. It is best effort.
-func DropCache(path string) {
-	if fh, err := os.Open(path); err == nil {
-		unix.Fadvise(int(fh.Fd()), 0, 0, unix.FADV_DONTNEED)
-		fh.Close()
+// Inode is the inode number of a COW file moved to its device (0 for any
+// other): what OpenVerified checks a later open by name against.
+func (f *File) Inode() uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.ino
+}
+
+// OpenVerified opens the COW file on the volume at path again, through
+// its filesystem (read-only: it is immutable; never following a symbolic
+// link), and checks that it is the file with inode ino on the filesystem
+// of device dev: a name swapped for another file meanwhile is refused, not
+// used.
+func OpenVerified(path string, dev, ino uint64) (*os.File, error) {
+	fh, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, fmt.Errorf("cow file %s: %w", path, unwrapPath(err))
 	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(fh.Fd()), &st); err != nil {
+		fh.Close()
+		return nil, fmt.Errorf("cow file %s: %w", path, err)
+	}
+	if st.Ino != ino || uint64(st.Dev) != dev || st.Mode&unix.S_IFMT != unix.S_IFREG {
+		fh.Close()
+		return nil, fmt.Errorf("cow file %s is not the file the server wrote (inode %d on %d:%d, expected %d on %d:%d): refused",
+			path, st.Ino, unix.Major(uint64(st.Dev)), unix.Minor(uint64(st.Dev)), ino, unix.Major(dev), unix.Minor(dev))
+	}
+	return fh, nil
+}
+
+// SetImmutable sets or clears the file's immutable flag (FS_IMMUTABLE_FL).
+func SetImmutable(f *os.File, on bool) error {
+	flags, err := linux.InodeFlags(int(f.Fd()))
+	if err != nil {
+		return err
+	}
+	if on {
+		flags |= linux.FlagImmutable
+	} else {
+		flags &^= linux.FlagImmutable
+	}
+	return linux.SetInodeFlags(int(f.Fd()), flags)
+}
+
+// TruncatePinned shortens an immutable COW file open as fh (OpenVerified)
+// to size through its filesystem, giving the space past it back, and
+// leaves it immutable.
+func TruncatePinned(fh *os.File, size int64) error {
+	if err := SetImmutable(fh, false); err != nil {
+		return err
+	}
+	w, err := os.OpenFile(fdPath(fh), os.O_WRONLY, 0)
+	if err == nil {
+		err = w.Truncate(size)
+		w.Close()
+	}
+	return errors.Join(err, SetImmutable(fh, true))
+}
+
+// DropCache drops the page cache of an open file, so that readers through
+// its filesystem see what was written at its extents on the device. It is
+// best effort.
+func DropCache(f *os.File) {
+	unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
 }

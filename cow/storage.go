@@ -51,13 +51,17 @@ type fileStorage struct {
 }
 
 // FileStorage opens the COW file at path through its filesystem; readOnly
-// opens it O_RDONLY. It refuses a path that is not a regular file.
+// opens it O_RDONLY. It refuses a path that is not a regular file, a
+// symbolic link included (it is not followed).
 func FileStorage(path string, readOnly bool) (Storage, error) {
-	flag := os.O_RDWR
+	flag := os.O_RDWR | syscall.O_NOFOLLOW
 	if readOnly {
-		flag = os.O_RDONLY
+		flag = os.O_RDONLY | syscall.O_NOFOLLOW
 	}
 	fh, err := os.OpenFile(path, flag, 0)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, fmt.Errorf("cow file %s is a symbolic link; give the file itself", path)
+	}
 	if err != nil {
 		return nil, openError(path, err)
 	}
@@ -73,16 +77,21 @@ func FileStorage(path string, readOnly bool) (Storage, error) {
 	return newFileStorage(fh, readOnly), nil
 }
 
-// newFileStorage takes fh over; a writable one gets its O_DIRECT twin.
+// newFileStorage takes fh over; a writable one gets its O_DIRECT twin,
+// opened through the descriptor (/proc/self/fd), never by the name again.
 func newFileStorage(fh *os.File, readOnly bool) *fileStorage {
 	s := &fileStorage{f: fh}
 	if !readOnly {
-		if d, err := os.OpenFile(fh.Name(), os.O_WRONLY|syscall.O_DIRECT, 0); err == nil {
+		if d, err := os.OpenFile(fdPath(fh), os.O_WRONLY|syscall.O_DIRECT, 0); err == nil {
 			s.direct = d
 		}
 	}
 	return s
 }
+
+// fdPath names an open file by its descriptor: opening it reaches the same
+// inode whatever its name has become.
+func fdPath(f *os.File) string { return fmt.Sprintf("/proc/self/fd/%d", f.Fd()) }
 
 func (s *fileStorage) ReadAt(p []byte, off int64) (int, error)  { return s.f.ReadAt(p, off) }
 func (s *fileStorage) WriteAt(p []byte, off int64) (int, error) { return s.f.WriteAt(p, off) }

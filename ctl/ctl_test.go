@@ -3,6 +3,7 @@ package ctl
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"reflect"
 	"strings"
@@ -14,9 +15,17 @@ import (
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/internal/protocol/protocoltest"
+	"github.com/dbdublk/dbdublk/internal/state"
 )
 
-func useRunDir(t *testing.T) { protocoltest.UseRunDir(t) }
+// useRunDir points the run and state directories at fresh ones, so no test
+// talks to a server of this host or reads its records.
+func useRunDir(t *testing.T) {
+	protocoltest.UseRunDir(t)
+	old := state.Dir
+	state.Dir = t.TempDir()
+	t.Cleanup(func() { state.Dir = old })
+}
 
 // run runs dbdctl with the real daemon host (its checks run; no test
 // reaches a point where a server would be started).
@@ -308,5 +317,50 @@ func TestOneLine(t *testing.T) {
 		if got := oneLine(in); got != want {
 			t.Errorf("oneLine(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// info lists the minors left tracking or failed in the state directory
+// beside the attached ones, as dattobd lists dormant devices, with the
+// recorded failure as dattobd's negative errno.
+func TestMainInfoDormant(t *testing.T) {
+	if !isRoot() {
+		t.Skip("info needs root")
+	}
+	useRunDir(t)
+	startFake(t, 3, &fakeServer{dev: fakeDevice(3)})
+	for _, r := range []state.Record{
+		{Minor: 1, BlockDevice: "/dev/sdb", Mode: dattobd.Incremental, CowFile: "/c1"},
+		{Minor: 5, BlockDevice: "/dev/sdc", Mode: dattobd.Snapshot, CowFile: "/c5", Failure: &state.Failure{Errno: 27, Reason: "COW file is full"}},
+		{Minor: 7, BlockDevice: "/dev/sdd", Mode: dattobd.Passthrough},
+	} {
+		if err := state.Write(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	code, stdout, stderr := run("info")
+	if code != 0 || stderr != "" {
+		t.Fatalf("info = %d, %q", code, stderr)
+	}
+	var doc struct {
+		Devices []protocol.DeviceInfo `json:"devices"`
+	}
+	if err := json.Unmarshal([]byte(stdout), &doc); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, d := range doc.Devices {
+		got = append(got, fmt.Sprintf("%d %s %d %d %s", d.Minor, d.Status, d.State, d.Error, d.CowFile))
+	}
+	want := []string{"1 dormant 0 0 /c1", "3 serving -1 0 ", "5 dormant 1 -27 /c5"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("info lists %q, want %q", got, want)
+	}
+	code, stdout, _ = run("info", "5")
+	if code != 0 || !strings.Contains(stdout, `"error": -27`) || !strings.Contains(stdout, `"status": "dormant"`) {
+		t.Errorf("info 5 = %d %s", code, stdout)
+	}
+	if code, _, stderr := run("info", "7"); code != 1 || !strings.Contains(stderr, "minor 7 is not attached") {
+		t.Errorf("info of a plain detached minor = %d %q", code, stderr)
 	}
 }

@@ -4,9 +4,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sort"
 
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/protocol"
+	"github.com/dbdublk/dbdublk/internal/state"
 )
 
 // DetachCmd removes a front device.
@@ -84,7 +86,9 @@ type infoDoc struct {
 	Devices []protocol.DeviceInfo `json:"devices"`
 }
 
-// Run prints the JSON document.
+// Run prints the JSON document: every attached device, and every minor
+// the state directory says was left tracking (dormant, as dattobd lists
+// them), with its recorded failure.
 func (c *InfoCmd) Run(env *Env) error {
 	if err := requireRoot(); err != nil {
 		return err
@@ -92,12 +96,28 @@ func (c *InfoCmd) Run(env *Env) error {
 	doc := infoDoc{Version: protocol.Version, Devices: []protocol.DeviceInfo{}}
 	if c.Minor != nil {
 		d, err := protocol.For(*c.Minor).Info()
+		if errors.Is(err, protocol.ErrNotAttached) {
+			if r, ok := state.Find(*c.Minor); ok && dormant(r) {
+				d, err = dormantInfo(r), nil
+			}
+		}
 		if err != nil {
 			return err
 		}
 		doc.Devices = append(doc.Devices, d)
 	} else {
 		doc.Devices = append(doc.Devices, protocol.ListDevices()...)
+		attached := map[dattobd.Minor]bool{}
+		for _, d := range doc.Devices {
+			attached[d.Minor] = true
+		}
+		records, _ := state.Load()
+		for _, r := range records {
+			if !attached[r.Minor] && dormant(r) {
+				doc.Devices = append(doc.Devices, dormantInfo(r))
+			}
+		}
+		sort.Slice(doc.Devices, func(i, j int) bool { return doc.Devices[i].Minor < doc.Devices[j].Minor })
 	}
 	out, err := json.MarshalIndent(doc, "", "  ")
 	if err != nil {
@@ -105,4 +125,21 @@ func (c *InfoCmd) Run(env *Env) error {
 	}
 	fmt.Fprintln(env.Stdout, string(out))
 	return nil
+}
+
+// dormant reports whether a record of a minor no server answers for is
+// worth listing: it was left tracking, or its tracking failed.
+func dormant(r state.Record) bool { return r.Mode.Tracking() || r.Failure != nil }
+
+// dormantInfo is info's entry for a minor that is not attached but whose
+// tracking is recorded.
+func dormantInfo(r state.Record) protocol.DeviceInfo {
+	d := protocol.DeviceInfo{
+		Minor: r.Minor, BlockDevice: r.BlockDevice, State: dattobd.DormantState(r.Mode),
+		Mode: r.Mode, Status: protocol.StatusDormant, CowFile: r.CowFile, MaxCache: r.CacheBytes,
+	}
+	if r.Failure != nil {
+		d.Error = -r.Failure.Errno
+	}
+	return d
 }

@@ -109,10 +109,20 @@ func (c *ReloadAllCmd) Run(env *Env) error {
 			continue
 		}
 		var err error
-		if r.Mode.Tracking() {
+		switch {
+		case r.Failure != nil:
+			// The failed tracking is refused; the volume is attached
+			// untracked all the same, so the machine boots, and the
+			// failure stays on record (info) until destroy.
+			fmt.Fprintf(env.Stderr, "dbdctl: minor %d (%s): the tracking into %s failed (%s); a full backup is required: attaching it untracked (destroy %d clears the failure)\n",
+				r.Minor, r.BlockDevice, r.CowFile, oneLine(r.Failure.Reason), r.Minor)
+			o := c.ServerFlags.serveOptions(r.BlockDevice, r.Minor)
+			o.KeepFailure = true
+			err = spawn(env, o)
+		case r.Mode.Tracking():
 			ra := reloadArgs{Cache: r.CacheBytes, BlockDevice: r.BlockDevice, CowFile: r.CowFile, Minor: r.Minor, ServerFlags: c.ServerFlags}
 			err = ra.run(env, r.Mode, r.FallocMiB)
-		} else {
+		default:
 			err = spawn(env, c.ServerFlags.serveOptions(r.BlockDevice, r.Minor))
 		}
 		if err != nil {

@@ -31,10 +31,16 @@ const (
 	// file (a discard that would destroy data a snapshot still needs).
 	WriteSkip
 	// WritePending defers the request: the interceptor calls resume (from
-	// any goroutine, exactly once) when it may proceed or must fail, so slow
-	// preparation such as copy-on-write never blocks the queue thread.
+	// any goroutine, exactly once) when it may proceed (nil), must be
+	// completed without touching the file (ErrSkipWrite) or must fail (any
+	// other error), so slow preparation such as copy-on-write never blocks
+	// the queue thread.
 	WritePending
 )
+
+// ErrSkipWrite, passed to a pending write's resume, completes the request
+// successfully without issuing it, as WriteSkip does.
+var ErrSkipWrite = errors.New("write completed without file I/O")
 
 // WriteInterceptor is a Backend that must see every modifying request
 // (write, discard, write-zeroes) before it reaches the file, as snapshot and

@@ -1,6 +1,7 @@
 package ublk
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"runtime"
@@ -374,11 +375,14 @@ func (q *queue) onWake() {
 		st := &q.tags[r.tag]
 		st.busy = false
 		q.inflight--
-		if r.err != nil {
+		switch {
+		case r.err == nil:
+			q.issue(r.tag)
+		case errors.Is(r.err, ErrSkipWrite):
+			q.complete(r.tag, skipped(&st.desc))
+		default:
 			q.complete(r.tag, errnoResult(0, r.err))
-			continue
 		}
-		q.issue(r.tag)
 	}
 	q.spare = batch[:0]
 	if q.aborted < q.depth || q.inflight > 0 {

@@ -6,13 +6,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/blockdev"
 	"github.com/dbdublk/dbdublk/internal/protocol"
+	"github.com/dbdublk/dbdublk/internal/safepath"
 )
 
 // checkCowPath refuses a COW path that cannot work, before anything
@@ -35,6 +35,9 @@ func (s *Server) checkCowPath(path string) (onVolume bool, err error) {
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
 		return false, protocol.Errorf(protocol.ErrInvalid, "%s is not a directory", dir)
+	}
+	if err := safepath.CheckDir(dir); err != nil {
+		return false, protocol.Errorf(protocol.ErrInvalid, "COW file %s: %v", path, err)
 	}
 	if _, err := os.Lstat(path); err == nil {
 		return false, protocol.Errorf(protocol.ErrInvalid, "COW file %s already exists; give a new path", path)
@@ -63,22 +66,62 @@ func (s *Server) createCow(path string, onVolume bool, opt cow.Options) (*cow.Fi
 	extents, err := c.MoveToDevice(s.cfg.BlockDevice)
 	if err != nil {
 		c.Close(false)
-		os.Remove(path)
+		os.Remove(path) // still a plain file: MoveToDevice failed
 		return nil, nil, err
 	}
 	s.log.Printf("COW file %s is on the snapshotted volume: %d extents, written at their places on %s", path, len(extents), s.cfg.BlockDevice)
 	return c, extents, nil
 }
 
-// closeCow closes a COW file clean (or not) and, for one on the volume,
-// drops its cached pages so readers through the filesystem (update-img)
-// see what was written at its extents.
-func (s *Server) closeCow(c *cow.File, clean bool) error {
+// releaseCow closes a COW file the server stops writing (clean, or not)
+// and, for one on the volume, lets its filesystem have it back: its cached
+// pages are dropped, so readers through the filesystem (update-img) see
+// what was written at its extents, and it is no longer immutable (the
+// user removes it when the image is updated).
+func (s *Server) releaseCow(c *cow.File, clean bool) error {
 	err := c.Close(clean)
 	if c.Mapped() {
-		cow.DropCache(c.Path())
+		if uerr := s.unpin(c.Path(), c.Inode()); uerr != nil {
+			s.log.Printf("release %s to its filesystem: %v", c.Path(), uerr)
+		}
 	}
 	return err
+}
+
+// openPinned opens a COW file on the volume through the filesystem mounted
+// from the front device, checking it is still the file the server wrote
+// (inode ino): a name swapped meanwhile is refused.
+func (s *Server) openPinned(path string, ino uint64) (*os.File, error) {
+	var front unix.Stat_t
+	if err := unix.Stat(s.FrontPath(), &front); err != nil {
+		return nil, err
+	}
+	return cow.OpenVerified(path, uint64(front.Rdev), ino)
+}
+
+// unpin gives a COW file on the volume back to its filesystem: its cached
+// pages are dropped and it is no longer immutable.
+func (s *Server) unpin(path string, ino uint64) error {
+	fh, err := s.openPinned(path, ino)
+	if err != nil {
+		return err
+	}
+	defer fh.Close()
+	cow.DropCache(fh)
+	return cow.SetImmutable(fh, false)
+}
+
+// removeCow removes a COW file the server no longer uses: one on the
+// volume is given back to its filesystem first (it is immutable).
+func (s *Server) removeCow(path string, ino uint64) {
+	if ino != 0 {
+		if err := s.unpin(path, ino); err != nil {
+			s.log.Printf("release %s to its filesystem: %v", path, err)
+		}
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		s.log.Printf("remove %s: %v", path, err)
+	}
 }
 
 // releaseStore gives a snapshot's data store on the volume back to its
@@ -86,8 +129,10 @@ func (s *Server) closeCow(c *cow.File, clean bool) error {
 // in the snapshot (and so in its image), but hold COW data the server
 // wrote directly, which the tracking never saw: they are zeroed on the
 // device first, so the next snapshot agrees with the image there. The
-// index stays where it is, still written at its extents.
-func (s *Server) releaseStore(c *cow.File) {
+// index stays where it is, still written at its extents. (Truncating the
+// file through its filesystem only frees space; a failure there is
+// logged.)
+func (s *Server) releaseStore(c *cow.File) error {
 	end := cow.DataOffset(c.Blocks())
 	for _, x := range s.snap.extents {
 		lo := max(x.Logical, end)
@@ -95,13 +140,19 @@ func (s *Server) releaseStore(c *cow.File) {
 			continue
 		}
 		if err := s.bdev.ZeroOut(x.Physical+lo-x.Logical, x.Logical+x.Length-lo); err != nil {
-			s.trk.Fail(syscall.EIO, fmt.Errorf("zero the data store of %s on %s: %w", c.Path(), s.cfg.BlockDevice, err))
+			return fmt.Errorf("zero the data store of %s on %s: %w", c.Path(), s.cfg.BlockDevice, err)
 		}
 	}
 	s.snap.extents = clipExtents(s.snap.extents, end)
-	if err := os.Truncate(s.snap.cowPath, end); err != nil {
+	fh, err := s.openPinned(s.snap.cowPath, s.snap.ino)
+	if err == nil {
+		err = cow.TruncatePinned(fh, end)
+		fh.Close()
+	}
+	if err != nil {
 		s.log.Printf("truncate %s through its filesystem: %v", s.snap.cowPath, err)
 	}
+	return nil
 }
 
 // clipExtents keeps the part of extents below end (a file's byte offset).

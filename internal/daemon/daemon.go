@@ -39,6 +39,9 @@ type Config struct {
 	// Force attaches untracked a minor whose state file says it was left
 	// tracking (its changed-block history is dropped).
 	Force bool
+	// KeepFailure attaches untracked a minor whose recorded tracking
+	// failed, keeping the failure (info shows it) until destroy.
+	KeepFailure bool
 	// Reload, when set, resumes tracking from a COW file before the front
 	// device serves its first request (reload-snapshot, reload-incremental).
 	Reload *Reload
@@ -69,12 +72,23 @@ type Server struct {
 	// which lacks the command); it decides optional paths such as zero copy.
 	kernelFeatures uint64
 
-	// recoverFailed is set when a restarted server could not resume the
-	// dead one's tracking: its state file is kept as it was.
-	recoverFailed bool
-
 	mu       sync.Mutex // serialises control requests
 	detached chan struct{}
+
+	// recMu guards the minor's state record and its failure: the tracker
+	// records a failure from whatever goroutine meets it, with or without
+	// mu held.
+	recMu      sync.Mutex
+	lastRecord state.Record // as last written
+	// failure is why tracking failed, once it has: persisted in the state
+	// file, shown by info, refusing every tracking command until destroy.
+	failure *state.Failure
+	// failedMode and failedCow are the tracking that failed when the
+	// server no longer tracks (its COW file could not be resumed, or
+	// reload-all attached a failed minor untracked).
+	failedMode dattobd.Mode
+	failedCow  string
+	failedIno  uint64
 }
 
 var _ protocol.Handler = (*Server)(nil)
@@ -121,8 +135,14 @@ func preflight(cfg Config) (prev state.Record, recovering bool, err error) {
 	if err := CheckAttach(cfg.BlockDevice, cfg.Minor); err != nil {
 		return prev, false, err
 	}
-	if cfg.Reload == nil && !cfg.Force {
-		if err := checkNotDormant(cfg.Minor); err != nil {
+	r, recorded := state.Find(cfg.Minor)
+	switch {
+	case !recorded || cfg.Force || cfg.KeepFailure:
+	case cfg.Reload != nil && r.Failure != nil:
+		return prev, false, protocol.Errorf(protocol.ErrFailed, "the tracking recorded for minor %d failed: %s (errno %d); its COW file cannot be trusted, a full backup is required (attach --force drops it)",
+			cfg.Minor, r.Failure.Reason, r.Failure.Errno)
+	case cfg.Reload == nil:
+		if err := checkNotDormant(r); err != nil {
 			return prev, false, err
 		}
 	}
@@ -132,19 +152,27 @@ func preflight(cfg Config) (prev state.Record, recovering bool, err error) {
 // checkNotDormant refuses a plain attach of a minor whose state file says
 // it was left tracking: writes through an untracked front device would be
 // missing from the next incremental.
-func checkNotDormant(m dattobd.Minor) error {
-	r, ok := state.Find(m)
-	if !ok || !r.Mode.Tracking() {
+func checkNotDormant(r state.Record) error {
+	if r.Failure != nil {
+		return fmt.Errorf("minor %d's tracking into %s failed (%s); a full backup is required: attach --force drops it, reload-all attaches it untracked keeping the failure",
+			r.Minor, r.CowFile, r.Failure.Reason)
+	}
+	if !r.Mode.Tracking() {
 		return nil
 	}
 	return fmt.Errorf("minor %d was left in %s mode (COW file %s); resume it with dbdctl reload-%s %s %s %d, or attach --force to drop its tracking",
-		m, r.Mode, r.CowFile, r.Mode, r.BlockDevice, r.CowFile, m)
+		r.Minor, r.Mode, r.CowFile, r.Mode, r.BlockDevice, r.CowFile, r.Minor)
 }
 
-// acquire opens what every server holds: the real device, the ublk
-// control device, and the control socket (the minor's lock).
+// acquire takes what every server holds: the minor's lock and control
+// socket, the real device, the ublk control device.
 func (s *Server) acquire() error {
 	var err error
+	// The minor's lock and socket first: of two servers racing for a
+	// minor, the loser touches nothing.
+	if s.ctl, err = protocol.Listen(s.cfg.Minor, s); err != nil {
+		return err
+	}
 	if s.bdev, err = blockdev.Open(s.cfg.BlockDevice); err != nil {
 		return err
 	}
@@ -156,11 +184,16 @@ func (s *Server) acquire() error {
 	} else {
 		s.log.Printf("GET_FEATURES unsupported (%v): assuming the Linux 6.0 feature set", ferr)
 	}
-	// Claim the socket before creating the device: it is the minor's lock.
-	if s.ctl, err = protocol.Listen(s.cfg.Minor, s); err != nil {
-		return err
-	}
 	s.trk = track.New(s.bdev, s.log.Printf)
+	s.trk.OnFailure(s.recordFailure)
+	s.lastRecord = state.Record{Minor: s.cfg.Minor, BlockDevice: s.cfg.BlockDevice}
+	if s.cfg.KeepFailure {
+		if r, ok := state.Find(s.cfg.Minor); ok && r.Failure != nil {
+			s.failure, s.failedMode, s.failedCow, s.failedIno = r.Failure, r.Mode, r.CowFile, r.CowInode
+			s.log.Printf("attached untracked: the tracking into %s failed (%s); a full backup is required, destroy %d clears it",
+				r.CowFile, r.Failure.Reason, s.cfg.Minor)
+		}
+	}
 	return nil
 }
 
@@ -206,7 +239,9 @@ func (s *Server) startNew() error {
 			return err
 		}
 	}
-	s.persist()
+	if err := s.persist(); err != nil {
+		return err
+	}
 	go s.checkpointLoop()
 	info := s.dev.Info()
 	s.log.Printf("attached %s as %s: %d bytes, %d/%d-byte blocks, %d queues x %d tags, device flags %#x, kernel features %#x",
@@ -296,13 +331,16 @@ func (s *Server) detach(explicit bool) error {
 	}
 	if cur := s.trk.Current(); cur.Mode.Tracking() {
 		s.stopSnapshotDevice()
-		if err := cur.Cow.Close(true); err != nil {
+		switch err := cur.Cow.Close(s.trk.Failed() == 0); {
+		case s.trk.Failed() != 0:
+			s.log.Printf("%s: tracking failed; the file is left failed, a full backup is required", s.snap.cowPath)
+		case err != nil:
 			s.log.Printf("close %s: %v; reload will have to recover it", s.snap.cowPath, err)
-		} else {
+		default:
 			s.log.Printf("%s mode is dormant: %s closed clean; resume with dbdctl reload-%s", cur.Mode, s.snap.cowPath, cur.Mode)
 		}
 		s.snap = nil
-	} else if explicit {
+	} else if explicit && s.failed() == nil {
 		s.forget()
 	}
 	if err := s.bdev.Close(); err != nil {

@@ -8,6 +8,7 @@ import (
 	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/blockdev"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/failpoint"
 	"github.com/dbdublk/dbdublk/internal/linux"
 	"github.com/dbdublk/dbdublk/internal/track"
 )
@@ -16,6 +17,9 @@ import (
 // on the front device (if any) frozen around it, so the snapshot is a
 // clean filesystem.
 func (s *Server) transition(mode dattobd.Mode, c *cow.File, cacheBytes int64, extents []cow.Extent) error {
+	if err := failpoint.Check("freeze"); err != nil {
+		return err
+	}
 	thaw, err := s.freeze()
 	if err != nil {
 		return err

@@ -51,6 +51,12 @@ func (s *Server) fillTrackingInfo(d *protocol.DeviceInfo) {
 	st := s.trk.Current()
 	d.Mode = st.Mode
 	d.State = dattobd.ActiveState(st.Mode)
+	if x := s.failed(); x != nil {
+		d.Error = -x.Errno
+		if s.snap == nil {
+			d.CowFile = s.failedCow // the tracking that failed
+		}
+	}
 	if !st.Mode.Tracking() || s.snap == nil {
 		d.State = dattobd.StateAttached
 		return
@@ -65,7 +71,6 @@ func (s *Server) fillTrackingInfo(d *protocol.DeviceInfo) {
 	d.Version = h.Version
 	d.NrChangedBlocks = st.Cow.NrChangedBlocks()
 	d.CacheInUse = st.Cow.CacheBytes()
-	d.Error = -int(s.trk.Failed())
 	if st.Mode == dattobd.Snapshot {
 		if s.snap.dev != nil {
 			d.SnapshotDevice = s.cfg.Minor.DattoPath()

@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/blockdev"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/state"
@@ -74,6 +75,7 @@ func WaitRecoverable(path string, m dattobd.Minor, timeout time.Duration) bool {
 func (s *Server) startRecovered(prev state.Record) error {
 	s.log.Printf("ublk device %d is waiting for its server: recovering it (%s mode recorded)", s.cfg.Minor.FrontID(), prev.Mode)
 	s.removeDeadSnapshotDevice()
+	s.lastRecord = prev
 	s.recoverTracking(prev)
 	dev, err := ublk.Recover(s.ctrl, s.cfg.Minor.FrontID(), s.bdev.Size(), s.trk, s.log.Printf)
 	if err != nil {
@@ -88,8 +90,10 @@ func (s *Server) startRecovered(prev state.Record) error {
 			s.log.Printf("recreate the snapshot device: %v", err)
 		}
 	}
-	if !s.recoverFailed {
-		s.persist()
+	if err := s.persist(); err != nil {
+		// The device must keep serving; the old record still names the
+		// tracking, which the COW file itself keeps or refuses.
+		s.log.Printf("%v", err)
 	}
 	go s.checkpointLoop()
 	s.log.Printf("recovered %s as %s", s.cfg.BlockDevice, s.FrontPath())
@@ -101,9 +105,16 @@ func (s *Server) startRecovered(prev state.Record) error {
 // page cache holds everything the dead server wrote: a snapshot's index
 // entries are written through (cow.ResumeSnapshot trusts them), and an
 // incremental file replays its write-intent record. If tracking cannot be
-// resumed, the device is still served (its filesystem must not fail) and
-// tracking is marked failed: the next backup must be a full one.
+// resumed (or had failed already), the device is still served (its
+// filesystem must not fail) and tracking is failed for good, in the state
+// file and in the COW file: the next backup must be a full one, and no
+// reload after a reboot replays an old record over the untracked writes.
 func (s *Server) recoverTracking(r state.Record) {
+	if r.Failure != nil {
+		s.failure, s.failedMode, s.failedCow, s.failedIno = r.Failure, r.Mode, r.CowFile, r.CowInode
+		s.log.Printf("the tracking into %s had failed (%s); serving untracked", r.CowFile, r.Failure.Reason)
+		return
+	}
 	if !r.Mode.Tracking() {
 		return
 	}
@@ -112,14 +123,39 @@ func (s *Server) recoverTracking(r state.Record) {
 		cache = DefaultCacheBytes
 	}
 	rl := Reload{Mode: r.Mode, CowFile: r.CowFile, CacheBytes: cache, FallocMiB: r.FallocMiB,
-		Extents: r.CowExtents, Relative: r.CowRelative, resume: true}
+		Extents: r.CowExtents, Relative: r.CowRelative, Inode: r.CowInode, resume: true}
 	if r.Mode == dattobd.Snapshot {
 		rl.PrevExtents = r.PrevCowExtents
 	}
-	if err := s.reload(rl); err != nil {
-		s.recoverFailed = true
-		s.trk.Fail(syscall.EIO, fmt.Errorf("cannot resume %s mode from %s after the server died: %w; the device is served untracked and the next backup must be full",
-			r.Mode, r.CowFile, err))
+	err := s.reload(rl)
+	if err == nil {
+		return
+	}
+	why := fmt.Errorf("cannot resume %s mode from %s after the server died: %w; the device is served untracked and the next backup must be full",
+		r.Mode, r.CowFile, err)
+	s.recMu.Lock()
+	s.failedMode, s.failedCow, s.failedIno = r.Mode, r.CowFile, r.CowInode
+	s.recMu.Unlock()
+	s.trk.Fail(syscall.EIO, why)
+	s.markCowFailed(rl, why)
+}
+
+// markCowFailed writes a failure record into a COW file that could not be
+// resumed, so that a reload by hand does not replay its old intent record
+// either. Best effort: a file that cannot be read is refused anyway.
+func (s *Server) markCowFailed(r Reload, why error) {
+	var where cow.Storage
+	var err error
+	if len(r.Extents) > 0 {
+		where, err = cow.DeviceStorage(s.cfg.BlockDevice, r.Extents)
+	} else {
+		where, err = cow.FileStorage(r.CowFile, false)
+	}
+	if err == nil {
+		err = cow.MarkFailed(r.CowFile, where, syscall.EIO, why.Error())
+	}
+	if err != nil {
+		s.log.Printf("mark %s failed: %v", r.CowFile, err)
 	}
 }
 

@@ -23,6 +23,8 @@ type Reload struct {
 	PrevExtents []cow.Extent
 	// Relative is the COW file's path below its volume's mount point.
 	Relative string
+	// Inode is a COW file on the volume's inode number.
+	Inode uint64
 	// resume is set when the server that had this file died while the
 	// machine kept running: a dirty snapshot is then provably intact.
 	resume bool
@@ -37,7 +39,7 @@ func (s *Server) reload(r Reload) error {
 		// A COW file on the volume itself is opened where it lies on the
 		// device: its filesystem is not mounted yet.
 		if rec, ok := state.OnVolume(s.cfg.Minor, r.CowFile); ok {
-			r.CowFile, r.Extents, r.PrevExtents, r.Relative = rec.CowFile, rec.CowExtents, rec.PrevCowExtents, rec.CowRelative
+			r.CowFile, r.Extents, r.PrevExtents, r.Relative, r.Inode = rec.CowFile, rec.CowExtents, rec.PrevCowExtents, rec.CowRelative, rec.CowInode
 		}
 	}
 	if r.CacheBytes <= 0 {
@@ -56,7 +58,7 @@ func (s *Server) reload(r Reload) error {
 		c.Close(false)
 		return err
 	}
-	s.snap = &session{cowPath: r.CowFile, cacheBytes: r.CacheBytes, fallocMiB: r.FallocMiB, extents: r.Extents, relative: r.Relative}
+	s.snap = &session{cowPath: r.CowFile, cacheBytes: r.CacheBytes, fallocMiB: r.FallocMiB, extents: r.Extents, relative: r.Relative, ino: r.Inode}
 	if r.Mode == dattobd.Snapshot {
 		s.snap.prevExtents = r.PrevExtents
 	}

@@ -4,11 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/failpoint"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/internal/state"
 	"github.com/dbdublk/dbdublk/ublk"
@@ -40,23 +42,73 @@ type session struct {
 	// snapshot (and so the image) did.
 	prevExtents []cow.Extent
 	relative    string       // the COW file's path below its volume's mount point
+	ino         uint64       // a COW file on the volume: its inode (reopens check it)
 	dev         *ublk.Device // the snapshot device, in snapshot mode
 }
 
 func (s *Server) mode() dattobd.Mode { return s.trk.Current().Mode }
 
-// persist records the server's current configuration; a failure is logged
-// (the device keeps working, only its return after a reboot is at stake).
-// Caller holds s.mu.
-func (s *Server) persist() {
+// persist records the server's current configuration in the minor's state
+// file. Caller holds s.mu.
+func (s *Server) persist() error {
 	r := state.Record{Minor: s.cfg.Minor, BlockDevice: s.cfg.BlockDevice, Mode: s.mode()}
 	if s.snap != nil {
 		r.CowFile, r.CacheBytes, r.FallocMiB, r.CowExtents = s.snap.cowPath, s.snap.cacheBytes, s.snap.fallocMiB, s.snap.extents
-		r.CowRelative, r.PrevCowExtents = s.snap.relative, s.snap.prevExtents
+		r.CowRelative, r.PrevCowExtents, r.CowInode = s.snap.relative, s.snap.prevExtents, s.snap.ino
+	}
+	return s.writeRecord(r)
+}
+
+// writeRecord writes r, with the minor's failure if it has one.
+func (s *Server) writeRecord(r state.Record) error {
+	s.recMu.Lock()
+	defer s.recMu.Unlock()
+	if s.failure != nil {
+		r.Failure = s.failure
+		if !r.Mode.Tracking() && s.failedCow != "" {
+			r.Mode, r.CowFile, r.CowInode = s.failedMode, s.failedCow, s.failedIno
+		}
+	}
+	s.lastRecord = r
+	if err := failpoint.Check("persist"); err != nil {
+		return err
 	}
 	if err := state.Write(r); err != nil {
-		s.log.Printf("record state in %s: %v", state.Path(s.cfg.Minor), err)
+		return fmt.Errorf("record minor %d in %s: %w", s.cfg.Minor, state.Path(s.cfg.Minor), err)
 	}
+	return nil
+}
+
+// recordFailure is the tracker's OnFailure: the state file says tracking
+// failed before anything is let through untracked, so no reload after a
+// crash or a reboot can resume it. It never takes s.mu (the tracker may
+// fail inside a request).
+func (s *Server) recordFailure(errno syscall.Errno, why error) {
+	s.recMu.Lock()
+	if s.failure == nil {
+		s.failure = &state.Failure{Errno: int(errno), Reason: why.Error()}
+	}
+	r := s.lastRecord
+	s.recMu.Unlock()
+	if err := s.writeRecord(r); err != nil {
+		// The COW file has recorded the failure already: no reload
+		// resumes it, whatever the state file says.
+		s.log.Printf("%v", err)
+	}
+}
+
+// failed returns the minor's tracking failure, or nil.
+func (s *Server) failed() *state.Failure {
+	s.recMu.Lock()
+	defer s.recMu.Unlock()
+	return s.failure
+}
+
+// clearFailure forgets the minor's failure (destroy).
+func (s *Server) clearFailure() {
+	s.recMu.Lock()
+	defer s.recMu.Unlock()
+	s.failure, s.failedMode, s.failedCow, s.failedIno = nil, dattobd.Passthrough, "", 0
 }
 
 // forget removes minor's state file: it is not to come back.
@@ -78,6 +130,9 @@ func (s *Server) startSnapshotDevice() error {
 		LogicalBlockSize:  s.bdev.LogicalBlockSize,
 		PhysicalBlockSize: s.bdev.PhysicalBlockSize,
 		ReadOnly:          true,
+	}
+	if err := failpoint.Check("snapshot-device"); err != nil {
+		return err
 	}
 	dev, err := ublk.Create(s.ctrl, spec, s.trk.View(s.trk.Current()), s.log.Printf)
 	if err != nil {

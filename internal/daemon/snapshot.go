@@ -1,22 +1,31 @@
 package daemon
 
 import (
-	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"syscall"
 
 	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/failpoint"
 	"github.com/dbdublk/dbdublk/internal/protocol"
+	"github.com/dbdublk/dbdublk/internal/track"
 )
 
 // dattobd's lifecycle commands. Each runs with s.mu held (handler.go).
+//
+// Each is ordered so that every step that can fail comes before the point
+// of no return and is undone when it fails: the device is left exactly as
+// it was. Past that point (transition-to-incremental truncating the
+// snapshot's data store) a failure fails the tracking, durably (see
+// track.Tracker.Fail): it is never left looking intact.
 
 func (s *Server) setupSnapshot(req protocol.SetupSnapshot) error {
 	if m := s.mode(); m != dattobd.Passthrough {
 		return protocol.Errorf(protocol.ErrWrongMode, "minor %d is already tracking (%s mode); destroy it first", s.cfg.Minor, m)
+	}
+	if x := s.failed(); x != nil {
+		return protocol.Errorf(protocol.ErrFailed, "minor %d's tracking failed (%s); destroy it first (the next backup must be full)", s.cfg.Minor, x.Reason)
 	}
 	onVolume, err := s.checkCowPath(req.CowFile)
 	if err != nil {
@@ -26,6 +35,9 @@ func (s *Server) setupSnapshot(req protocol.SetupSnapshot) error {
 	if cache <= 0 {
 		cache = DefaultCacheBytes
 	}
+	if err := failpoint.Check("create-cow"); err != nil {
+		return err
+	}
 	c, extents, err := s.createCow(req.CowFile, onVolume, cow.Options{
 		DeviceSize: s.bdev.Size(), FileSize: req.FallocMiB * mib, CacheBytes: cache,
 	})
@@ -33,25 +45,38 @@ func (s *Server) setupSnapshot(req protocol.SetupSnapshot) error {
 		return err
 	}
 	abandon := func(err error) error {
-		c.Close(false)
-		os.Remove(req.CowFile)
+		s.abandonCow(c)
 		return err
 	}
 	if err := s.transition(dattobd.Snapshot, c, cache, extents); err != nil {
 		return abandon(err)
 	}
-	s.snap = &session{cowPath: req.CowFile, cacheBytes: cache, fallocMiB: req.FallocMiB, extents: extents}
+	undo := func(err error) error {
+		s.stopSnapshotDevice()
+		s.snap = nil
+		if serr := s.trk.Swap(dattobd.Passthrough, nil, nil, nil); serr != nil {
+			s.trk.Fail(syscall.EIO, fmt.Errorf("undo a snapshot that could not be set up: %w", serr))
+		}
+		return abandon(err)
+	}
+	s.snap = &session{cowPath: req.CowFile, cacheBytes: cache, fallocMiB: req.FallocMiB, extents: extents, ino: c.Inode()}
 	if extents != nil {
 		s.snap.relative = s.relativeToFront(req.CowFile)
 	}
 	if err := s.startSnapshotDevice(); err != nil {
-		s.trk.Swap(dattobd.Passthrough, nil, nil, nil)
-		s.snap = nil
-		return abandon(err)
+		return undo(err)
 	}
-	s.persist()
+	if err := s.persist(); err != nil {
+		return undo(err)
+	}
 	s.log.Printf("snapshot set up: COW file %s, seq %d, snapshot device %s", req.CowFile, c.Header().SeqID, s.cfg.Minor.DattoPath())
 	return nil
+}
+
+// abandonCow closes and removes a COW file that never took effect.
+func (s *Server) abandonCow(c *cow.File) {
+	c.Close(false)
+	s.removeCow(c.Path(), c.Inode())
 }
 
 // requireMode refuses unless the minor is in mode and healthy.
@@ -59,8 +84,8 @@ func (s *Server) requireMode(mode dattobd.Mode) error {
 	if m := s.mode(); m != mode {
 		return protocol.Errorf(protocol.ErrWrongMode, "minor %d is not in %s mode (it is %s)", s.cfg.Minor, mode, m)
 	}
-	if errno := s.trk.Failed(); errno != 0 {
-		return protocol.Errorf(protocol.ErrFailed, "minor %d has failed (%v); destroy it and set up a new snapshot", s.cfg.Minor, errno)
+	if x := s.failed(); x != nil {
+		return protocol.Errorf(protocol.ErrFailed, "minor %d has failed (%s: %v); destroy it and set up a new snapshot", s.cfg.Minor, x.Reason, syscall.Errno(x.Errno))
 	}
 	return nil
 }
@@ -76,14 +101,22 @@ func (s *Server) transitionToIncremental() error {
 	if err := s.transition(dattobd.Incremental, st.Cow, s.snap.cacheBytes, nil); err != nil {
 		return err
 	}
+	// No way back from here: writes are no longer preserved.
 	s.stopSnapshotDevice()
 	prev := s.snap.prevExtents
 	s.snap.prevExtents = nil
 	s.trk.SetAutoExpand(0, 0)
-	if err := st.Cow.TruncateToIndex(); err != nil {
-		s.log.Printf("truncate %s to its index: %v", s.snap.cowPath, err)
-	} else if st.Cow.Mapped() {
-		s.releaseStore(st.Cow)
+	fail := func(err error) error {
+		s.trk.Fail(syscall.EIO, err)
+		return fmt.Errorf("%w; tracking has failed, the next backup must be full", err)
+	}
+	if err := firstErr(failpoint.Check("truncate"), st.Cow.TruncateToIndex()); err != nil {
+		return fail(fmt.Errorf("truncate %s to its index: %w", s.snap.cowPath, err))
+	}
+	if st.Cow.Mapped() {
+		if err := s.releaseStore(st.Cow); err != nil {
+			return fail(err)
+		}
 	}
 	// The previous COW file's index leaves the snapshot's zeroed blocks
 	// at the next snapshot, showing what the server wrote there: it is a
@@ -91,14 +124,26 @@ func (s *Server) transitionToIncremental() error {
 	for _, x := range prev {
 		first := uint64(x.Physical) / cow.BlockSize
 		if _, err := st.Cow.MarkRange(first, first+uint64(x.Length)/cow.BlockSize); err != nil {
-			s.trk.Fail(syscall.EIO, fmt.Errorf("record the previous COW file's blocks as changed: %w", err))
+			return fail(fmt.Errorf("record the previous COW file's blocks as changed: %w", err))
 		}
 	}
-	if err := st.Cow.EnableIntent(); err != nil {
-		s.trk.Fail(syscall.EIO, fmt.Errorf("start write-intent logging in %s: %w", s.snap.cowPath, err))
+	if err := firstErr(failpoint.Check("enable-intent"), st.Cow.EnableIntent()); err != nil {
+		return fail(fmt.Errorf("start write-intent logging in %s: %w", s.snap.cowPath, err))
 	}
-	s.persist()
+	if err := s.persist(); err != nil {
+		return fail(err)
+	}
 	s.log.Printf("now incremental: tracking changes in %s", s.snap.cowPath)
+	return nil
+}
+
+// firstErr returns the first non-nil error.
+func firstErr(errs ...error) error {
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -118,7 +163,16 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 		falloc = s.snap.fallocMiB // dattobd: 0 reuses the previous size
 	}
 	st := s.trk.Current()
-	h := st.Cow.Header()
+	prevCow := st.Cow
+	// The change list is written back now, so closing it clean after the
+	// snapshot is just a header write.
+	if err := firstErr(failpoint.Check("sync-change-list"), prevCow.Sync()); err != nil {
+		return fmt.Errorf("write back %s: %w", s.snap.cowPath, err)
+	}
+	if err := failpoint.Check("create-cow"); err != nil {
+		return err
+	}
+	h := prevCow.Header()
 	c, extents, err := s.createCow(req.CowFile, onVolume, cow.Options{
 		DeviceSize: s.bdev.Size(), FileSize: falloc * mib, CacheBytes: s.snap.cacheBytes,
 		UUID: h.UUID, SeqID: h.SeqID + 1,
@@ -126,51 +180,98 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 	if err != nil {
 		return err
 	}
-	prev := s.snap.extents
-	if err := s.transition(dattobd.Snapshot, c, s.snap.cacheBytes, append(append([]cow.Extent(nil), extents...), prev...)); err != nil {
-		c.Close(false)
-		os.Remove(req.CowFile)
+	prev := *s.snap
+	if err := s.transition(dattobd.Snapshot, c, s.snap.cacheBytes, append(append([]cow.Extent(nil), extents...), prev.extents...)); err != nil {
+		s.abandonCow(c)
 		return err
 	}
-	old := s.snap.cowPath
-	if err := s.closeCow(st.Cow, true); err != nil {
-		s.log.Printf("close %s clean: %v", old, err)
-	}
-	s.snap.cowPath, s.snap.fallocMiB, s.snap.extents, s.snap.relative = req.CowFile, falloc, extents, ""
-	s.snap.prevExtents = prev
+	s.snap.cowPath, s.snap.fallocMiB, s.snap.extents, s.snap.relative, s.snap.ino = req.CowFile, falloc, extents, "", c.Inode()
+	s.snap.prevExtents = prev.extents
 	if extents != nil {
 		s.snap.relative = s.relativeToFront(req.CowFile)
 	}
-	if err := s.startSnapshotDevice(); err != nil {
-		s.trk.Fail(syscall.EIO, err)
-		return fmt.Errorf("snapshot taken but its device could not start: %w", err)
+	undo := func(err error) error {
+		s.stopSnapshotDevice()
+		*s.snap = prev
+		s.backToIncremental(prevCow, c)
+		return err
 	}
-	s.persist()
-	s.log.Printf("snapshot %d taken: COW file %s; %s holds the changes since the previous one", h.SeqID+1, req.CowFile, old)
+	if err := s.startSnapshotDevice(); err != nil {
+		return undo(err)
+	}
+	if err := s.persist(); err != nil {
+		return undo(err)
+	}
+	// The snapshot is taken; the previous file is now the change list
+	// update-img copies from.
+	if err := firstErr(failpoint.Check("close-change-list"), s.releaseCow(prevCow, true)); err != nil {
+		return fmt.Errorf("snapshot %d taken, but the change list %s could not be closed clean (%v): update-img will refuse it, so the next image must be a full copy",
+			h.SeqID+1, prev.cowPath, err)
+	}
+	s.log.Printf("snapshot %d taken: COW file %s; %s holds the changes since the previous one", h.SeqID+1, req.CowFile, prev.cowPath)
 	return nil
+}
+
+// backToIncremental undoes a transition-to-snapshot whose snapshot could
+// not be served or recorded: incremental tracking into prevCow resumes,
+// with every block written meanwhile (preserved into the abandoned
+// snapshot's file c) marked in it.
+func (s *Server) backToIncremental(prevCow, c *cow.File) {
+	if err := s.trk.Swap(dattobd.Incremental, prevCow, track.NewBitmap(prevCow, s.snap.cacheBytes), nil); err != nil {
+		s.trk.Fail(syscall.EIO, fmt.Errorf("undo a snapshot that could not be taken: %w", err))
+		return
+	}
+	err := c.ChangedRuns(func(first, count uint64) error {
+		_, err := prevCow.MarkRange(first, first+count)
+		return err
+	})
+	if err == nil {
+		err = prevCow.CommitIntent()
+	}
+	if err != nil {
+		s.trk.Fail(syscall.EIO, fmt.Errorf("record the writes of an undone snapshot in %s: %w", prevCow.Path(), err))
+	}
+	s.abandonCow(c)
 }
 
 func (s *Server) destroy() error {
 	st := s.trk.Current()
+	if !st.Mode.Tracking() && s.failed() != nil {
+		return s.destroyFailed()
+	}
 	if !st.Mode.Tracking() {
 		return protocol.Errorf(protocol.ErrWrongMode, "minor %d is not tracking", s.cfg.Minor)
 	}
 	if err := s.snapshotDeviceIdle(); err != nil {
 		return err
 	}
-	s.stopSnapshotDevice()
 	if err := s.trk.Swap(dattobd.Passthrough, nil, nil, nil); err != nil {
 		return err
 	}
+	s.stopSnapshotDevice()
 	st.Cow.Close(false)
-	if err := os.Remove(s.snap.cowPath); err != nil && !errors.Is(err, os.ErrNotExist) {
-		s.log.Printf("remove %s: %v", s.snap.cowPath, err)
-	}
+	s.removeCow(s.snap.cowPath, s.snap.ino)
 	s.trk.Reset()
+	s.clearFailure()
 	s.log.Printf("tracking destroyed; %s removed", s.snap.cowPath)
 	s.snap = nil
-	s.persist()
-	return nil
+	return s.persist()
+}
+
+// destroyFailed ends a failure recorded while not tracking (a failed
+// recovery, or a failed minor reload-all attached untracked): the failed
+// COW file is removed and the minor is plain attached again.
+func (s *Server) destroyFailed() error {
+	s.recMu.Lock()
+	cowPath, ino := s.failedCow, s.failedIno
+	s.recMu.Unlock()
+	if cowPath != "" {
+		s.removeCow(cowPath, ino)
+	}
+	s.trk.Reset()
+	s.clearFailure()
+	s.log.Printf("failed tracking destroyed; %s removed", cowPath)
+	return s.persist()
 }
 
 func (s *Server) reconfigure(req protocol.Reconfigure) error {
@@ -193,8 +294,8 @@ func (s *Server) expandCowFile(req protocol.ExpandCowFile) error {
 	if req.SizeMiB <= 0 {
 		return protocol.Errorf(protocol.ErrInvalid, "expansion size must be a positive number of MiB")
 	}
-	if errno := s.trk.Failed(); errno != 0 {
-		return protocol.Errorf(protocol.ErrFailed, "minor %d has failed (%v); expanding cannot repair it", s.cfg.Minor, errno)
+	if x := s.failed(); x != nil {
+		return protocol.Errorf(protocol.ErrFailed, "minor %d has failed (%s); expanding cannot repair it", s.cfg.Minor, x.Reason)
 	}
 	return s.trk.Expand(req.SizeMiB * mib)
 }

@@ -8,9 +8,12 @@ const (
 	// StateAttached is an attached device that is not tracking. dattobd has
 	// no such state (it only knows tracked devices), so it reports -1.
 	StateAttached State = -1
-	// StateActiveIncremental and StateActiveSnapshot are dattobd's 2 and 3.
-	StateActiveIncremental State = 2
-	StateActiveSnapshot    State = 3
+	// Dormant (tracking recorded, device not attached) and active states,
+	// dattobd's 0..3.
+	StateDormantIncremental State = 0
+	StateDormantSnapshot    State = 1
+	StateActiveIncremental  State = 2
+	StateActiveSnapshot     State = 3
 )
 
 // ActiveState is the state dattobd reports for a device tracking in mode.
@@ -22,4 +25,13 @@ func ActiveState(m Mode) State {
 		return StateActiveIncremental
 	}
 	return StateAttached
+}
+
+// DormantState is the state dattobd reports for a device left tracking in
+// mode while it is not attached.
+func DormantState(m Mode) State {
+	if m == Snapshot {
+		return StateDormantSnapshot
+	}
+	return StateDormantIncremental
 }

@@ -26,6 +26,7 @@ type ServeOptions struct {
 	ReadyFD     int           `name:"ready-fd" default:"-1" help:"Write one JSON readiness line to this descriptor."`
 	Supervise   bool          `help:"Run the server as a child and restart it when it dies."`
 	Force       bool          `help:"Attach untracked even though the minor was left tracking."`
+	KeepFailure bool          `name:"keep-failure" help:"Attach untracked, keeping the minor's recorded tracking failure (until destroy)."`
 	Queues      int           `help:"Hardware queues; 0 = default."`
 	Depth       int           `help:"Requests in flight per queue; 0 = default."`
 	MaxIO       int           `name:"max-io" help:"Largest request in bytes; 0 = default."`
@@ -50,6 +51,9 @@ func (o ServeOptions) Args() []string {
 	}
 	if o.Force {
 		args = append(args, "--force")
+	}
+	if o.KeepFailure {
+		args = append(args, "--keep-failure")
 	}
 	for _, f := range []struct {
 		name string

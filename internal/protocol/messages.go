@@ -80,6 +80,8 @@ const (
 	StatusServing Status = "serving"
 	// StatusDetaching: a detach is removing the front device.
 	StatusDetaching Status = "detaching"
+	// StatusDormant: not attached, its tracking recorded for a reload.
+	StatusDormant Status = "dormant"
 )
 
 // DeviceInfo is one entry of `dbdctl info`: dattobd's /proc/datto-info

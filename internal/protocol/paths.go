@@ -18,6 +18,9 @@ var LogDir = envOr("DBDCTL_LOG_DIR", "/var/log/dbdctl")
 // SocketPath is the control socket of minor's server.
 func SocketPath(m dattobd.Minor) string { return filepath.Join(RunDir, m.String()+".sock") }
 
+// LockPath is the lock a minor's server holds while it lives.
+func LockPath(m dattobd.Minor) string { return filepath.Join(RunDir, m.String()+".lock") }
+
 // LogPath is the log file of minor's server.
 func LogPath(m dattobd.Minor) string { return filepath.Join(LogDir, "ublk"+m.String()+".log") }
 

@@ -214,7 +214,7 @@ func TestStaleSocket(t *testing.T) {
 func TestListenRefusesLiveServer(t *testing.T) {
 	useRunDir(t)
 	serve(t, &fakeHandler{minor: 8})
-	if _, err := protocol.Listen(8, &fakeHandler{minor: 8}); err == nil || !strings.Contains(err.Error(), "already listens") {
+	if _, err := protocol.Listen(8, &fakeHandler{minor: 8}); err == nil || !strings.Contains(err.Error(), "is taken: another server holds") {
 		t.Errorf("second protocol.Listen = %v, want a refusal", err)
 	}
 	if _, err := protocol.For(8).Info(); err != nil {
@@ -338,4 +338,73 @@ func TestWireNames(t *testing.T) {
 	if strings.Contains(s, `"cow_file"`) || strings.Contains(s, `"uuid"`) {
 		t.Errorf("info JSON %s carries tracking fields of an untracked device", s)
 	}
+}
+
+// Two servers racing for one minor: exactly one gets it, and the loser
+// leaves the winner's socket alone.
+func TestListenRace(t *testing.T) {
+	useRunDir(t)
+	const racers = 8
+	wins := make(chan *protocol.Server, racers)
+	errs := make(chan error, racers)
+	var wg sync.WaitGroup
+	for i := 0; i < racers; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s, err := protocol.Listen(21, &fakeHandler{minor: 21})
+			if err != nil {
+				errs <- err
+				return
+			}
+			wins <- s
+		}()
+	}
+	wg.Wait()
+	close(wins)
+	close(errs)
+	var won []*protocol.Server
+	for s := range wins {
+		won = append(won, s)
+	}
+	if len(won) != 1 || len(errs) != racers-1 {
+		t.Fatalf("%d servers won the minor, %d lost", len(won), len(errs))
+	}
+	for err := range errs {
+		if !strings.Contains(err.Error(), "minor 21 is taken") {
+			t.Errorf("loser's error: %v", err)
+		}
+	}
+	go won[0].Serve()
+	if _, err := protocol.For(21).Info(); err != nil {
+		t.Errorf("the winner does not answer: %v", err)
+	}
+	won[0].Close()
+	won[0].Drain(time.Second)
+}
+
+// A server removes its socket on Close only if the file is still its own.
+func TestCloseKeepsAnotherSocket(t *testing.T) {
+	useRunDir(t)
+	s, err := protocol.Listen(22, &fakeHandler{minor: 22})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := protocol.SocketPath(22)
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte("someone else's"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if b, err := os.ReadFile(path); err != nil || string(b) != "someone else's" {
+		t.Errorf("Close removed a socket path that was no longer its own: %q, %v", b, err)
+	}
+	// And the lock is free again.
+	s2, err := protocol.Listen(22, &fakeHandler{minor: 22})
+	if err != nil {
+		t.Fatalf("the minor stays locked after Close: %v", err)
+	}
+	s2.Close()
 }

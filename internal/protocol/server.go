@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/gofrs/flock"
 	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/internal/dattobd"
@@ -35,30 +36,47 @@ const requestTimeout = 10 * time.Minute
 // Server answers requests on one minor's control socket.
 type Server struct {
 	ln       *net.UnixListener
+	path     string
+	ino      uint64       // the socket file this server made
+	lock     *flock.Flock // the minor's lock, held while the server lives
 	h        Handler
 	handlers sync.WaitGroup // connections being answered
 }
 
-// Listen claims minor's control socket (root-only), replacing a stale one
-// but refusing one a live server answers on.
+// Listen claims minor's lock and control socket (root-only): one server per
+// minor. A second server for the minor, even one racing this one, is
+// refused; a stale socket left by a dead server is replaced.
 func Listen(m dattobd.Minor, h Handler) (*Server, error) {
 	if err := os.MkdirAll(RunDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create %s: %w", RunDir, err)
 	}
-	path := SocketPath(m)
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("minor %d: a server already listens on %s", m, path)
+	lock := flock.New(LockPath(m))
+	locked, err := lock.TryLock()
+	if err != nil {
+		return nil, fmt.Errorf("minor %d: lock %s: %w", m, LockPath(m), err)
 	}
+	if !locked {
+		return nil, fmt.Errorf("minor %d is taken: another server holds %s", m, LockPath(m))
+	}
+	path := SocketPath(m)
+	// Holding the lock, no live server of this minor can be listening: a
+	// socket file is a dead one's.
 	os.Remove(path)
 	old := unix.Umask(0o077)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	unix.Umask(old)
 	if err != nil {
+		lock.Unlock()
 		return nil, fmt.Errorf("minor %d: %w", m, err)
 	}
-	ln.SetUnlinkOnClose(true)
-	return &Server{ln: ln, h: h}, nil
+	ln.SetUnlinkOnClose(false) // Close unlinks the socket only if it is still this one
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		ln.Close()
+		lock.Unlock()
+		return nil, fmt.Errorf("minor %d: %w", m, err)
+	}
+	return &Server{ln: ln, path: path, ino: st.Ino, lock: lock, h: h}, nil
 }
 
 // Serve answers connections until Close.
@@ -76,8 +94,18 @@ func (s *Server) Serve() {
 	}
 }
 
-// Close stops accepting and removes the socket; answers in progress go on.
-func (s *Server) Close() { s.ln.Close() }
+// Close stops accepting, removes the socket if it is still the one this
+// server made, and releases the minor's lock; answers in progress go on.
+func (s *Server) Close() {
+	if s.ln.Close() != nil {
+		return // closed already
+	}
+	var st unix.Stat_t
+	if unix.Stat(s.path, &st) == nil && st.Ino == s.ino {
+		os.Remove(s.path)
+	}
+	s.lock.Unlock()
+}
 
 // Drain waits up to wait for the answers in progress (so a detach's answer
 // reaches its client before the process ends).

@@ -38,6 +38,9 @@ type Record struct {
 	// CowExtents locate a COW file on the volume itself on the device, so
 	// a reload opens it before its filesystem is mounted.
 	CowExtents []linux.Extent `json:"cow_extents,omitempty"`
+	// CowInode is a COW file on the volume's inode number: reopening it by
+	// its name (to release or remove it) checks it is still that file.
+	CowInode uint64 `json:"cow_inode,omitempty"`
 	// CowRelative is the COW file's path relative to the mount point of
 	// the volume it lives on (dattobd's reload takes it that way).
 	CowRelative string `json:"cow_relative,omitempty"`
@@ -45,6 +48,16 @@ type Record struct {
 	// file (the change list update-img is about to use) when it is on the
 	// volume: the snapshot shows them as zeros.
 	PrevCowExtents []linux.Extent `json:"prev_cow_extents,omitempty"`
+	// Failure, when set, is why the minor's tracking failed: its COW file
+	// cannot be trusted, the next backup must be a full one, and only
+	// destroy clears it.
+	Failure *Failure `json:"failure,omitempty"`
+}
+
+// Failure is a tracking failure as a record keeps it.
+type Failure struct {
+	Errno  int    `json:"errno"` // positive; dattobd's info shows it negated
+	Reason string `json:"reason"`
 }
 
 // Path is the state file of minor.

@@ -36,6 +36,12 @@ type State struct {
 	// the snapshot shows them as zeros (they hold live COW data).
 	CowExtents []cow.Extent
 	epoch      uint64
+	// gate marks the state a Swap installs while it waits for the writes
+	// of the previous state: writes arriving then are held, and admitted
+	// under whichever state the Swap ends with (both have its epoch).
+	gate bool
+	// opened is the state a gate opened on (set under heldMu).
+	opened *State
 }
 
 // Tracker is the front device's backend: the real device, plus the
@@ -48,11 +54,25 @@ type Tracker struct {
 	failed   atomic.Int32    // sticky errno of a failed snapshot or tracking; 0 = healthy
 	logf     func(string, ...any)
 
-	// jobs feeds the copy-on-write workers: first writes wait for their old
-	// blocks to be preserved off the queue threads, many at a time.
-	jobs      chan job
-	startJobs sync.Once
-	stopJobs  sync.Once
+	// failMu serialises failing: the first failure is made durable (in
+	// the COW file, and by onFail) before failed is set, and so before
+	// any write is let through untracked.
+	failMu sync.Mutex
+	onFail func(errno syscall.Errno, why error)
+
+	// jobs is the queue of the copy-on-write workers: first writes wait
+	// for their old blocks to be preserved off the queue threads, many at
+	// a time. It never blocks the queue thread that adds to it, whatever
+	// the device's queues and depth (at most one job per tag is waiting).
+	jobsMu      sync.Mutex
+	jobsReady   sync.Cond
+	jobs        []job
+	jobsClosed  bool
+	workersOnce sync.Once
+
+	// held are the writes that arrived while a Swap's gate was up.
+	heldMu sync.Mutex
+	held   []job
 
 	expandMu sync.Mutex
 	// autoExpand, when stepBytes > 0, grows a full COW store by stepBytes as
@@ -82,12 +102,33 @@ func (t *Tracker) Size() int64 { return t.dev.Size() }
 // Current returns the state in force.
 func (t *Tracker) Current() *State { return t.state.Load() }
 
-// Fail records the first error; a failed snapshot serves EIO and a failed
-// tracker no longer promises a correct incremental.
+// OnFailure sets what Fail calls, once, with the first failure, after the
+// COW file has recorded it and before anything sees the tracker failed (the
+// daemon records it in the state file). Set it before the device starts.
+func (t *Tracker) OnFailure(fn func(errno syscall.Errno, why error)) { t.onFail = fn }
+
+// Fail records the first error: a failed snapshot serves EIO and a failed
+// tracker no longer promises a correct incremental, so writes pass through
+// untracked. The failure is durable before Fail returns to anyone: it is
+// written into the current COW file (cow.File.RecordFailure, fsynced) and
+// handed to OnFailure first, and a caller that fails meanwhile waits, so
+// no write passes untracked while a crash could still forget the failure.
 func (t *Tracker) Fail(errno syscall.Errno, why error) {
-	if t.failed.CompareAndSwap(0, int32(errno)) {
-		t.logf("tracking failed (%v): %v", errno, why)
+	t.failMu.Lock()
+	defer t.failMu.Unlock()
+	if t.failed.Load() != 0 {
+		return
 	}
+	t.logf("tracking failed (%v): %v", errno, why)
+	if c := t.Current().Cow; c != nil {
+		if err := c.RecordFailure(errno, why.Error()); err != nil {
+			t.logf("record the failure in %s: %v", c.Path(), err)
+		}
+	}
+	if t.onFail != nil {
+		t.onFail(errno, why)
+	}
+	t.failed.Store(int32(errno))
 }
 
 // Failed returns the sticky errno, or 0.
@@ -129,22 +170,61 @@ func (t *Tracker) Expand(bytes int64) error {
 
 // drainTimeout bounds how long Swap waits for the writes admitted under the
 // previous state: they wait only for the real device and the COW file.
-const drainTimeout = 60 * time.Second
+var drainTimeout = 60 * time.Second
 
-// Swap installs a new state and waits until every write admitted under the
-// previous one has completed: only then is the new state's view exact (a
-// snapshot never shows a write that was still in flight at its instant).
+// ErrDrain is Swap's error when the writes of the previous state did not
+// complete in time; the previous state is back in force.
+var ErrDrain = errors.New("writes in flight did not drain")
+
+// Swap installs a new state once every write admitted under the previous
+// one has completed: only then is the new state's view exact (a snapshot
+// never shows a write that was still in flight at its instant). Writes
+// that arrive meanwhile are held, not admitted, and are admitted under the
+// new state when it is installed. If the previous writes do not drain
+// within drainTimeout, the previous state is put back instead (the held
+// writes are admitted under it) and Swap returns ErrDrain: a failed Swap
+// changes nothing.
 func (t *Tracker) Swap(mode dattobd.Mode, c *cow.File, bits *bitmap.Bitmap, cowExtents []cow.Extent) error {
 	old := t.Current()
-	t.state.Store(&State{Mode: mode, Cow: c, Bits: bits, epoch: old.epoch + 1, CowExtents: cowExtents})
+	next := old.epoch + 1
+	gate := &State{Mode: old.Mode, Cow: old.Cow, Bits: old.Bits, CowExtents: old.CowExtents, epoch: next, gate: true}
+	t.state.Store(gate)
 	deadline := time.Now().Add(drainTimeout)
 	for t.inflight[old.epoch&1].Load() != 0 {
 		if time.Now().After(deadline) {
-			return fmt.Errorf("writes in flight did not drain within %v", drainTimeout)
+			t.open(gate, &State{Mode: old.Mode, Cow: old.Cow, Bits: old.Bits, CowExtents: old.CowExtents, epoch: next})
+			return fmt.Errorf("%w within %v; the previous state is back", ErrDrain, drainTimeout)
 		}
 		time.Sleep(200 * time.Microsecond)
 	}
+	t.open(gate, &State{Mode: mode, Cow: c, Bits: bits, CowExtents: cowExtents, epoch: next})
 	return nil
+}
+
+// open installs st in place of gate and admits the writes held at it.
+func (t *Tracker) open(gate, st *State) {
+	t.heldMu.Lock()
+	gate.opened = st
+	t.state.Store(st)
+	held := t.held
+	t.held = nil
+	t.heldMu.Unlock()
+	for _, j := range held {
+		j.st = st
+		t.deferWrite(j)
+	}
+}
+
+// hold keeps a write that arrived at gate until the gate opens. If the
+// gate opened meanwhile it returns the state it opened on, under which the
+// write is then admitted as usual.
+func (t *Tracker) hold(gate *State, j job) (opened *State) {
+	t.heldMu.Lock()
+	defer t.heldMu.Unlock()
+	if gate.opened == nil {
+		t.held = append(t.held, j)
+	}
+	return gate.opened
 }
 
 // NewBitmap returns a fast filter in front of c's index (blocks known
@@ -162,51 +242,87 @@ func NewBitmap(c *cow.File, cacheBytes int64) *bitmap.Bitmap {
 // or for their write intent to be on disk (incremental mode).
 type job struct {
 	st          *State
+	op          uapi.IOOp
 	first, last uint64
 	resume      func(error)
+	marked      bool // incremental: MarkRange ran on the queue thread
 }
 
-// Copy-on-write workers: how many first writes are preserved concurrently,
-// and how many may wait for one. The queue is deep enough for every tag of
-// the default device (2 queues × 128 tags) to wait at once.
-const (
-	cowWorkers  = 32
-	jobCapacity = 2 * ublk.DefaultDepth
-)
+// cowWorkers is how many deferred writes are prepared concurrently.
+const cowWorkers = 32
 
 func (t *Tracker) startWorkers() {
-	t.jobs = make(chan job, jobCapacity)
+	t.jobsReady.L = &t.jobsMu
 	for i := 0; i < cowWorkers; i++ {
-		go func() {
-			for j := range t.jobs {
-				if j.st.Mode == dattobd.Incremental {
-					t.commitIntent(j.st, j.first, j.last)
-				} else {
-					t.preserve(j.st, j.first, j.last)
-				}
-				// The write proceeds even if preserving failed: the
-				// snapshot fails closed, the live device keeps working.
-				j.resume(nil)
-			}
-		}()
+		go t.work()
 	}
 }
 
-// Close stops the copy-on-write workers. The front device must have
-// stopped: no write may be admitted afterwards.
-func (t *Tracker) Close() {
-	t.stopJobs.Do(func() {
-		t.startJobs.Do(func() {}) // none started: none will be
-		if t.jobs != nil {
-			close(t.jobs)
+// work prepares deferred writes until Close.
+func (t *Tracker) work() {
+	for {
+		t.jobsMu.Lock()
+		for len(t.jobs) == 0 && !t.jobsClosed {
+			t.jobsReady.Wait()
 		}
-	})
+		if len(t.jobs) == 0 {
+			t.jobsMu.Unlock()
+			return
+		}
+		j := t.jobs[0]
+		t.jobs[0] = job{}
+		t.jobs = t.jobs[1:]
+		t.jobsMu.Unlock()
+		j.resume(t.prepare(j))
+	}
 }
 
-// defer hands a write to the workers; it resumes when they are done.
-func (t *Tracker) deferWrite(st *State, first, last uint64, resume func(error)) {
-	t.startJobs.Do(t.startWorkers)
-	t.jobs <- job{st, first, last, resume}
+// Close stops the copy-on-write workers once the queued jobs are done. The
+// front device must have stopped: no write may be admitted afterwards.
+func (t *Tracker) Close() {
+	t.workersOnce.Do(func() {}) // none started: none will be
+	t.jobsMu.Lock()
+	t.jobsClosed = true
+	t.jobsMu.Unlock()
+	if t.jobsReady.L != nil {
+		t.jobsReady.Broadcast()
+	}
+}
+
+// deferWrite hands a write to the workers; it resumes when they are done.
+// It never blocks.
+func (t *Tracker) deferWrite(j job) {
+	t.workersOnce.Do(t.startWorkers)
+	t.jobsMu.Lock()
+	t.jobs = append(t.jobs, j)
+	t.jobsMu.Unlock()
+	t.jobsReady.Signal()
+}
+
+// prepare does, off the queue thread, what a deferred write waits for
+// under its state, and returns what to resume it with: nil to issue it, or
+// ublk.ErrSkipWrite for a discard the snapshot forbids. The write proceeds
+// even if preserving failed: the snapshot fails closed (durably, see
+// Fail), the live device keeps working.
+func (t *Tracker) prepare(j job) error {
+	if t.failed.Load() != 0 {
+		return nil
+	}
+	switch j.st.Mode {
+	case dattobd.Incremental:
+		if j.marked || t.markRange(j.st, j.first, j.last) {
+			t.commitIntent(j.st, j.first, j.last)
+		}
+	case dattobd.Snapshot:
+		if j.op == uapi.IOOpDiscard {
+			if t.discardAction(j.st, j.first, j.last) == ublk.WriteSkip {
+				return ublk.ErrSkipWrite
+			}
+			return nil
+		}
+		t.preserve(j.st, j.first, j.last)
+	}
+	return nil
 }
 
 // preserve copies blocks [first, last) that are not yet in the COW file.
@@ -313,11 +429,21 @@ func (t *Tracker) admit() *State {
 // an unrecorded region in incremental mode until its intent is on disk.
 func (t *Tracker) BeforeWrite(op uapi.IOOp, off, n int64, resume func(error)) (uint64, ublk.WriteAction, error) {
 	st := t.admit()
-	if n <= 0 || st.Mode == dattobd.Passthrough || t.failed.Load() != 0 {
+	if n <= 0 {
 		return st.epoch, ublk.WriteProceed, nil
 	}
 	first := uint64(off) / cow.BlockSize
 	last := (uint64(off+n) + cow.BlockSize - 1) / cow.BlockSize
+	if st.gate {
+		opened := t.hold(st, job{op: op, first: first, last: last, resume: resume})
+		if opened == nil {
+			return st.epoch, ublk.WritePending, nil
+		}
+		st = opened // the same epoch: the write stays counted where it is
+	}
+	if st.Mode == dattobd.Passthrough || t.failed.Load() != 0 {
+		return st.epoch, ublk.WriteProceed, nil
+	}
 	switch st.Mode {
 	case dattobd.Incremental:
 		if st.Bits != nil && st.Bits.TestRange(first, last-first) {
@@ -326,7 +452,7 @@ func (t *Tracker) BeforeWrite(op uapi.IOOp, off, n int64, resume func(error)) (u
 		if !t.markRange(st, first, last) {
 			return st.epoch, ublk.WriteProceed, nil
 		}
-		t.deferWrite(st, first, last, resume)
+		t.deferWrite(job{st: st, op: op, first: first, last: last, resume: resume, marked: true})
 		return st.epoch, ublk.WritePending, nil
 	case dattobd.Snapshot:
 		if op == uapi.IOOpDiscard {
@@ -335,7 +461,7 @@ func (t *Tracker) BeforeWrite(op uapi.IOOp, off, n int64, resume func(error)) (u
 		if t.preserved(st, first, last) {
 			return st.epoch, ublk.WriteProceed, nil
 		}
-		t.deferWrite(st, first, last, resume)
+		t.deferWrite(job{st: st, op: op, first: first, last: last, resume: resume})
 		return st.epoch, ublk.WritePending, nil
 	}
 	return st.epoch, ublk.WriteProceed, nil

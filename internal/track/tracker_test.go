@@ -281,11 +281,35 @@ func TestFullCowFailsClosed(t *testing.T) {
 		t.Fatal(err)
 	}
 	view := trk.View(trk.Current())
+	// The failure is durable before anything sees the tracker failed.
+	var hooked syscall.Errno
+	trk.OnFailure(func(errno syscall.Errno, why error) {
+		hooked = errno
+		if trk.Failed() != 0 {
+			t.Error("the tracker reported its failure before the hook made it durable")
+		}
+		if x := c.Failed(); x == nil || x.Errno != syscall.EFBIG {
+			t.Errorf("the COW file had not recorded the failure when the hook ran: %+v", x)
+		}
+	})
 	newData := bytes.Repeat([]byte{0xAB}, 3*cow.BlockSize)
 	write(t, trk, newData, 0)
-	if got := trk.Failed(); got != syscall.EFBIG {
-		t.Fatalf("Failed() = %v, want EFBIG", got)
+	if got := trk.Failed(); got != syscall.EFBIG || hooked != syscall.EFBIG {
+		t.Fatalf("Failed() = %v, hook saw %v; want EFBIG", got, hooked)
 	}
+	// On disk: whoever opens the file now is refused (reload, recovery).
+	s, err := cow.FileStorage(c.Path(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, _, err := cow.Open(c.Path(), s, cow.ReadOnly, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if x := g.Failed(); x == nil || x.Errno != syscall.EFBIG {
+		t.Errorf("the failure is not in the COW file on disk: %+v", x)
+	}
+	g.Close(false)
 	got := make([]byte, 3*cow.BlockSize)
 	if _, err := unix.Pread(trk.FD(), got, 0); err != nil || !bytes.Equal(got, newData) {
 		t.Fatalf("the front write was lost when the snapshot failed")
@@ -378,4 +402,167 @@ func TestIncrementalWriteWaitsForIntent(t *testing.T) {
 	if err := trk.Failed(); err != 0 {
 		t.Fatal(err)
 	}
+}
+
+// beforeWrite calls BeforeWrite for a write of n bytes at off and returns
+// its token, its action and a channel its resume sends on.
+func beforeWrite(t *testing.T, trk *Tracker, op uapi.IOOp, off, n int64) (uint64, ublk.WriteAction, chan error) {
+	t.Helper()
+	resumed := make(chan error, 1)
+	token, action, err := trk.BeforeWrite(op, off, n, func(err error) { resumed <- err })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return token, action, resumed
+}
+
+// TestSwapHoldsWritesAtTheGate: while a Swap waits for the previous
+// state's writes, a new write is neither let through nor admitted under
+// the previous state: it is held, and once the new state is in, it is
+// prepared under it (here: preserved for the snapshot) before it may go.
+func TestSwapHoldsWritesAtTheGate(t *testing.T) {
+	dev, orig := fakeDevice(t, 16)
+	trk := newTracker(t, dev)
+	old, _, _ := beforeWrite(t, trk, uapi.IOOpWrite, 0, 4096) // in flight under passthrough
+	c := newCow(t, dev.Size(), 0)
+	swapped := make(chan error, 1)
+	go func() { swapped <- trk.Swap(dattobd.Snapshot, c, nil, nil) }()
+	for !trk.Current().gate {
+		time.Sleep(time.Millisecond)
+	}
+	token, action, resumed := beforeWrite(t, trk, uapi.IOOpWrite, 8192, 4096)
+	if action != ublk.WritePending {
+		t.Fatalf("a write at the gate was %v, want held (pending)", action)
+	}
+	select {
+	case err := <-resumed:
+		t.Fatalf("a held write resumed (%v) before the gate opened", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	trk.AfterWrite(old)
+	if err := <-swapped; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-resumed; err != nil {
+		t.Fatalf("held write resumed with %v", err)
+	}
+	// It was preserved for the snapshot before it was let go.
+	if e, _ := c.Lookup(2); e <= 1 {
+		t.Fatalf("the held write's block was not preserved (entry %d)", e)
+	}
+	blk := make([]byte, cow.BlockSize)
+	e, _ := c.Lookup(2)
+	if err := c.ReadBlock(e, blk); err != nil || !bytes.Equal(blk, orig[8192:12288]) {
+		t.Fatal("the preserved block is not the pre-snapshot data")
+	}
+	trk.AfterWrite(token)
+}
+
+// TestSwapTimeoutRollsBack: when the previous state's writes do not drain,
+// Swap puts the previous state back and says so; writes held meanwhile are
+// admitted under it; a later Swap works once the stuck write completes.
+func TestSwapTimeoutRollsBack(t *testing.T) {
+	old := drainTimeout
+	drainTimeout = 100 * time.Millisecond
+	t.Cleanup(func() { drainTimeout = old })
+	dev, _ := fakeDevice(t, 16)
+	trk := newTracker(t, dev)
+	inc := newCow(t, dev.Size(), 0)
+	if err := trk.Swap(dattobd.Incremental, inc, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	stuck, _, _ := beforeWrite(t, trk, uapi.IOOpWrite, 0, 4096)
+	snap := newCow(t, dev.Size(), 0)
+	swapped := make(chan error, 1)
+	go func() { swapped <- trk.Swap(dattobd.Snapshot, snap, nil, nil) }()
+	for !trk.Current().gate {
+		time.Sleep(time.Millisecond)
+	}
+	token, action, resumed := beforeWrite(t, trk, uapi.IOOpWrite, 3*4096, 4096)
+	if action != ublk.WritePending {
+		t.Fatalf("a write at the gate was %v", action)
+	}
+	err := <-swapped
+	if !errors.Is(err, ErrDrain) {
+		t.Fatalf("Swap with a stuck write = %v, want ErrDrain", err)
+	}
+	if st := trk.Current(); st.Mode != dattobd.Incremental || st.Cow != inc || st.gate {
+		t.Fatalf("after a failed Swap the state is %v on %v (gate %v)", st.Mode, st.Cow.Path(), st.gate)
+	}
+	if err := <-resumed; err != nil {
+		t.Fatal(err)
+	}
+	// The held write was admitted under the incremental state: recorded.
+	if e, _ := inc.Lookup(3); e == 0 {
+		t.Fatal("a write held at a failed Swap's gate was not recorded by the state put back")
+	}
+	if e, _ := snap.Lookup(3); e != 0 {
+		t.Fatal("a write held at a failed Swap's gate went to the abandoned state")
+	}
+	trk.AfterWrite(token)
+	trk.AfterWrite(stuck)
+	if err := trk.Swap(dattobd.Snapshot, snap, nil, nil); err != nil {
+		t.Fatalf("Swap after the stuck write completed: %v", err)
+	}
+}
+
+// A discard held at a gate that opens on a snapshot is completed without
+// reaching the device when the snapshot still reads its blocks there.
+func TestHeldDiscardSkipped(t *testing.T) {
+	dev, _ := fakeDevice(t, 16)
+	trk := newTracker(t, dev)
+	old, _, _ := beforeWrite(t, trk, uapi.IOOpWrite, 0, 4096)
+	swapped := make(chan error, 1)
+	c := newCow(t, dev.Size(), 0)
+	go func() { swapped <- trk.Swap(dattobd.Snapshot, c, nil, nil) }()
+	for !trk.Current().gate {
+		time.Sleep(time.Millisecond)
+	}
+	token, action, resumed := beforeWrite(t, trk, uapi.IOOpDiscard, 4096, 8192)
+	if action != ublk.WritePending {
+		t.Fatalf("a discard at the gate was %v", action)
+	}
+	trk.AfterWrite(old)
+	if err := <-swapped; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-resumed; !errors.Is(err, ublk.ErrSkipWrite) {
+		t.Fatalf("held discard resumed with %v, want ErrSkipWrite", err)
+	}
+	trk.AfterWrite(token)
+}
+
+// Deferring a write never blocks the queue thread, however many wait: with
+// every worker stuck, a thousand more first writes are still admitted.
+func TestDeferNeverBlocks(t *testing.T) {
+	const writes = 1000
+	dev, _ := fakeDevice(t, writes)
+	trk := newTracker(t, dev)
+	if err := trk.Swap(dattobd.Snapshot, newCow(t, dev.Size(), 0), nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	var resumed sync.WaitGroup
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for b := 0; b < writes; b++ {
+			resumed.Add(1)
+			token, action, err := trk.BeforeWrite(uapi.IOOpWrite, int64(b)*cow.BlockSize, cow.BlockSize, func(error) {
+				<-release // a worker stuck in its resume
+				resumed.Done()
+			})
+			if err != nil || action != ublk.WritePending {
+				t.Errorf("first write %d: %v %v", b, action, err)
+			}
+			defer trk.AfterWrite(token)
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("BeforeWrite blocked with the copy-on-write workers busy")
+	}
+	close(release)
+	resumed.Wait()
 }
