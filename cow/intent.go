@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
-	"math/bits"
 )
 
 // The write-intent record makes incremental tracking survive a crash.
@@ -207,6 +206,30 @@ func (f *File) MarkRange(first, last uint64) (mustCommit bool, err error) {
 	return mustCommit, nil
 }
 
+// IntentAll records every region of the device on disk as possibly
+// written, before it returns. A crash from then on recovers the file with
+// every block marked changed: a full copy, never a miss. It guards a
+// stretch in which writes may reach the device without being marked here
+// (the instant a snapshot into another file is being taken); the next
+// checkpoint or a clean close trims the record again.
+func (f *File) IntentAll() error {
+	f.opMu.Lock()
+	defer f.opMu.Unlock()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.writable(); err != nil {
+		return err
+	}
+	if !f.intent.enabled {
+		return modeErr("cow file %s has no write-intent record", f.path)
+	}
+	for r := uint64(0); r < f.intent.nbits; r++ {
+		setBit(f.intent.durable, r)
+		setBit(f.intent.dirty, r)
+	}
+	return f.writeHeaderSync()
+}
+
 // CommitIntent returns once every region marked so far is recorded on
 // disk. Concurrent callers share commits: one writes the header and
 // fsyncs, the others find their regions recorded when it is done.
@@ -289,30 +312,10 @@ func (f *File) writeAndSync(hdr []byte) error {
 	if _, err := f.s.WriteAt(hdr, 0); err != nil {
 		return fmt.Errorf("cow file %s: write header: %w", f.path, unwrapPath(err))
 	}
-	crashPoint(f)
 	if err := f.s.Sync(); err != nil {
 		return fmt.Errorf("cow file %s: fsync: %w", f.path, unwrapPath(err))
 	}
-	crashPoint(f)
 	return nil
-}
-
-// crashPoint lets tests capture the file at each header write and fsync,
-// the moments a crash can separate.
-var crashPoint = func(*File) {}
-
-// intentRegions reports the number of regions recorded on disk and the
-// region size in bytes (0, 0 when write-intent logging is off).
-func (f *File) intentRegions() (n int, regionBytes int64) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if !f.intent.enabled {
-		return 0, 0
-	}
-	for _, x := range f.intent.durable {
-		n += bits.OnesCount8(x)
-	}
-	return n, 1 << f.intent.shift
 }
 
 func covered(sub, super []byte) bool {

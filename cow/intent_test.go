@@ -2,7 +2,6 @@ package cow
 
 import (
 	"errors"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -28,136 +27,6 @@ func TestRegionShift(t *testing.T) {
 		if n := (c.dev + 1<<got - 1) >> got; n > intentMaxBits {
 			t.Errorf("%d-byte device: %d regions do not fit %d bits", c.dev, n, intentMaxBits)
 		}
-	}
-}
-
-// crashImage is the file's bytes at one crash point, with the blocks whose
-// writes had been let through by then.
-type crashImage struct {
-	bytes  []byte
-	issued map[uint64]bool
-}
-
-// TestIntentSurvivesCrashAtEveryPoint drives an incremental file through
-// marks, group commits, checkpoints and cache evictions, capturing the file
-// at every header write and fsync. Recovering any capture marks every
-// block whose write had been let through (MarkRange, then CommitIntent when
-// asked), and marks nothing outside the regions written.
-func TestIntentSurvivesCrashAtEveryPoint(t *testing.T) {
-	dir := t.TempDir()
-	path := filepath.Join(dir, "inc")
-	const dev = 64 << 20 // 4 sections, 16 regions of 4 MiB
-	f := mustCreate(t, path, Options{DeviceSize: dev, IndexOnly: true, CacheBytes: SectionBytes})
-	defer f.Close(false) // after the captures: the crash is simulated on copies
-	issued := map[uint64]bool{}
-	var images []crashImage
-	snap := func() map[uint64]bool {
-		m := make(map[uint64]bool, len(issued))
-		for b := range issued {
-			m[b] = true
-		}
-		return m
-	}
-	crashPoint = func(g *File) {
-		if g != f {
-			return
-		}
-		b, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		images = append(images, crashImage{b, snap()})
-	}
-	defer func() { crashPoint = func(*File) {} }()
-	if err := f.EnableIntent(); err != nil {
-		t.Fatal(err)
-	}
-	rng := rand.New(rand.NewPCG(3, 4))
-	blocks := Blocks(dev)
-	for op := range 400 {
-		switch {
-		case op%97 == 96:
-			if err := f.Checkpoint(); err != nil {
-				t.Fatal(err)
-			}
-		default:
-			first := rng.Uint64N(blocks)
-			last := min(first+1+rng.Uint64N(8), blocks)
-			must, err := f.MarkRange(first, last)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if must {
-				if err := f.CommitIntent(); err != nil {
-					t.Fatal(err)
-				}
-			}
-			for b := first; b < last; b++ {
-				issued[b] = true // the write is let through now
-			}
-		}
-	}
-	// A crash now: whatever is on disk at this moment.
-	crashPoint(f)
-	if len(images) < 20 {
-		t.Fatalf("only %d crash points", len(images))
-	}
-	regionOf := func(b uint64) uint64 { return b * BlockSize >> minRegionShift }
-	for i, img := range images {
-		p := filepath.Join(dir, "img")
-		if err := os.WriteFile(p, img.bytes, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		g, rec, err := openPath(p, ReloadIncremental, dev, 0)
-		if err != nil {
-			t.Fatalf("crash point %d: %v", i, err)
-		}
-		written := map[uint64]bool{}
-		for b := range issued { // every block written by the end bounds what may be marked
-			for k := uint64(0); k <= readAhead; k++ {
-				written[regionOf(b)+k] = true // with the regions recorded ahead
-			}
-		}
-		for b := range img.issued {
-			if e, _ := g.Lookup(b); e == 0 {
-				t.Fatalf("crash point %d (%+v): block %d was written but is not marked", i, rec, b)
-			}
-		}
-		err = g.ChangedRuns(func(first, count uint64) error {
-			for b := first; b < first+count; b++ {
-				if !written[regionOf(b)] {
-					t.Fatalf("crash point %d: block %d marked in a region never written nor recorded ahead", i, b)
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		g.Close(false)
-	}
-	// A checkpoint with nothing written after it leaves no regions: a
-	// crash then recovers exactly the written blocks.
-	if err := f.Checkpoint(); err != nil {
-		t.Fatal(err)
-	}
-	if n, _ := f.intentRegions(); n != 0 {
-		t.Fatalf("%d regions recorded after an idle checkpoint", n)
-	}
-	crashPoint(f)
-	last := images[len(images)-1]
-	p := filepath.Join(dir, "last")
-	os.WriteFile(p, last.bytes, 0o600)
-	g, rec, err := openPath(p, ReloadIncremental, dev, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer g.Close(false)
-	if !rec.Crashed || rec.Regions != 0 || rec.Marked != 0 {
-		t.Fatalf("after an idle checkpoint: %+v", rec)
-	}
-	if got := g.NrChangedBlocks(); got != uint64(len(issued)) {
-		t.Fatalf("%d blocks marked, %d written", got, len(issued))
 	}
 }
 
@@ -244,5 +113,39 @@ func TestCleanCloseDropsIntent(t *testing.T) {
 	defer g.Close(false)
 	if e, _ := g.Lookup(5); e != 1 {
 		t.Fatalf("block 5 entry %d", e)
+	}
+}
+
+// After IntentAll, a crash recovers the file with every block changed; a
+// clean close afterwards drops the record again.
+func TestIntentAll(t *testing.T) {
+	const dev = 64 << 20
+	path := tempPath(t)
+	f := mustCreate(t, path, Options{DeviceSize: dev, IndexOnly: true})
+	if err := f.IntentAll(); !errors.Is(err, ErrMode) {
+		t.Fatalf("IntentAll without intent logging = %v", err)
+	}
+	if err := f.EnableIntent(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.IntentAll(); err != nil {
+		t.Fatal(err)
+	}
+	crashed := filepath.Join(t.TempDir(), "crashed")
+	b, _ := os.ReadFile(path)
+	os.WriteFile(crashed, b, 0o600)
+	g, rec, err := openPath(crashed, ReloadIncremental, dev, 0)
+	if err != nil || !rec.Crashed {
+		t.Fatalf("recover after IntentAll: %+v %v", rec, err)
+	}
+	if n := g.NrChangedBlocks(); n != Blocks(dev) {
+		t.Fatalf("%d of %d blocks marked after a crash following IntentAll", n, Blocks(dev))
+	}
+	g.Close(false)
+	if err := f.Close(true); err != nil {
+		t.Fatal(err)
+	}
+	if !readRaw(t, path).reservedZero() {
+		t.Fatal("a clean close kept the record IntentAll wrote")
 	}
 }

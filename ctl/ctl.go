@@ -59,6 +59,9 @@ type Host interface {
 	Run(o protocol.ServeOptions, logger *log.Logger, onReady func(front string)) error
 	// RemoveOrphan removes a front device whose server died.
 	RemoveOrphan(m dattobd.Minor) (bool, error)
+	// Unserved lists the front devices in the kernel no server answers
+	// for: recovering, held or orphaned.
+	Unserved() []protocol.DeviceInfo
 }
 
 // Env is what commands need from outside.

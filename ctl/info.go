@@ -97,7 +97,9 @@ func (c *InfoCmd) Run(env *Env) error {
 	if c.Minor != nil {
 		d, err := protocol.For(*c.Minor).Info()
 		if errors.Is(err, protocol.ErrNotAttached) {
-			if r, ok := state.Find(*c.Minor); ok && dormant(r) {
+			if u, ok := unserved(env, *c.Minor); ok {
+				d, err = u, nil
+			} else if r, ok := state.Find(*c.Minor); ok && dormant(r) {
 				d, err = dormantInfo(r), nil
 			}
 		}
@@ -107,13 +109,14 @@ func (c *InfoCmd) Run(env *Env) error {
 		doc.Devices = append(doc.Devices, d)
 	} else {
 		doc.Devices = append(doc.Devices, protocol.ListDevices()...)
-		attached := map[dattobd.Minor]bool{}
+		doc.Devices = append(doc.Devices, env.Host.Unserved()...)
+		listed := map[dattobd.Minor]bool{}
 		for _, d := range doc.Devices {
-			attached[d.Minor] = true
+			listed[d.Minor] = true
 		}
 		records, _ := state.Load()
 		for _, r := range records {
-			if !attached[r.Minor] && dormant(r) {
+			if !listed[r.Minor] && dormant(r) {
 				doc.Devices = append(doc.Devices, dormantInfo(r))
 			}
 		}
@@ -142,4 +145,15 @@ func dormantInfo(r state.Record) protocol.DeviceInfo {
 		d.Error = -r.Failure.Errno
 	}
 	return d
+}
+
+// unserved returns minor's entry if its front device is in the kernel with
+// no server answering for it.
+func unserved(env *Env, m dattobd.Minor) (protocol.DeviceInfo, bool) {
+	for _, d := range env.Host.Unserved() {
+		if d.Minor == m {
+			return d, true
+		}
+	}
+	return protocol.DeviceInfo{}, false
 }

@@ -42,6 +42,7 @@ func positive(name string, v int64) error {
 type SetupSnapshotCmd struct {
 	Cache       int64         `short:"c" name:"cache" help:"Index cache limit in bytes (default 300 MiB)." default:"0"`
 	Falloc      int64         `short:"f" name:"falloc" help:"COW file size to preallocate, in MiB (default 10% of the device)." default:"0"`
+	NoFreeze    bool          `name:"no-freeze" help:"Do not freeze the filesystems on the device: take a crash-consistent snapshot even where a consistent one cannot be made."`
 	BlockDevice string        `arg:"" name:"block-device" help:"The attached device's original path (or its /dev/ublkbN); a device not yet attached is attached first."`
 	CowFile     string        `arg:"" name:"cow-file" help:"New COW file, on a filesystem other than the tracked device's."`
 	Minor       dattobd.Minor `arg:"" name:"minor"`
@@ -81,7 +82,7 @@ func (c *SetupSnapshotCmd) Run(env *Env) error {
 			return fmt.Errorf("minor %d is attached to %s, not %s", c.Minor, d.BlockDevice, c.BlockDevice)
 		}
 	}
-	if err := cl.SetupSnapshot(protocol.SetupSnapshot{CowFile: cowPath, CacheBytes: c.Cache, FallocMiB: c.Falloc}); err != nil {
+	if err := cl.SetupSnapshot(protocol.SetupSnapshot{CowFile: cowPath, CacheBytes: c.Cache, FallocMiB: c.Falloc, NoFreeze: c.NoFreeze}); err != nil {
 		return err
 	}
 	fmt.Fprintf(env.Stdout, "snapshot of %s is %s (COW file %s)\n", c.BlockDevice, c.Minor.DattoPath(), cowPath)
@@ -130,8 +131,9 @@ func (c *TransitionToIncrementalCmd) Run(env *Env) error {
 
 // TransitionToSnapshotCmd takes the next snapshot of the series.
 type TransitionToSnapshotCmd struct {
-	Falloc  int64         `short:"f" name:"falloc" help:"COW file size to preallocate, in MiB (default: as before)." default:"0"`
-	CowFile string        `arg:"" name:"cow-file" help:"New COW file; the current one becomes the changed-block list for update-img."`
+	Falloc   int64         `short:"f" name:"falloc" help:"COW file size to preallocate, in MiB (default: as before)." default:"0"`
+	NoFreeze bool          `name:"no-freeze" help:"Do not freeze the filesystems on the device: take a crash-consistent snapshot even where a consistent one cannot be made."`
+	CowFile  string        `arg:"" name:"cow-file" help:"New COW file; the current one becomes the changed-block list for update-img."`
 	Minor   dattobd.Minor `arg:"" name:"minor"`
 }
 
@@ -148,7 +150,7 @@ func (c *TransitionToSnapshotCmd) Run(env *Env) error {
 	if err != nil {
 		return err
 	}
-	if err := cl.TransitionToSnapshot(protocol.TransitionToSnapshot{CowFile: cowPath, FallocMiB: c.Falloc}); err != nil {
+	if err := cl.TransitionToSnapshot(protocol.TransitionToSnapshot{CowFile: cowPath, FallocMiB: c.Falloc, NoFreeze: c.NoFreeze}); err != nil {
 		return err
 	}
 	fmt.Fprintf(env.Stdout, "new snapshot of minor %d is %s (COW file %s)\n", c.Minor, c.Minor.DattoPath(), cowPath)

@@ -20,6 +20,7 @@ import (
 var guestPrograms = []string{
 	"mkfs.ext4", "mke2fs", "e2fsck", "fio", "/usr/sbin/blkdiscard", "blockdev",
 	"mkfs.xfs", "xfs_repair", "qemu-img", "/usr/bin/cmp", "mountpoint",
+	"dmsetup", "mkfs.btrfs", "btrfs",
 }
 
 // guestResult is one guest test's verdict.
@@ -44,13 +45,15 @@ func TestGuest(t *testing.T) {
 			{Path: filepath.Join(work, "spare.img"), Size: 64 << 20},
 			{Path: filepath.Join(work, "scratch.img"), Size: 4 << 30},
 			{Path: filepath.Join(work, "crash.img"), Size: 128 << 20},
+			{Path: filepath.Join(work, "fault.img"), Size: 128 << 20},
+			{Path: filepath.Join(work, "aux.img"), Size: 64 << 20},
 		},
 		Files: map[string]string{
 			"/usr/local/bin/dbdctl":     dbdctl,
 			"/usr/local/bin/guest.test": guest,
 		},
 		Programs: guestPrograms,
-		Modules:  []string{"ublk_drv", "xfs", "loop"},
+		Modules:  []string{"ublk_drv", "xfs", "loop", "dm-mod", "btrfs"},
 		Script: fmt.Sprintf(`
 export DBD_GUEST=1 DBD_CRASH_ITERS=%d
 mkdir -p /mnt /var/log

@@ -29,6 +29,16 @@ type Device struct {
 	fd                 int
 }
 
+// ErrBusy is Open's error for a device held open exclusively elsewhere
+// (mounted, attached, or held by a driver).
+var ErrBusy = errors.New("device busy")
+
+// busyError is a one-line message that matches ErrBusy.
+type busyError string
+
+func (e busyError) Error() string { return string(e) }
+func (e busyError) Unwrap() error { return ErrBusy }
+
 // Open checks path and opens it for serving.
 func Open(path string) (*Device, error) {
 	rdev, err := Rdev(path)
@@ -38,7 +48,7 @@ func Open(path string) (*Device, error) {
 	fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT|unix.O_EXCL|unix.O_CLOEXEC, 0)
 	if err != nil {
 		if errors.Is(err, unix.EBUSY) {
-			return nil, fmt.Errorf("%s is in use (mounted, attached, or held by another driver)", path)
+			return nil, busyError(path + " is in use (mounted, attached, or held by another driver)")
 		}
 		if errors.Is(err, unix.EROFS) || errors.Is(err, unix.EACCES) {
 			return nil, fmt.Errorf("%s cannot be opened for writing: %w", path, err)

@@ -11,8 +11,10 @@ import (
 	"github.com/dbdublk/dbdublk/internal/blockdev"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/protocol"
+	"github.com/dbdublk/dbdublk/internal/state"
 	"github.com/dbdublk/dbdublk/ublk"
 	"github.com/dbdublk/dbdublk/ublk/uapi"
+	"github.com/gofrs/flock"
 )
 
 // CheckAttach refuses an attach that cannot work, before anything changes,
@@ -96,4 +98,58 @@ func processAlive(pid int) bool {
 	}
 	i := strings.LastIndexByte(string(data), ')')
 	return i > 0 && i+2 < len(data) && data[i+2] != 'Z'
+}
+
+// Unserved lists the minors whose front device is in the kernel with no
+// server answering for it: recovering (a supervisor is starting a new
+// server), held (its I/O waits for a server nobody starts: attach recovers
+// it, detach removes it) or orphaned (dead: detach removes it).
+func Unserved() []protocol.DeviceInfo {
+	ctrl, err := ublk.OpenControl()
+	if err != nil {
+		return nil
+	}
+	defer ctrl.Close()
+	var out []protocol.DeviceInfo
+	for i := 0; i <= dattobd.MaxMinor; i++ {
+		m := dattobd.Minor(i)
+		if _, err := os.Stat(m.FrontCharPath()); err != nil {
+			continue
+		}
+		if _, err := protocol.For(m).Info(); !errors.Is(err, protocol.ErrNotAttached) {
+			continue // served (or answering something)
+		}
+		info, err := ctrl.DevInfo(m.FrontID())
+		if err != nil {
+			continue
+		}
+		d := protocol.DeviceInfo{Minor: m, State: dattobd.StateAttached, FrontDevice: m.FrontPath(), Status: protocol.StatusOrphaned}
+		switch {
+		case supervised(m):
+			d.Status = protocol.StatusRecovering
+		case info.State == uapi.DevQuiesced:
+			d.Status = protocol.StatusHeld
+		}
+		if r, ok := state.Find(m); ok {
+			d.BlockDevice, d.Mode, d.CowFile = r.BlockDevice, r.Mode, r.CowFile
+			if r.Failure != nil {
+				d.Error = -r.Failure.Errno
+			}
+		}
+		out = append(out, d)
+	}
+	return out
+}
+
+// supervised reports whether minor's supervisor runs (it holds its lock).
+func supervised(m dattobd.Minor) bool {
+	lock := flock.New(protocol.SupervisorLockPath(m))
+	ok, err := lock.TryLock()
+	if err != nil {
+		return false
+	}
+	if ok {
+		lock.Unlock()
+	}
+	return !ok
 }

@@ -46,12 +46,29 @@ func (s *Server) checkCowPath(path string) (onVolume bool, err error) {
 		return false, protocol.Errorf(protocol.ErrInvalid, "COW file %s is on the tracked device %s itself", path, s.cfg.BlockDevice)
 	}
 	var front unix.Stat_t
-	if err := unix.Stat(s.FrontPath(), &front); err == nil && st.Dev == front.Rdev {
+	if err := unix.Stat(s.FrontPath(), &front); err != nil {
+		return false, fmt.Errorf("stat %s: %w", s.FrontPath(), err)
+	}
+	if st.Dev == front.Rdev {
 		return true, nil
 	}
 	if blockdev.IsPartitionOf(uint64(st.Dev), filepath.Base(s.FrontPath())) {
 		return false, protocol.Errorf(protocol.ErrInvalid, "COW file %s is on a partition of %s; put it on the filesystem of the whole device or on another one",
 			path, s.FrontPath())
+	}
+	// A filesystem stacked on the front device (device-mapper, md, btrfs)
+	// would write the COW file back through the front device (tracked,
+	// and deadlocking on itself), and its extents are not the front
+	// device's: refused.
+	fss, err := blockdev.FilesystemsOn(uint64(front.Rdev))
+	if err != nil {
+		return false, err
+	}
+	for _, m := range fss {
+		if uint64(st.Dev) == m.Dev {
+			return false, protocol.Errorf(protocol.ErrInvalid, "COW file %s is on a filesystem (%s, mounted at %s) stacked on %s, which cannot hold its own COW file; put it on the filesystem of %s itself or on another device",
+				path, m.FSType, m.Point, s.FrontPath(), s.FrontPath())
+		}
 	}
 	return false, nil
 }

@@ -72,7 +72,8 @@ type Server struct {
 	// which lacks the command); it decides optional paths such as zero copy.
 	kernelFeatures uint64
 
-	mu       sync.Mutex // serialises control requests
+	mu       sync.Mutex  // serialises control requests
+	op       protocol.Op // the command being answered (under mu), for failpoints
 	detached chan struct{}
 
 	// recMu guards the minor's state record and its failure: the tracker
@@ -89,6 +90,9 @@ type Server struct {
 	failedMode dattobd.Mode
 	failedCow  string
 	failedIno  uint64
+	// frozen are the filesystems this server has frozen, recorded so that
+	// the server taking over after its death thaws them.
+	frozen []string
 }
 
 var _ protocol.Handler = (*Server)(nil)
@@ -108,7 +112,7 @@ func Start(cfg Config, logger *log.Logger) (s *Server, err error) {
 			srv.release()
 		}
 	}()
-	if err := s.acquire(); err != nil {
+	if err := s.acquire(recovering); err != nil {
 		return nil, err
 	}
 	if recovering {
@@ -166,14 +170,19 @@ func checkNotDormant(r state.Record) error {
 
 // acquire takes what every server holds: the minor's lock and control
 // socket, the real device, the ublk control device.
-func (s *Server) acquire() error {
+func (s *Server) acquire(recovering bool) error {
 	var err error
 	// The minor's lock and socket first: of two servers racing for a
 	// minor, the loser touches nothing.
 	if s.ctl, err = protocol.Listen(s.cfg.Minor, s); err != nil {
 		return err
 	}
-	if s.bdev, err = blockdev.Open(s.cfg.BlockDevice); err != nil {
+	if recovering {
+		s.bdev, err = s.openAfterDeath()
+	} else {
+		s.bdev, err = blockdev.Open(s.cfg.BlockDevice)
+	}
+	if err != nil {
 		return err
 	}
 	if s.ctrl, err = ublk.OpenControl(); err != nil {

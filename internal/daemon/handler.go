@@ -72,6 +72,7 @@ func (s *Server) fillTrackingInfo(d *protocol.DeviceInfo) {
 	d.NrChangedBlocks = st.Cow.NrChangedBlocks()
 	d.CacheInUse = st.Cow.CacheBytes()
 	if st.Mode == dattobd.Snapshot {
+		d.Frozen, d.CrashConsistent = s.snap.consistency.frozen, s.snap.consistency.crash
 		if s.snap.dev != nil {
 			d.SnapshotDevice = s.cfg.Minor.DattoPath()
 		}
@@ -84,43 +85,48 @@ func (s *Server) fillTrackingInfo(d *protocol.DeviceInfo) {
 // Detach removes the front device (see detach).
 func (s *Server) Detach(r protocol.Detach) error { return s.detach(!r.KeepState) }
 
-// tracking runs fn with the lock held, once the server is not detaching.
-func (s *Server) tracking(fn func() error) error {
+// tracking runs op's fn with the lock held, once the server is not
+// detaching.
+func (s *Server) tracking(op protocol.Op, fn func() error) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.dev == nil {
 		return protocol.Errorf(protocol.ErrDetaching, "minor %d is detaching", s.cfg.Minor)
 	}
+	s.op = op
+	defer func() { s.op = "" }()
 	return fn()
 }
 
 // SetupSnapshot starts a snapshot series.
 func (s *Server) SetupSnapshot(r protocol.SetupSnapshot) error {
-	return s.tracking(func() error { return s.setupSnapshot(r) })
+	return s.tracking(protocol.OpSetupSnapshot, func() error { return s.setupSnapshot(r) })
 }
 
 // TransitionToIncremental ends the snapshot and keeps tracking changes.
-func (s *Server) TransitionToIncremental() error { return s.tracking(s.transitionToIncremental) }
+func (s *Server) TransitionToIncremental() error {
+	return s.tracking(protocol.OpTransitionToIncremental, s.transitionToIncremental)
+}
 
 // TransitionToSnapshot takes the next snapshot of the series.
 func (s *Server) TransitionToSnapshot(r protocol.TransitionToSnapshot) error {
-	return s.tracking(func() error { return s.transitionToSnapshot(r) })
+	return s.tracking(protocol.OpTransitionToSnapshot, func() error { return s.transitionToSnapshot(r) })
 }
 
 // Destroy stops tracking and removes the current COW file.
-func (s *Server) Destroy() error { return s.tracking(s.destroy) }
+func (s *Server) Destroy() error { return s.tracking(protocol.OpDestroy, s.destroy) }
 
 // Reconfigure changes the index cache limit.
 func (s *Server) Reconfigure(r protocol.Reconfigure) error {
-	return s.tracking(func() error { return s.reconfigure(r) })
+	return s.tracking(protocol.OpReconfigure, func() error { return s.reconfigure(r) })
 }
 
 // ExpandCowFile grows an active snapshot's COW store.
 func (s *Server) ExpandCowFile(r protocol.ExpandCowFile) error {
-	return s.tracking(func() error { return s.expandCowFile(r) })
+	return s.tracking(protocol.OpExpandCowFile, func() error { return s.expandCowFile(r) })
 }
 
 // ReconfigureAutoExpand sets auto-expansion of an active snapshot.
 func (s *Server) ReconfigureAutoExpand(r protocol.AutoExpand) error {
-	return s.tracking(func() error { return s.reconfigureAutoExpand(r) })
+	return s.tracking(protocol.OpReconfigureAutoExpand, func() error { return s.reconfigureAutoExpand(r) })
 }

@@ -14,7 +14,6 @@ import (
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/state"
 	"github.com/dbdublk/dbdublk/ublk"
-	"github.com/dbdublk/dbdublk/ublk/uapi"
 )
 
 // Recovery: every front device is created with ublk user recovery (and
@@ -44,29 +43,33 @@ func Recoverable(path string, m dattobd.Minor) (state.Record, bool) {
 	return state.Record{}, false
 }
 
-// quiescePoll is how often WaitRecoverable asks the kernel.
+// quiescePoll is how often the supervisor asks the kernel whether a dead
+// server's device waits for a new one.
 const quiescePoll = 20 * time.Millisecond
 
-// WaitRecoverable is Recoverable for a server that just died: the kernel
-// quiesces its device shortly after (a work item), so it waits up to
-// timeout for that, and answers false at once for a device that is gone.
-func WaitRecoverable(path string, m dattobd.Minor, timeout time.Duration) bool {
-	ctrl, err := ublk.OpenControl()
-	if err != nil {
-		return false
-	}
-	defer ctrl.Close()
-	for deadline := time.Now().Add(timeout); ; time.Sleep(quiescePoll) {
-		info, err := ctrl.DevInfo(m.FrontID())
-		switch {
-		case err != nil || info.State == uapi.DevDead:
-			return false
-		case info.State == uapi.DevQuiesced:
-			_, ok := Recoverable(path, m)
-			return ok
-		case time.Now().After(deadline):
-			return false
+// Opening the real device after a server died: the dead server's
+// io_uring, with O_DIRECT requests in flight, is torn down asynchronously
+// and holds the device open exclusively until it is, which can take a
+// while on a busy machine. The new server waits it out.
+const (
+	busyWait      = 2 * time.Minute
+	busyFirstWait = 50 * time.Millisecond
+	busyMaxPause  = 2 * time.Second
+)
+
+// openAfterDeath opens the real device for a server taking over from a
+// dead one, retrying while it is still held (each try logged).
+func (s *Server) openAfterDeath() (*blockdev.Device, error) {
+	deadline := time.Now().Add(busyWait)
+	pause := busyFirstWait
+	for try := 1; ; try++ {
+		d, err := blockdev.Open(s.cfg.BlockDevice)
+		if err == nil || !errors.Is(err, blockdev.ErrBusy) || time.Now().After(deadline) {
+			return d, err
 		}
+		s.log.Printf("open %s, try %d: still held by the dead server (%v); trying again in %v", s.cfg.BlockDevice, try, err, pause)
+		time.Sleep(pause)
+		pause = min(2*pause, busyMaxPause)
 	}
 }
 
@@ -84,6 +87,10 @@ func (s *Server) startRecovered(prev state.Record) error {
 	s.dev = dev
 	if err := s.dev.Start(); err != nil {
 		return err
+	}
+	if len(prev.Frozen) > 0 {
+		// Only now: thawing writes to the device, held until it serves.
+		s.thawLeftFrozen(prev.Frozen)
 	}
 	if s.mode() == dattobd.Snapshot {
 		if err := s.startSnapshotDevice(); err != nil {

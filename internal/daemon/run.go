@@ -78,5 +78,8 @@ func (Host) Run(o protocol.ServeOptions, logger *log.Logger, onReady func(front 
 	return Run(o, logger, onReady)
 }
 
+// Unserved lists front devices no server answers for (see Unserved).
+func (Host) Unserved() []protocol.DeviceInfo { return Unserved() }
+
 // RemoveOrphan removes a ublk device a dead server left (see RemoveOrphan).
 func (Host) RemoveOrphan(m dattobd.Minor) (bool, error) { return RemoveOrphan(m) }

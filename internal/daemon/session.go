@@ -43,6 +43,7 @@ type session struct {
 	prevExtents []cow.Extent
 	relative    string       // the COW file's path below its volume's mount point
 	ino         uint64       // a COW file on the volume: its inode (reopens check it)
+	consistency consistency  // how the snapshot was made consistent
 	dev         *ublk.Device // the snapshot device, in snapshot mode
 }
 
@@ -55,6 +56,9 @@ func (s *Server) persist() error {
 	if s.snap != nil {
 		r.CowFile, r.CacheBytes, r.FallocMiB, r.CowExtents = s.snap.cowPath, s.snap.cacheBytes, s.snap.fallocMiB, s.snap.extents
 		r.CowRelative, r.PrevCowExtents, r.CowInode = s.snap.relative, s.snap.prevExtents, s.snap.ino
+	}
+	if err := s.failpoint("persist"); err != nil {
+		return err
 	}
 	return s.writeRecord(r)
 }
@@ -69,10 +73,8 @@ func (s *Server) writeRecord(r state.Record) error {
 			r.Mode, r.CowFile, r.CowInode = s.failedMode, s.failedCow, s.failedIno
 		}
 	}
+	r.Frozen = s.frozen
 	s.lastRecord = r
-	if err := failpoint.Check("persist"); err != nil {
-		return err
-	}
 	if err := state.Write(r); err != nil {
 		return fmt.Errorf("record minor %d in %s: %w", s.cfg.Minor, state.Path(s.cfg.Minor), err)
 	}
@@ -131,7 +133,7 @@ func (s *Server) startSnapshotDevice() error {
 		PhysicalBlockSize: s.bdev.PhysicalBlockSize,
 		ReadOnly:          true,
 	}
-	if err := failpoint.Check("snapshot-device"); err != nil {
+	if err := s.failpoint("snapshot-device"); err != nil {
 		return err
 	}
 	dev, err := ublk.Create(s.ctrl, spec, s.trk.View(s.trk.Current()), s.log.Printf)
@@ -182,4 +184,14 @@ func (s *Server) stopSnapshotDevice() {
 	}
 	s.snap.dev = nil
 	os.Remove(s.cfg.Minor.DattoPath())
+}
+
+// failpoint is failpoint.Check of step within the command being answered
+// ("setup-snapshot/persist", say), so a test makes one step of one command
+// fail. Caller holds s.mu.
+func (s *Server) failpoint(step string) error {
+	if s.op == "" {
+		return nil
+	}
+	return failpoint.Check(string(s.op) + "/" + step)
 }

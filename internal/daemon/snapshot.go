@@ -7,7 +7,6 @@ import (
 
 	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
-	"github.com/dbdublk/dbdublk/internal/failpoint"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/internal/track"
 )
@@ -35,7 +34,7 @@ func (s *Server) setupSnapshot(req protocol.SetupSnapshot) error {
 	if cache <= 0 {
 		cache = DefaultCacheBytes
 	}
-	if err := failpoint.Check("create-cow"); err != nil {
+	if err := s.failpoint("create-cow"); err != nil {
 		return err
 	}
 	c, extents, err := s.createCow(req.CowFile, onVolume, cow.Options{
@@ -48,7 +47,8 @@ func (s *Server) setupSnapshot(req protocol.SetupSnapshot) error {
 		s.abandonCow(c)
 		return err
 	}
-	if err := s.transition(dattobd.Snapshot, c, cache, extents); err != nil {
+	how, err := s.transition(dattobd.Snapshot, c, cache, extents, true, req.NoFreeze)
+	if err != nil {
 		return abandon(err)
 	}
 	undo := func(err error) error {
@@ -59,7 +59,7 @@ func (s *Server) setupSnapshot(req protocol.SetupSnapshot) error {
 		}
 		return abandon(err)
 	}
-	s.snap = &session{cowPath: req.CowFile, cacheBytes: cache, fallocMiB: req.FallocMiB, extents: extents, ino: c.Inode()}
+	s.snap = &session{cowPath: req.CowFile, cacheBytes: cache, fallocMiB: req.FallocMiB, extents: extents, ino: c.Inode(), consistency: how}
 	if extents != nil {
 		s.snap.relative = s.relativeToFront(req.CowFile)
 	}
@@ -98,7 +98,7 @@ func (s *Server) transitionToIncremental() error {
 		return err
 	}
 	st := s.trk.Current()
-	if err := s.transition(dattobd.Incremental, st.Cow, s.snap.cacheBytes, nil); err != nil {
+	if _, err := s.transition(dattobd.Incremental, st.Cow, s.snap.cacheBytes, nil, false, false); err != nil {
 		return err
 	}
 	// No way back from here: writes are no longer preserved.
@@ -110,7 +110,7 @@ func (s *Server) transitionToIncremental() error {
 		s.trk.Fail(syscall.EIO, err)
 		return fmt.Errorf("%w; tracking has failed, the next backup must be full", err)
 	}
-	if err := firstErr(failpoint.Check("truncate"), st.Cow.TruncateToIndex()); err != nil {
+	if err := firstErr(s.failpoint("truncate"), st.Cow.TruncateToIndex()); err != nil {
 		return fail(fmt.Errorf("truncate %s to its index: %w", s.snap.cowPath, err))
 	}
 	if st.Cow.Mapped() {
@@ -127,7 +127,7 @@ func (s *Server) transitionToIncremental() error {
 			return fail(fmt.Errorf("record the previous COW file's blocks as changed: %w", err))
 		}
 	}
-	if err := firstErr(failpoint.Check("enable-intent"), st.Cow.EnableIntent()); err != nil {
+	if err := firstErr(s.failpoint("enable-intent"), st.Cow.EnableIntent()); err != nil {
 		return fail(fmt.Errorf("start write-intent logging in %s: %w", s.snap.cowPath, err))
 	}
 	if err := s.persist(); err != nil {
@@ -165,11 +165,15 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 	st := s.trk.Current()
 	prevCow := st.Cow
 	// The change list is written back now, so closing it clean after the
-	// snapshot is just a header write.
-	if err := firstErr(failpoint.Check("sync-change-list"), prevCow.Sync()); err != nil {
+	// snapshot is just a header write. And until the new snapshot is on
+	// record, writes preserved into the new file are not marked in this
+	// one: should the server die in between, the recovery resumes this
+	// file as the state file still says, with every region recorded as
+	// written (a full copy next time, never a miss).
+	if err := firstErr(s.failpoint("sync-change-list"), prevCow.Sync(), prevCow.IntentAll()); err != nil {
 		return fmt.Errorf("write back %s: %w", s.snap.cowPath, err)
 	}
-	if err := failpoint.Check("create-cow"); err != nil {
+	if err := s.failpoint("create-cow"); err != nil {
 		return err
 	}
 	h := prevCow.Header()
@@ -181,10 +185,12 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 		return err
 	}
 	prev := *s.snap
-	if err := s.transition(dattobd.Snapshot, c, s.snap.cacheBytes, append(append([]cow.Extent(nil), extents...), prev.extents...)); err != nil {
+	how, err := s.transition(dattobd.Snapshot, c, s.snap.cacheBytes, append(append([]cow.Extent(nil), extents...), prev.extents...), true, req.NoFreeze)
+	if err != nil {
 		s.abandonCow(c)
 		return err
 	}
+	s.snap.consistency = how
 	s.snap.cowPath, s.snap.fallocMiB, s.snap.extents, s.snap.relative, s.snap.ino = req.CowFile, falloc, extents, "", c.Inode()
 	s.snap.prevExtents = prev.extents
 	if extents != nil {
@@ -204,7 +210,7 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 	}
 	// The snapshot is taken; the previous file is now the change list
 	// update-img copies from.
-	if err := firstErr(failpoint.Check("close-change-list"), s.releaseCow(prevCow, true)); err != nil {
+	if err := firstErr(s.failpoint("close-change-list"), s.releaseCow(prevCow, true)); err != nil {
 		return fmt.Errorf("snapshot %d taken, but the change list %s could not be closed clean (%v): update-img will refuse it, so the next image must be a full copy",
 			h.SeqID+1, prev.cowPath, err)
 	}

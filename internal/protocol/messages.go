@@ -48,12 +48,14 @@ type SetupSnapshot struct {
 	CowFile    string `json:"cow_file"`              // absolute path of a new file
 	CacheBytes int64  `json:"cache_bytes,omitempty"` // -c; 0 = default
 	FallocMiB  int64  `json:"falloc_mib,omitempty"`  // -f; 0 = default
+	NoFreeze   bool   `json:"no_freeze,omitempty"`   // take it crash-consistent, unfrozen
 }
 
 // TransitionToSnapshot takes the next snapshot of the series.
 type TransitionToSnapshot struct {
 	CowFile   string `json:"cow_file"`             // absolute path of a new file
 	FallocMiB int64  `json:"falloc_mib,omitempty"` // -f; 0 = as before
+	NoFreeze  bool   `json:"no_freeze,omitempty"`  // take it crash-consistent, unfrozen
 }
 
 // Reconfigure changes the index cache limit.
@@ -82,6 +84,15 @@ const (
 	StatusDetaching Status = "detaching"
 	// StatusDormant: not attached, its tracking recorded for a reload.
 	StatusDormant Status = "dormant"
+	// StatusRecovering: its server died; the supervisor is starting a new
+	// one (I/O is held meanwhile).
+	StatusRecovering Status = "recovering"
+	// StatusHeld: its server died and nothing restarts one: I/O is held
+	// until `dbdctl attach` recovers it or `dbdctl detach` removes it.
+	StatusHeld Status = "held"
+	// StatusOrphaned: its server died and the device is dead: `dbdctl
+	// detach` removes it.
+	StatusOrphaned Status = "orphaned"
 )
 
 // DeviceInfo is one entry of `dbdctl info`: dattobd's /proc/datto-info
@@ -102,22 +113,26 @@ type DeviceInfo struct {
 	NrChangedBlocks uint64          `json:"nr_changed_blocks,omitempty"`
 	AutoExpand      *AutoExpandInfo `json:"auto_expand,omitempty"`
 
-	Mode           dattobd.Mode `json:"mode"`
-	Status         Status       `json:"status"`
-	SnapshotDevice string       `json:"snapshot_device,omitempty"`
-	CacheInUse     int64        `json:"cache_in_use,omitempty"`
-	FrontDevice    string       `json:"front_device"`
-	ServerPID      int          `json:"server_pid"`
-	Size           int64        `json:"size"`
-	LogicalBS      int          `json:"logical_block_size"`
-	PhysicalBS     int          `json:"physical_block_size"`
-	Queues         int          `json:"queues"`
-	QueueDepth     int          `json:"queue_depth"`
-	MaxIOBytes     int          `json:"max_io_bytes"`
-	Features       string       `json:"ublk_features"`
-	KernelFeat     string       `json:"kernel_ublk_features"`
-	Log            string       `json:"log"`
-	Stats          IOCounters   `json:"io"`
+	Mode   dattobd.Mode `json:"mode"`
+	Status Status       `json:"status"`
+	// Frozen lists the filesystems frozen for the current snapshot's
+	// instant; CrashConsistent says it was taken unfrozen (--no-freeze).
+	Frozen          []string   `json:"frozen,omitempty"`
+	CrashConsistent bool       `json:"crash_consistent,omitempty"`
+	SnapshotDevice  string     `json:"snapshot_device,omitempty"`
+	CacheInUse      int64      `json:"cache_in_use,omitempty"`
+	FrontDevice     string     `json:"front_device"`
+	ServerPID       int        `json:"server_pid"`
+	Size            int64      `json:"size"`
+	LogicalBS       int        `json:"logical_block_size"`
+	PhysicalBS      int        `json:"physical_block_size"`
+	Queues          int        `json:"queues"`
+	QueueDepth      int        `json:"queue_depth"`
+	MaxIOBytes      int        `json:"max_io_bytes"`
+	Features        string     `json:"ublk_features"`
+	KernelFeat      string     `json:"kernel_ublk_features"`
+	Log             string     `json:"log"`
+	Stats           IOCounters `json:"io"`
 }
 
 // AutoExpandInfo is dattobd's auto_expand entry of info.

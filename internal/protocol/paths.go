@@ -21,6 +21,12 @@ func SocketPath(m dattobd.Minor) string { return filepath.Join(RunDir, m.String(
 // LockPath is the lock a minor's server holds while it lives.
 func LockPath(m dattobd.Minor) string { return filepath.Join(RunDir, m.String()+".lock") }
 
+// SupervisorLockPath is the lock a minor's supervisor holds while it
+// lives: held, the minor is being recovered when no server answers.
+func SupervisorLockPath(m dattobd.Minor) string {
+	return filepath.Join(RunDir, m.String()+".supervisor.lock")
+}
+
 // LogPath is the log file of minor's server.
 func LogPath(m dattobd.Minor) string { return filepath.Join(LogDir, "ublk"+m.String()+".log") }
 

@@ -125,9 +125,9 @@ func TestCommandsReachHandler(t *testing.T) {
 		want any
 	}{
 		{func() error { return c.Detach(protocol.Detach{KeepState: true}) }, protocol.Detach{KeepState: true}},
-		{func() error { return c.SetupSnapshot(protocol.SetupSnapshot{"/c", 4096, 10}) }, protocol.SetupSnapshot{"/c", 4096, 10}},
+		{func() error { return c.SetupSnapshot(protocol.SetupSnapshot{"/c", 4096, 10, true}) }, protocol.SetupSnapshot{"/c", 4096, 10, true}},
 		{c.TransitionToIncremental, protocol.OpTransitionToIncremental},
-		{func() error { return c.TransitionToSnapshot(protocol.TransitionToSnapshot{"/d", 7}) }, protocol.TransitionToSnapshot{"/d", 7}},
+		{func() error { return c.TransitionToSnapshot(protocol.TransitionToSnapshot{"/d", 7, false}) }, protocol.TransitionToSnapshot{"/d", 7, false}},
 		{c.Destroy, protocol.OpDestroy},
 		{func() error { return c.Reconfigure(protocol.Reconfigure{1 << 20}) }, protocol.Reconfigure{1 << 20}},
 		{func() error { return c.ExpandCowFile(protocol.ExpandCowFile{64}) }, protocol.ExpandCowFile{64}},

@@ -48,6 +48,9 @@ type Record struct {
 	// file (the change list update-img is about to use) when it is on the
 	// volume: the snapshot shows them as zeros.
 	PrevCowExtents []linux.Extent `json:"prev_cow_extents,omitempty"`
+	// Frozen lists the filesystems the server froze and has not thawed yet:
+	// a server that takes over after its death thaws them.
+	Frozen []string `json:"frozen,omitempty"`
 	// Failure, when set, is why the minor's tracking failed: its COW file
 	// cannot be trusted, the next backup must be a full one, and only
 	// destroy clears it.

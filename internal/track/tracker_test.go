@@ -566,3 +566,106 @@ func TestDeferNeverBlocks(t *testing.T) {
 	close(release)
 	resumed.Wait()
 }
+
+// The race a snapshot read must survive, made to happen: the snapshot
+// read's device read is done, then a write to the same block runs to
+// completion (preserved, written), and only then does the read look the
+// block up. It must still return the pre-snapshot data.
+func TestSnapshotReadWriteRaceDeterministic(t *testing.T) {
+	dev, orig := fakeDevice(t, 16)
+	trk := newTracker(t, dev)
+	c := newCow(t, dev.Size(), 0)
+	if err := trk.Swap(dattobd.Snapshot, c, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	view := trk.View(trk.Current())
+	const off, n = 4 * cow.BlockSize, 2 * cow.BlockSize
+	buf := make([]byte, n)
+	if err := dio.ReadFull(view.FD(), buf, off); err != nil { // the device read
+		t.Fatal(err)
+	}
+	write(t, trk, bytes.Repeat([]byte{0x5A}, n), off) // the racing write, whole
+	if err := view.FinishRead(buf, off); err != nil { // the lookup, after it
+		t.Fatal(err)
+	}
+	if !bytes.Equal(buf, orig[off:off+n]) {
+		t.Fatal("a snapshot read overtaken by a write returned post-snapshot data")
+	}
+	// The other order: the write lands before the device read, which then
+	// reads new data that the lookup must replace.
+	const off2 = 9 * cow.BlockSize
+	write(t, trk, bytes.Repeat([]byte{0xA5}, n), off2)
+	if err := dio.ReadFull(view.FD(), buf, off2); err != nil {
+		t.Fatal(err)
+	}
+	if err := view.FinishRead(buf, off2); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(buf, orig[off2:off2+n]) {
+		t.Fatal("a snapshot read after a write returned post-snapshot data")
+	}
+}
+
+// syncGate is a COW file's storage whose Sync waits until it is opened: a
+// write-intent commit held mid-fsync.
+type syncGate struct {
+	cow.Storage
+	inSync chan struct{}
+	open   chan struct{}
+}
+
+func (s *syncGate) Sync() error {
+	select {
+	case s.inSync <- struct{}{}:
+		<-s.open
+	default:
+	}
+	return s.Storage.Sync()
+}
+
+// A write into a region not yet recorded is not resumed before its write
+// intent is on disk: with the commit's fsync held, the write waits.
+func TestIncrementalWriteNotResumedBeforeCommit(t *testing.T) {
+	dev, _ := fakeDevice(t, 8192)
+	trk := newTracker(t, dev)
+	path := filepath.Join(t.TempDir(), "inc")
+	c, err := cow.Create(path, cow.Options{DeviceSize: dev.Size(), IndexOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close(true)
+	fs, err := cow.FileStorage(path, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gate := &syncGate{Storage: fs, inSync: make(chan struct{}), open: make(chan struct{})}
+	var opened sync.Once
+	release := func() { opened.Do(func() { close(gate.open) }) }
+	c, _, err = cow.Open(path, gate, cow.ReloadIncremental, dev.Size(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(false) })
+	t.Cleanup(release) // runs first: Close waits for a held commit
+	if err := c.EnableIntent(); err != nil {
+		t.Fatal(err)
+	}
+	if err := trk.Swap(dattobd.Incremental, c, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	token, action, resumed := beforeWrite(t, trk, uapi.IOOpWrite, 0, cow.BlockSize)
+	if action != ublk.WritePending {
+		t.Fatalf("a write into an unrecorded region was %v, want pending", action)
+	}
+	<-gate.inSync // the commit is in its fsync
+	select {
+	case <-resumed:
+		t.Fatal("the write was resumed before its write intent was on disk")
+	case <-time.After(100 * time.Millisecond):
+	}
+	release()
+	if err := <-resumed; err != nil {
+		t.Fatal(err)
+	}
+	trk.AfterWrite(token)
+}

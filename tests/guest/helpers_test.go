@@ -141,20 +141,23 @@ type infoDoc struct {
 }
 
 type infoDevice struct {
-	Minor       int    `json:"minor"`
-	BlockDevice string `json:"block_device"`
-	State       *int   `json:"state"`
-	Error       *int   `json:"error"`
-	Mode        string `json:"mode"`
-	CowFile     string `json:"cow_file"`
-	NrChanged   uint64 `json:"nr_changed_blocks"`
-	FrontDevice string `json:"front_device"`
-	ServerPID   int    `json:"server_pid"`
-	Size        int64  `json:"size"`
-	Queues      int    `json:"queues"`
-	QueueDepth  int    `json:"queue_depth"`
-	DevFeatures string `json:"ublk_features"`
-	KernelFeat  string `json:"kernel_ublk_features"`
+	Minor       int      `json:"minor"`
+	BlockDevice string   `json:"block_device"`
+	State       *int     `json:"state"`
+	Error       *int     `json:"error"`
+	Mode        string   `json:"mode"`
+	Status      string   `json:"status"`
+	CowFile     string   `json:"cow_file"`
+	Frozen      []string `json:"frozen"`
+	CrashCons   bool     `json:"crash_consistent"`
+	NrChanged   uint64   `json:"nr_changed_blocks"`
+	FrontDevice string   `json:"front_device"`
+	ServerPID   int      `json:"server_pid"`
+	Size        int64    `json:"size"`
+	Queues      int      `json:"queues"`
+	QueueDepth  int      `json:"queue_depth"`
+	DevFeatures string   `json:"ublk_features"`
+	KernelFeat  string   `json:"kernel_ublk_features"`
 	IO          struct {
 		Reads  uint64 `json:"reads"`
 		Writes uint64 `json:"writes"`

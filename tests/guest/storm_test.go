@@ -1,0 +1,249 @@
+package guest
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// stormKills is how many times TestKillStorm kills a server in each mode:
+// $DBD_STORM_KILLS, 25 by default (50 in all).
+func stormKills() int {
+	var n int
+	if _, err := fmt.Sscan(os.Getenv("DBD_STORM_KILLS"), &n); err != nil || n <= 0 {
+		return 25
+	}
+	return n
+}
+
+// maxStall is the longest a write may wait across a server's death.
+const maxStall = 30 * time.Second
+
+// prober writes 4 KiB with O_DIRECT to a file on the filesystem every
+// 100 ms and keeps the longest time one took: a front device left held
+// with nobody to serve it shows as a write that never returns.
+type prober struct {
+	path    string
+	stop    chan struct{}
+	done    chan struct{}
+	longest atomic.Int64
+	started atomic.Int64 // unix nanos of the write in progress, 0 between writes
+}
+
+func startProber(path string) *prober {
+	p := &prober{path: path, stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		for {
+			select {
+			case <-p.stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			t0 := time.Now()
+			p.started.Store(t0.UnixNano())
+			exec.Command("dd", "if=/dev/zero", "of="+p.path, "bs=4k", "count=1", "oflag=direct", "conv=notrunc").Run()
+			p.started.Store(0)
+			if d := int64(time.Since(t0)); d > p.longest.Load() {
+				p.longest.Store(d)
+			}
+		}
+	}()
+	return p
+}
+
+// stalled is how long the write in progress has waited.
+func (p *prober) stalled() time.Duration {
+	if s := p.started.Load(); s != 0 {
+		return time.Since(time.Unix(0, s))
+	}
+	return 0
+}
+
+func (p *prober) end() time.Duration {
+	close(p.stop)
+	<-p.done
+	return time.Duration(p.longest.Load())
+}
+
+// TestKillStorm kills the server at random moments, 0.2 to 3 s apart, with
+// fio verifying a file on the mounted filesystem: some kills land while a
+// new server is taking over, some during a transition, in incremental and
+// in snapshot mode. No write may stall longer than maxStall, fio must see
+// no error, and afterwards every incremental round's image equals its
+// snapshot (no write escaped the change list) and the snapshot kept
+// through the kills still equals its image.
+func TestKillStorm(t *testing.T) {
+	front, m, dir := tracked(t, diskCrash, 16, "storm")
+	mountFront(t, front, "/mnt16")
+	must(t, dbdctl, "setup-snapshot", front, dir+"/cow0", m)
+	image := dir + "/img"
+	must(t, "dd", "if=/dev/datto"+m, "of="+image, "bs=1M")
+	must(t, dbdctl, "transition-to-incremental", m)
+	rng := rand.New(rand.NewPCG(16, 16))
+	kills := stormKills()
+
+	fio := exec.Command("fio", "--name=storm", "--filename=/mnt16/load", "--size=32M",
+		"--rw=randwrite", "--bsrange=4k-64k", "--ioengine=io_uring", "--iodepth=8", "--direct=1",
+		"--verify=crc32c", "--verify_fatal=1", "--verify_backlog=64", "--time_based", "--runtime=100000")
+	var fioOut bytes.Buffer
+	fio.Stdout, fio.Stderr = &fioOut, &fioOut
+	if err := fio.Start(); err != nil {
+		t.Fatal(err)
+	}
+	fioDone := make(chan error, 1)
+	go func() { fioDone <- fio.Wait() }()
+	probe := startProber("/mnt16/probe")
+	defer probe.end()
+
+	// rounds runs incremental rounds (transitions the kills land in) until
+	// stopped, retrying a command a kill broke. It runs beside the test
+	// goroutine, so it reports with Errorf and returns.
+	var roundsDone, refused atomic.Int64
+	stopRounds := make(chan struct{})
+	var rounds sync.WaitGroup
+	rounds.Add(1)
+	go func() {
+		defer rounds.Done()
+		prev := dir + "/cow0"
+		for i := 1; ; i++ {
+			select {
+			case <-stopRounds:
+				return
+			default:
+			}
+			next := fmt.Sprintf("%s/cow%d", dir, i)
+			if !retry(t, m, func() bool { return run(t, dbdctl, "transition-to-snapshot", next, m).code == 0 },
+				func(d infoDevice) bool { return d.Mode == "snapshot" && d.CowFile == next }) {
+				os.Remove(next)
+				continue // not taken: try again with the next name
+			}
+			// cowN-1 is now the change list of snapshot N. A kill at the
+			// instant it was being closed leaves it unusable: update-img
+			// refuses it, rightly, and the image is copied whole.
+			ok := retry(t, m, func() bool {
+				r := run(t, dbdctl, "update-img", "/dev/datto"+m, prev, image)
+				if r.code != 0 && strings.Contains(r.stderr, "not closed cleanly") {
+					refused.Add(1)
+					r = run(t, "dd", "if=/dev/datto"+m, "of="+image, "bs=1M")
+				}
+				return r.code == 0 && run(t, "/usr/bin/cmp", image, "/dev/datto"+m).code == 0
+			}, nil)
+			if !ok {
+				r := run(t, "/usr/bin/cmp", image, "/dev/datto"+m)
+				t.Errorf("round %d: the image does not equal its snapshot: %s %s", i, r.stdout, r.stderr)
+				return
+			}
+			roundsDone.Add(1)
+			os.Remove(prev)
+			prev = next
+			retry(t, m, func() bool { return run(t, dbdctl, "transition-to-incremental", m).code == 0 },
+				func(d infoDevice) bool { return d.Mode == "incremental" })
+		}
+	}()
+
+	stormKill(t, m, kills, rng, probe)
+	close(stopRounds)
+	rounds.Wait()
+	if roundsDone.Load() == 0 {
+		t.Error("no incremental round completed during the storm")
+	}
+	t.Logf("@@STORM incremental: %d kills, %d rounds checked (%d change lists refused after a kill, copied whole), longest stalled write %v",
+		kills, roundsDone.Load(), refused.Load(), time.Duration(probe.longest.Load()))
+
+	// Snapshot mode: the snapshot taken before the kills must survive them.
+	d := info(t, m).Devices[0]
+	if d.Mode != "incremental" {
+		t.Fatalf("after the rounds: mode %s", d.Mode)
+	}
+	snapCow := dir + "/snap"
+	must(t, dbdctl, "transition-to-snapshot", snapCow, m)
+	must(t, "dd", "if=/dev/datto"+m, "of="+image, "bs=1M")
+	stormKill(t, m, kills, rng, probe)
+	must(t, "/usr/bin/cmp", image, "/dev/datto"+m)
+	longest := probe.end()
+	t.Logf("@@STORM snapshot: %d kills; longest stalled write %v", kills, longest)
+	if longest > maxStall {
+		t.Errorf("a write stalled %v across a server's death (limit %v)", longest, maxStall)
+	}
+	fio.Process.Signal(os.Interrupt)
+	if err := <-fioDone; err != nil && !strings.Contains(fioOut.String(), "err= 0") {
+		t.Fatalf("fio failed across the kills (%v):\n%s", err, fioOut.String())
+	}
+	if strings.Contains(fioOut.String(), "verify:") && strings.Contains(fioOut.String(), "bad") {
+		t.Fatalf("fio verify found bad data:\n%s", fioOut.String())
+	}
+}
+
+// stormKill kills minor's server n times, 0.2 to 3 s apart; one kill in
+// four lands right after a new server has taken over (during its
+// recovery). It fails the test on a write stalled past maxStall.
+func stormKill(t *testing.T, m string, n int, rng *rand.Rand, probe *prober) {
+	t.Helper()
+	minor := 0
+	fmt.Sscan(m, &minor)
+	for k := 0; k < n; k++ {
+		time.Sleep(time.Duration(200+rng.IntN(2800)) * time.Millisecond)
+		if s := probe.stalled(); s > maxStall {
+			t.Fatalf("kill %d: a write has been stalled for %v", k, s)
+		}
+		pid := serverPID(t, minor)
+		if pid == 0 {
+			pid = waitNewServer(t, minor, 0)
+		}
+		kill(t, pid)
+		if rng.IntN(4) == 0 {
+			// Kill the next server too, as soon as it answers.
+			next := waitNewServer(t, minor, pid)
+			time.Sleep(time.Duration(rng.IntN(300)) * time.Millisecond)
+			kill(t, next)
+			k++
+		}
+	}
+	waitRecovered(t, m)
+	if s := probe.stalled(); s > maxStall {
+		t.Fatalf("after the kills a write has been stalled for %v", s)
+	}
+}
+
+// retry runs do until it succeeds: when it fails (a kill broke it), it
+// waits for the next server and, unless done says the command took effect
+// before the kill, runs it again. It gives up (false) after 10 tries or
+// when the minor is not served again.
+func retry(t *testing.T, m string, do func() bool, done func(infoDevice) bool) bool {
+	for try := 0; try < 10; try++ {
+		if do() {
+			return true
+		}
+		if !waitRecovered(t, m) {
+			return false
+		}
+		if done != nil {
+			r := run(t, dbdctl, "info", m)
+			if r.code == 0 && done(parseInfo(t, r.stdout).Devices[0]) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// waitRecovered waits until minor is served again; false when it is not
+// within maxStall (the test has failed then).
+func waitRecovered(t *testing.T, m string) bool {
+	for deadline := time.Now().Add(maxStall); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		r := run(t, dbdctl, "info", m)
+		if r.code == 0 && parseInfo(t, r.stdout).Devices[0].Status == "serving" {
+			return true
+		}
+	}
+	t.Errorf("minor %s not served again within %v", m, maxStall)
+	return false
+}
