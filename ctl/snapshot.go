@@ -134,7 +134,7 @@ type TransitionToSnapshotCmd struct {
 	Falloc   int64         `short:"f" name:"falloc" help:"COW file size to preallocate, in MiB (default: as before)." default:"0"`
 	NoFreeze bool          `name:"no-freeze" help:"Do not freeze the filesystems on the device: take a crash-consistent snapshot even where a consistent one cannot be made."`
 	CowFile  string        `arg:"" name:"cow-file" help:"New COW file; the current one becomes the changed-block list for update-img."`
-	Minor   dattobd.Minor `arg:"" name:"minor"`
+	Minor    dattobd.Minor `arg:"" name:"minor"`
 }
 
 // Run transitions.
