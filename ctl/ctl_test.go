@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"log"
 	"os"
 	"reflect"
 	"strings"
@@ -362,5 +363,35 @@ func TestMainInfoDormant(t *testing.T) {
 	}
 	if code, _, stderr := run("info", "7"); code != 1 || !strings.Contains(stderr, "minor 7 is not attached") {
 		t.Errorf("info of a plain detached minor = %d %q", code, stderr)
+	}
+}
+
+// recordingHost is a Host that records the server options it is asked to
+// run with.
+type recordingHost struct {
+	daemon.Host
+	ran protocol.ServeOptions
+}
+
+func (h *recordingHost) Run(o protocol.ServeOptions, _ *log.Logger, _ func(string)) error {
+	h.ran = o
+	return nil
+}
+
+// The server command line a spawner builds (protocol.ServeOptions.Args)
+// parses back, through the CLI, into the very same options.
+func TestServeArgsRoundTrip(t *testing.T) {
+	o := protocol.ServeOptions{
+		BlockDevice: "/dev/sdz", Minor: 9, ReadyFD: 3, Supervise: true, Force: true, KeepFailure: true,
+		Queues: 3, Depth: 64, MaxIO: 1 << 19, Reload: dattobd.Incremental, CowFile: "/c", Cache: 1 << 20, Falloc: 7,
+		Checkpoint: time.Minute,
+	}
+	h := &recordingHost{}
+	var out, errb bytes.Buffer
+	if code := Main(o.Args(), &out, &errb, h); code != 0 {
+		t.Fatalf("serve %v = %d: %s", o.Args(), code, errb.String())
+	}
+	if h.ran != o {
+		t.Errorf("parsed back %+v\nwant        %+v", h.ran, o)
 	}
 }
