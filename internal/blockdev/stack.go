@@ -27,13 +27,53 @@ type Mount struct {
 // Mounts lists the host's mounted filesystems, one per superblock, from
 // /proc/self/mountinfo.
 func Mounts() ([]Mount, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
 	var out []Mount
 	seen := map[uint64]bool{}
+	err := eachMount(func(_ uint64, m Mount) bool {
+		if !seen[m.Dev] {
+			seen[m.Dev] = true
+			out = append(out, m)
+		}
+		return true
+	})
+	return out, err
+}
+
+// MountOf returns the filesystem path is on. It is found through the
+// path's mount (statx's mount ID), not its st_dev: a btrfs file's st_dev
+// is its subvolume's, which is not the superblock's device number that
+// mountinfo (and so Mounts and FilesystemsOn) gives.
+func MountOf(path string) (Mount, error) {
+	var stx unix.Statx_t
+	if err := unix.Statx(unix.AT_FDCWD, path, unix.AT_SYMLINK_NOFOLLOW, unix.STATX_MNT_ID, &stx); err != nil {
+		return Mount{}, fmt.Errorf("statx %s: %w", path, err)
+	}
+	if stx.Mask&unix.STATX_MNT_ID == 0 {
+		return Mount{}, fmt.Errorf("statx %s: the kernel gives no mount ID", path)
+	}
+	var found Mount
+	ok := false
+	err := eachMount(func(id uint64, m Mount) bool {
+		if id == stx.Mnt_id {
+			found, ok = m, true
+			return false
+		}
+		return true
+	})
+	if err == nil && !ok {
+		err = fmt.Errorf("mount %d of %s is not in /proc/self/mountinfo", stx.Mnt_id, path)
+	}
+	return found, err
+}
+
+// eachMount calls fn with every line of /proc/self/mountinfo (its mount
+// ID and what it mounts) until fn returns false.
+func eachMount(fn func(id uint64, m Mount) bool) error {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	defer f.Close()
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		// id parent major:minor root mountpoint options... - fstype source superoptions
@@ -48,18 +88,20 @@ func Mounts() ([]Mount, error) {
 		if len(fields) < 5 || sep < 0 || sep+2 >= len(fields) {
 			continue
 		}
+		var id uint64
 		var major, minor uint32
+		if _, err := fmt.Sscanf(fields[0], "%d", &id); err != nil {
+			continue
+		}
 		if _, err := fmt.Sscanf(fields[2], "%d:%d", &major, &minor); err != nil {
 			continue
 		}
-		dev := unix.Mkdev(major, minor)
-		if seen[dev] {
-			continue
+		m := Mount{Point: unescapeOctal(fields[4]), Dev: unix.Mkdev(major, minor), FSType: fields[sep+1], Source: unescapeOctal(fields[sep+2])}
+		if !fn(id, m) {
+			break
 		}
-		seen[dev] = true
-		out = append(out, Mount{Point: unescapeOctal(fields[4]), Dev: dev, FSType: fields[sep+1], Source: unescapeOctal(fields[sep+2])})
 	}
-	return out, sc.Err()
+	return sc.Err()
 }
 
 // Stack returns rdev and every device stacked on it, transitively (the

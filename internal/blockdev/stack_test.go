@@ -50,3 +50,24 @@ func TestMountsAndFilesystemsOn(t *testing.T) {
 		t.Errorf("Users sees unknown users of a mounted device: %v", others)
 	}
 }
+
+// MountOf finds the filesystem of a path by its mount; on the host, the
+// test directory's is the one mounted from its st_dev (not btrfs here:
+// the guest's TestStackedFilesystems covers btrfs, whose st_dev differs).
+func TestMountOf(t *testing.T) {
+	dir := t.TempDir()
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	m, err := MountOf(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.FSType != "btrfs" && m.Dev != uint64(st.Dev) {
+		t.Errorf("MountOf(%s) = %+v, want the filesystem of device %d:%d", dir, m, unix.Major(uint64(st.Dev)), unix.Minor(uint64(st.Dev)))
+	}
+	if _, err := MountOf(dir + "/missing"); err == nil {
+		t.Error("MountOf a missing path succeeded")
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -13,6 +14,7 @@ import (
 	"github.com/dbdublk/dbdublk/internal/blockdev"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/internal/safepath"
+	"github.com/dbdublk/dbdublk/internal/state"
 )
 
 // checkCowPath refuses a COW path that cannot work, before anything
@@ -64,8 +66,12 @@ func (s *Server) checkCowPath(path string) (onVolume bool, err error) {
 	if err != nil {
 		return false, err
 	}
+	mnt, err := blockdev.MountOf(dir)
+	if err != nil {
+		return false, err
+	}
 	for _, m := range fss {
-		if uint64(st.Dev) == m.Dev {
+		if mnt.Dev == m.Dev {
 			return false, protocol.Errorf(protocol.ErrInvalid, "COW file %s is on a filesystem (%s, mounted at %s) stacked on %s, which cannot hold its own COW file; put it on the filesystem of %s itself or on another device",
 				path, m.FSType, m.Point, s.FrontPath(), s.FrontPath())
 		}
@@ -200,4 +206,35 @@ func (s *Server) relativeToFront(path string) string {
 		return ""
 	}
 	return rel
+}
+
+// markCowFile writes a failure record into the COW file cowFile (at its
+// extents on blockDevice, for one on the volume) without opening it for
+// tracking: the file then refuses every reload by itself, whatever becomes
+// of the state file. A record already there is kept.
+func markCowFile(blockDevice, cowFile string, extents []cow.Extent, f state.Failure) error {
+	var where cow.Storage
+	var err error
+	if len(extents) > 0 {
+		where, err = cow.DeviceStorage(blockDevice, extents)
+	} else {
+		where, err = cow.FileStorage(cowFile, false)
+	}
+	if err != nil {
+		return err
+	}
+	return cow.MarkFailed(cowFile, where, syscall.Errno(f.Errno), f.Reason)
+}
+
+// stampFailure makes a failed record's COW file say so too, in case its
+// own failure record could not be written when tracking failed (its
+// storage was failing then). Best effort: a file that cannot be written
+// yet is refused through the state file meanwhile.
+func stampFailure(r state.Record, logf func(string, ...any)) {
+	if r.Failure == nil || r.CowFile == "" {
+		return
+	}
+	if err := markCowFile(r.BlockDevice, r.CowFile, r.CowExtents, *r.Failure); err != nil && !errors.Is(err, os.ErrNotExist) {
+		logf("record the failure in %s: %v", r.CowFile, err)
+	}
 }
