@@ -9,9 +9,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/blockdev"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/failpoint"
 	"github.com/dbdublk/dbdublk/internal/state"
 	"github.com/dbdublk/dbdublk/ublk"
 )
@@ -104,6 +104,11 @@ func (s *Server) startRecovered(prev state.Record) error {
 	}
 	go s.checkpointLoop()
 	s.log.Printf("recovered %s as %s", s.cfg.BlockDevice, s.FrontPath())
+	if failpoint.Check("recover/exit") != nil {
+		// A test's stand-in for a server that crashes whenever it takes
+		// the device over: the supervisor must give up, not loop.
+		go func() { time.Sleep(200 * time.Millisecond); os.Exit(3) }()
+	}
 	return nil
 }
 
@@ -120,6 +125,7 @@ func (s *Server) recoverTracking(r state.Record) {
 	if r.Failure != nil {
 		s.failure, s.failedMode, s.failedCow, s.failedIno = r.Failure, r.Mode, r.CowFile, r.CowInode
 		s.log.Printf("the tracking into %s had failed (%s); serving untracked", r.CowFile, r.Failure.Reason)
+		stampFailure(r, s.log.Printf)
 		return
 	}
 	if !r.Mode.Tracking() {
@@ -151,17 +157,8 @@ func (s *Server) recoverTracking(r state.Record) {
 // resumed, so that a reload by hand does not replay its old intent record
 // either. Best effort: a file that cannot be read is refused anyway.
 func (s *Server) markCowFailed(r Reload, why error) {
-	var where cow.Storage
-	var err error
-	if len(r.Extents) > 0 {
-		where, err = cow.DeviceStorage(s.cfg.BlockDevice, r.Extents)
-	} else {
-		where, err = cow.FileStorage(r.CowFile, false)
-	}
-	if err == nil {
-		err = cow.MarkFailed(r.CowFile, where, syscall.EIO, why.Error())
-	}
-	if err != nil {
+	f := state.Failure{Errno: int(syscall.EIO), Reason: why.Error()}
+	if err := markCowFile(s.cfg.BlockDevice, r.CowFile, r.Extents, f); err != nil {
 		s.log.Printf("mark %s failed: %v", r.CowFile, err)
 	}
 }

@@ -12,7 +12,6 @@ import (
 
 	"github.com/gofrs/flock"
 
-	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/internal/state"
@@ -34,8 +33,9 @@ import (
 // records that tracking failed: the next backup must be a full one.
 
 const (
-	// maxQuickDeaths servers in a row dying within quickDeath of starting
-	// mean a server cannot run: restarting would loop.
+	// maxQuickDeaths servers in a row dying by themselves within
+	// quickDeath of starting mean a server cannot run: restarting would
+	// loop. Servers killed from outside do not count.
 	maxQuickDeaths = 5
 	quickDeath     = 2 * time.Second
 	// childReady bounds how long a (re)started server may take to serve.
@@ -64,7 +64,11 @@ func supervise(o protocol.ServeOptions, logger *log.Logger, report func(protocol
 	}
 	lock := flock.New(protocol.SupervisorLockPath(o.Minor))
 	if ok, err := lock.TryLock(); err != nil || !ok {
-		err = fmt.Errorf("minor %d already has a supervisor (%s is locked): %v", o.Minor, protocol.SupervisorLockPath(o.Minor), err)
+		if err == nil {
+			err = fmt.Errorf("minor %d already has a supervisor (%s is locked)", o.Minor, protocol.SupervisorLockPath(o.Minor))
+		} else {
+			err = fmt.Errorf("lock %s: %w", protocol.SupervisorLockPath(o.Minor), err)
+		}
 		report(protocol.Ready{Error: err.Error()})
 		return err
 	}
@@ -102,9 +106,14 @@ func supervise(o protocol.ServeOptions, logger *log.Logger, report func(protocol
 			}
 			return abandon(o, logger, err)
 		}
-		if time.Since(started) < quickDeath {
+		switch {
+		case killed(werr):
+			// Killed from outside (an operator, the OOM killer): not a
+			// server that cannot run, however often it happens.
+			quick = 0
+		case time.Since(started) < quickDeath:
 			quick++
-		} else {
+		default:
 			quick = 0
 		}
 		if quick >= maxQuickDeaths {
@@ -119,6 +128,17 @@ func supervise(o protocol.ServeOptions, logger *log.Logger, report func(protocol
 			return abandon(o, logger, err)
 		}
 	}
+}
+
+// killed reports whether a server's exit was a SIGKILL, which a Go
+// program never sends itself on a crash (a panic or fatal error exits 2).
+func killed(werr error) bool {
+	var ee *exec.ExitError
+	if !errors.As(werr, &ee) {
+		return false
+	}
+	ws, ok := ee.Sys().(syscall.WaitStatus)
+	return ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL
 }
 
 // restart starts a server for a device that waits for one, trying again
@@ -194,17 +214,7 @@ func failRecord(m dattobd.Minor, blockDevice string, why error, logger *log.Logg
 	if err := state.Write(r); err != nil {
 		logger.Printf("record the failure in %s: %v", state.Path(m), err)
 	}
-	var where cow.Storage
-	var err error
-	if len(r.CowExtents) > 0 {
-		where, err = cow.DeviceStorage(blockDevice, r.CowExtents)
-	} else {
-		where, err = cow.FileStorage(r.CowFile, false)
-	}
-	if err == nil {
-		err = cow.MarkFailed(r.CowFile, where, syscall.EIO, why.Error())
-	}
-	if err != nil {
+	if err := markCowFile(blockDevice, r.CowFile, r.CowExtents, *r.Failure); err != nil {
 		logger.Printf("mark %s failed: %v", r.CowFile, err)
 	}
 }
