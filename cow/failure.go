@@ -99,8 +99,10 @@ func failedErr(path string, x *Failure) error {
 
 // RecordFailure writes a failure record into the file and fsyncs it before
 // it returns: from then on the file is failed for good, whoever opens it,
-// and it is never closed clean. The first failure is kept; later calls
-// return at once. errno 0 is taken as EIO.
+// and it is never closed clean. The first failure is kept. A record that
+// could not be written (the file's storage failing) is written again by
+// the next call, so a caller retries once the storage may be back; once
+// on disk, later calls return at once. errno 0 is taken as EIO.
 func (f *File) RecordFailure(errno syscall.Errno, reason string) error {
 	if errno == 0 {
 		errno = unix.EIO
@@ -109,15 +111,19 @@ func (f *File) RecordFailure(errno syscall.Errno, reason string) error {
 	defer f.opMu.Unlock()
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.failure != nil {
+	if f.failure != nil && f.failureDurable {
 		return nil
 	}
 	if err := f.writable(); err != nil {
 		return err
 	}
-	f.failure = &Failure{Errno: errno, Reason: reason, At: time.Now()}
+	if f.failure == nil {
+		f.failure = &Failure{Errno: errno, Reason: reason, At: time.Now()}
+	}
 	f.hdr.Flags &^= FlagClean
-	return f.writeHeaderSync()
+	err := f.writeHeaderSync()
+	f.failureDurable = err == nil
+	return err
 }
 
 // Failed returns the file's failure record, or nil.

@@ -163,3 +163,29 @@ func TestMarkFailed(t *testing.T) {
 		t.Errorf("record after a second mark: %+v", x)
 	}
 }
+
+// A failure record whose write failed (the file's storage erring) is
+// written by the next RecordFailure, once the storage works again, and it
+// is still the first failure that is recorded.
+func TestFailureRecordRetried(t *testing.T) {
+	const size = 16 << 20
+	path := tempPath(t)
+	mustCreate(t, path, Options{DeviceSize: size, IndexOnly: true}).Close(true)
+	f, h := openHooked(t, path, ReloadIncremental, size, 0)
+	defer f.Close(false)
+	h.onWrite = func([]byte, int64) error { return errInjected }
+	if err := f.RecordFailure(syscall.EIO, "the change list cannot be written"); err == nil {
+		t.Fatal("RecordFailure succeeded on a failing storage")
+	}
+	if x, _ := parseFailure(readRaw(t, path).b[:HeaderSize]); x != nil {
+		t.Fatal("a failure record reached the file through a failing storage")
+	}
+	h.onWrite = nil
+	if err := f.RecordFailure(syscall.EFBIG, "later"); err != nil {
+		t.Fatal(err)
+	}
+	x, err := parseFailure(readRaw(t, path).b[:HeaderSize])
+	if err != nil || x == nil || x.Errno != syscall.EIO || x.Reason != "the change list cannot be written" {
+		t.Fatalf("on disk after the retry: %+v, %v; want the first failure", x, err)
+	}
+}

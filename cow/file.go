@@ -61,15 +61,16 @@ type File struct {
 	dataOffset int64
 	// indexEnd is the end of the index as far as the file itself tells
 	// (read-only files); extentKnown says whether it is exact.
-	indexEnd    int64
-	extentKnown bool
-	closed      bool
-	cache       indexCache
-	inflight    map[uint64]chan struct{} // blocks whose CopyOnWriteRange is doing data I/O
-	idle        sync.Cond                // broadcast when inflight becomes empty
-	intent      intentState              // write-intent logging (incremental mode)
-	failure     *Failure                 // the failure record, once tracking has failed (failure.go)
-	ino         uint64                   // inode of a file moved to its device (MoveToDevice)
+	indexEnd       int64
+	extentKnown    bool
+	closed         bool
+	cache          indexCache
+	inflight       map[uint64]chan struct{} // blocks whose CopyOnWriteRange is doing data I/O
+	idle           sync.Cond                // broadcast when inflight becomes empty
+	intent         intentState              // write-intent logging (incremental mode)
+	failure        *Failure                 // the failure record, once tracking has failed (failure.go)
+	failureDurable bool                     // failure is on disk (fsynced)
+	ino            uint64                   // inode of a file moved to its device (MoveToDevice)
 }
 
 func newFile(path string, s Storage, readOnly bool, hdr Header, blocks uint64, dataOffset int64, cacheBytes int64) *File {
@@ -308,7 +309,7 @@ func Open(path string, s Storage, mode Mode, deviceSize, cacheBytes int64) (*Fil
 	case ReadOnly:
 		f, err := openReadOnly(path, s, hdr, size)
 		if f != nil {
-			f.failure = failure
+			f.failure, f.failureDurable = failure, failure != nil
 		}
 		return f, Recovered{}, err
 	case ReloadSnapshot, ResumeSnapshot, ReloadIncremental:
@@ -361,7 +362,7 @@ func openWritable(path string, s Storage, hdr Header, size int64, mode Mode, dev
 	case mode == ReloadIncremental && !indexOnly:
 		return fail(modeErr("cow file %s holds a snapshot (it has a data store), not an incremental change list", path))
 	case mode != ReloadIncremental && indexOnly:
-		return fail(modeErr("cow file %s is an incremental change list (index only), not a snapshot", path))
+		return fail(&wrapErr{msg: fmt.Sprintf("cow file %s is an incremental change list (index only), not a snapshot", path), target: ErrChangeList})
 	}
 	blocks := Blocks(deviceSize)
 	var intent intentState
@@ -370,7 +371,8 @@ func openWritable(path string, s Storage, hdr Header, size int64, mode Mode, dev
 	case dirty && mode == ResumeSnapshot:
 		rec.Crashed = true
 	case dirty && mode == ReloadSnapshot:
-		return fail(&wrapErr{msg: fmt.Sprintf("cow file %s not left in clean state", path), target: ErrNotClean})
+		// dattobd's words, and what to do about it.
+		return fail(&wrapErr{msg: fmt.Sprintf("cow file %s not left in clean state (a snapshot cannot be trusted after a crash); a full backup is required", path), target: ErrNotClean})
 	case dirty:
 		raw := make([]byte, HeaderSize)
 		if _, err := s.ReadAt(raw, 0); err != nil {

@@ -234,7 +234,7 @@ func TestOpenErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := readRaw(t, path)
-	if _, _, err := openPath(path, ReloadSnapshot, dev, 0); !errors.Is(err, ErrNotClean) || err.Error() != "cow file "+path+" not left in clean state" {
+	if _, _, err := openPath(path, ReloadSnapshot, dev, 0); !errors.Is(err, ErrNotClean) || err.Error() != "cow file "+path+" not left in clean state (a snapshot cannot be trusted after a crash); a full backup is required" {
 		t.Fatalf("dirty: %v", err)
 	}
 	if !bytes.Equal(before.b, readRaw(t, path).b) {
@@ -681,6 +681,11 @@ func TestTruncateToIndex(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close(true)
+	for _, mode := range []Mode{ReloadSnapshot, ResumeSnapshot} {
+		if _, _, err := openPath(path, mode, dev, 0); !errors.Is(err, ErrChangeList) || !errors.Is(err, ErrMode) {
+			t.Fatalf("a change list opened as a snapshot (mode %v): %v, want ErrChangeList", mode, err)
+		}
+	}
 	g := mustOpen(t, path, ReloadIncremental, dev, 0)
 	if g.Header().Flags != FlagIndexOnly || g.NrChangedBlocks() != 6 {
 		t.Fatalf("reopened: %+v", g.Header())

@@ -77,6 +77,10 @@ var ErrNotClean = errors.New("cow file not left in clean state")
 // as copying data into an index-only file or writing a read-only one.
 var ErrMode = errors.New("operation not allowed in this cow file mode")
 
+// ErrChangeList reports an index-only file (an incremental change list)
+// opened as a snapshot. It matches ErrMode too.
+var ErrChangeList error = &wrapErr{msg: "cow file is an incremental change list, not a snapshot", target: ErrMode}
+
 // wrapErr is an error with its own one-line message that also matches a
 // sentinel (errors.Is), so messages do not end in ": cow file corrupt".
 type wrapErr struct {

@@ -143,6 +143,7 @@ func preflight(cfg Config) (prev state.Record, recovering bool, err error) {
 	switch {
 	case !recorded || cfg.Force || cfg.KeepFailure:
 	case cfg.Reload != nil && r.Failure != nil:
+		stampFailure(r, func(string, ...any) {}) // the refusal is the one line to say
 		return prev, false, protocol.Errorf(protocol.ErrFailed, "the tracking recorded for minor %d failed: %s (errno %d); its COW file cannot be trusted, a full backup is required (attach --force drops it)",
 			cfg.Minor, r.Failure.Reason, r.Failure.Errno)
 	case cfg.Reload == nil:
@@ -201,6 +202,7 @@ func (s *Server) acquire(recovering bool) error {
 			s.failure, s.failedMode, s.failedCow, s.failedIno = r.Failure, r.Mode, r.CowFile, r.CowInode
 			s.log.Printf("attached untracked: the tracking into %s failed (%s); a full backup is required, destroy %d clears it",
 				r.CowFile, r.Failure.Reason, s.cfg.Minor)
+			stampFailure(r, s.log.Printf)
 		}
 	}
 	return nil
@@ -340,6 +342,12 @@ func (s *Server) detach(explicit bool) error {
 	}
 	if cur := s.trk.Current(); cur.Mode.Tracking() {
 		s.stopSnapshotDevice()
+		if f := s.failed(); f != nil {
+			// Again, if the storage failed when tracking did.
+			if err := cur.Cow.RecordFailure(syscall.Errno(f.Errno), f.Reason); err != nil {
+				s.log.Printf("record the failure in %s: %v; the state file keeps it", s.snap.cowPath, err)
+			}
+		}
 		switch err := cur.Cow.Close(s.trk.Failed() == 0); {
 		case s.trk.Failed() != 0:
 			s.log.Printf("%s: tracking failed; the file is left failed, a full backup is required", s.snap.cowPath)

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/dbdublk/dbdublk/cow"
@@ -47,6 +48,15 @@ func (s *Server) reload(r Reload) error {
 	}
 	c, err := s.openCow(r)
 	if err != nil {
+		if r.Mode == dattobd.Snapshot && errors.Is(err, cow.ErrChangeList) {
+			if rec, ok := state.Find(s.cfg.Minor); ok && rec.Mode == dattobd.Snapshot && rec.CowFile == r.CowFile {
+				// Recorded as a snapshot, already a change list: the
+				// crash came amid transition-to-incremental. The writes
+				// since are in the file only if it got as far as its
+				// write-intent record; no guessing.
+				return fmt.Errorf("%w: transition-to-incremental was cut short by a crash; a full backup is required", err)
+			}
+		}
 		return err
 	}
 	var extents []cow.Extent
