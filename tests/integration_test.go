@@ -20,7 +20,7 @@ import (
 var guestPrograms = []string{
 	"mkfs.ext4", "mke2fs", "e2fsck", "fio", "/usr/sbin/blkdiscard", "blockdev",
 	"mkfs.xfs", "xfs_repair", "qemu-img", "/usr/bin/cmp", "mountpoint",
-	"dmsetup", "mkfs.btrfs", "btrfs",
+	"dmsetup", "mkfs.btrfs", "btrfs", "losetup",
 }
 
 // guestResult is one guest test's verdict.
@@ -47,13 +47,15 @@ func TestGuest(t *testing.T) {
 			{Path: filepath.Join(work, "crash.img"), Size: 128 << 20},
 			{Path: filepath.Join(work, "fault.img"), Size: 128 << 20},
 			{Path: filepath.Join(work, "aux.img"), Size: 64 << 20},
+			{Path: filepath.Join(work, "logged.img"), Size: 64 << 20},
+			{Path: filepath.Join(work, "log.img"), Size: 1 << 30},
 		},
 		Files: map[string]string{
 			"/usr/local/bin/dbdctl":     dbdctl,
 			"/usr/local/bin/guest.test": guest,
 		},
 		Programs: guestPrograms,
-		Modules:  []string{"ublk_drv", "xfs", "loop", "dm-mod", "btrfs"},
+		Modules:  []string{"ublk_drv", "xfs", "loop", "dm-mod", "dm-log-writes", "btrfs"},
 		Script: fmt.Sprintf(`
 export DBD_GUEST=1 DBD_CRASH_ITERS=%d
 mkdir -p /mnt /var/log

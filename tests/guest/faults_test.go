@@ -89,7 +89,11 @@ func TestFailurePersists(t *testing.T) {
 	must(t, "rm", "-rf", dir)
 	must(t, "mkdir", "-p", dir)
 	dumpLogOnFailure(t, 12)
-	t.Cleanup(func() { exec.Command("umount", "/mnt12").Run(); dbdEnv(t, env, "destroy", m); dbdEnv(t, env, "detach", m) })
+	t.Cleanup(func() {
+		exec.Command("umount", "/mnt12").Run()
+		dbdEnv(t, env, "destroy", m)
+		dbdEnv(t, env, "detach", m)
+	})
 
 	// A full store: a 1 MiB COW file for a 64 MiB device holds a few
 	// dozen blocks; 8 MiB of overwrites fill it.
@@ -139,7 +143,7 @@ func TestFailurePersists(t *testing.T) {
 
 	// An I/O error on the change list, in incremental mode.
 	sectors := strings.TrimSpace(must(t, "blockdev", "--getsz", diskAux))
-	must(t, "dmsetup", "create", "cowfs", "--table", "0 "+sectors+" linear "+diskAux+" 0")
+	dmCreate(t, "cowfs", "0 "+sectors+" linear "+diskAux+" 0")
 	t.Cleanup(func() { exec.Command("umount", "/mnt/cowfs").Run(); exec.Command("dmsetup", "remove", "cowfs").Run() })
 	must(t, "mkfs.ext4", "-q", "-F", "/dev/mapper/cowfs")
 	must(t, "mkdir", "-p", "/mnt/cowfs")
@@ -165,8 +169,9 @@ func TestFailurePersists(t *testing.T) {
 	must(t, "dmsetup", "resume", "cowfs")
 	must(t, "mount", "/dev/mapper/cowfs", "/mnt/cowfs")
 	checkOneLineError(t, dbdEnv(t, env, "reload-incremental", diskFault, "/mnt/cowfs/cow1", m), "full backup")
-	// The COW file alone (its state file lost) is not trusted either: it
-	// was not closed clean.
+	// The COW file alone (its state file lost) is refused too: its own
+	// failure record could not be written while its storage failed, and
+	// was written as soon as it could be (by the refused reload above).
 	checkOneLineError(t, dbdEnv(t, []string{"DBDCTL_STATE_DIR=" + t.TempDir()}, "reload-incremental", diskFault, "/mnt/cowfs/cow1", m), "full backup")
 	if exists(front) {
 		t.Fatal("a refused reload left the front device")
@@ -188,7 +193,11 @@ func TestFailedRecoveryThenReboot(t *testing.T) {
 	must(t, "rm", "-rf", dir)
 	must(t, "mkdir", "-p", dir)
 	dumpLogOnFailure(t, 14)
-	t.Cleanup(func() { exec.Command("umount", "/mnt14").Run(); dbdEnv(t, env, "destroy", m); dbdEnv(t, env, "detach", m) })
+	t.Cleanup(func() {
+		exec.Command("umount", "/mnt14").Run()
+		dbdEnv(t, env, "destroy", m)
+		dbdEnv(t, env, "detach", m)
+	})
 	mustEnv(t, env, "attach", diskFault, m)
 	front := "/dev/ublkb" + m
 	mountFront(t, front, "/mnt14")
@@ -340,5 +349,69 @@ func TestRollback(t *testing.T) {
 			must(t, "/usr/bin/cmp", image, "/dev/datto"+m)
 			must(t, "e2fsck", "-fn", image)
 		})
+	}
+}
+
+// TestUnrecoverable: when no new server can keep the device (each one
+// exits as soon as it has taken it over: failpoint recover/exit), the
+// supervisor gives up in bounded time instead of holding the device's I/O
+// for good: a write on the mounted filesystem ends with an error rather
+// than hanging, info shows the device orphaned with the tracking failed
+// (-5), detach removes it, and reloading its change list is refused: a
+// full backup is required.
+func TestUnrecoverable(t *testing.T) {
+	ensureUblk(t)
+	ensureScratch(t)
+	env := append(privateState(t), "DBDCTL_FAILPOINTS=recover/exit")
+	const m = "22"
+	dir, mnt := "/scratch/unrec", "/mnt22"
+	must(t, "rm", "-rf", dir)
+	must(t, "mkdir", "-p", dir)
+	dumpLogOnFailure(t, 22)
+	t.Cleanup(func() {
+		exec.Command("umount", mnt).Run()
+		dbdEnv(t, env, "destroy", m)
+		dbdEnv(t, env, "detach", m)
+	})
+	mustEnv(t, env, "attach", diskFault, m)
+	front := "/dev/ublkb" + m
+	mountFront(t, front, mnt)
+	mustEnv(t, env, "setup-snapshot", front, dir+"/cow1", m)
+	mustEnv(t, env, "transition-to-incremental", m)
+	sh(t, "dd if=/dev/urandom of="+mnt+"/a bs=1M count=4 conv=fsync 2>/dev/null")
+	kill(t, infoEnv(t, env, m).ServerPID)
+
+	// Writes are held while servers come and go, then fail: none may hang.
+	deadline := time.Now().Add(3 * time.Minute)
+	for failed := false; !failed; {
+		if time.Now().After(deadline) {
+			t.Fatal("writes still succeed 3 minutes after the server died, with no server able to keep the device")
+		}
+		done := make(chan error, 1)
+		go func() {
+			done <- exec.Command("dd", "if=/dev/zero", "of="+mnt+"/probe", "bs=4k", "count=1", "oflag=direct", "conv=notrunc").Run()
+		}()
+		select {
+		case err := <-done:
+			failed = err != nil
+		case <-time.After(maxStall + time.Minute):
+			t.Fatalf("a write on the filesystem hangs (over %v) with no server able to keep the device", maxStall+time.Minute)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	d := infoEnv(t, env, m)
+	if d.Status != "orphaned" || d.Error == nil || *d.Error != -5 {
+		t.Fatalf("after the supervisor gave up: status %q, error %v; want orphaned with -5", d.Status, d.Error)
+	}
+	run(t, "umount", mnt)
+	mustEnv(t, env, "detach", m)
+	if exists(front) {
+		t.Fatal("detach left the dead front device")
+	}
+	// Refused by the state record, and by the COW file itself.
+	checkOneLineError(t, dbdEnv(t, env, "reload-incremental", diskFault, dir+"/cow1", m), "full backup")
+	checkOneLineError(t, dbdEnv(t, privateState(t), "reload-incremental", diskFault, dir+"/cow1", m), "full backup")
+	if exists(front) {
+		t.Fatal("a refused reload left the front device")
 	}
 }

@@ -195,3 +195,12 @@ func alive(pid int) bool {
 	i := strings.LastIndexByte(string(data), ')')
 	return i > 0 && i+2 < len(data) && data[i+2] != 'Z'
 }
+
+// dmCreate creates device-mapper device name with table and returns its
+// /dev/mapper path. The guest runs no udev, so dmsetup makes the node.
+func dmCreate(t *testing.T, name, table string) string {
+	t.Helper()
+	must(t, "dmsetup", "create", name, "--noudevsync", "--table", table)
+	must(t, "dmsetup", "mknodes", name)
+	return "/dev/mapper/" + name
+}

@@ -70,7 +70,7 @@ func TestStackedFilesystems(t *testing.T) {
 
 	t.Run("ext4 on device-mapper on the front device", func(t *testing.T) {
 		sectors := strings.TrimSpace(must(t, "blockdev", "--getsz", front))
-		must(t, "dmsetup", "create", "stack19", "--table", "0 "+sectors+" linear "+front+" 0")
+		dmCreate(t, "stack19", "0 "+sectors+" linear "+front+" 0")
 		defer run(t, "dmsetup", "remove", "stack19")
 		must(t, "mkfs.ext4", "-q", "-F", "/dev/mapper/stack19")
 		must(t, "mount", "/dev/mapper/stack19", "/mnt19")
