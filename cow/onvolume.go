@@ -146,3 +146,33 @@ func TruncatePinned(fh *os.File, size int64) error {
 func DropCache(f *os.File) {
 	unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
 }
+
+// CreateOnVolume creates a COW file on the filesystem of the volume being
+// snapshotted, moves it onto device (MoveToDevice) and closes it, clean:
+// what it returns is all the server needs to open the file at its extents
+// (Open with DeviceStorage), and what later opens by name check
+// (OpenVerified). It runs in the helper process that does the server's
+// work on its own volume's filesystem (internal/frontfs). On error,
+// nothing is left behind.
+func CreateOnVolume(path, device string, opt Options) (extents []Extent, ino uint64, err error) {
+	f, err := Create(path, opt)
+	if err != nil {
+		return nil, 0, err
+	}
+	extents, err = f.MoveToDevice(device)
+	if err != nil {
+		f.Close(false)
+		os.Remove(path) // still a plain file: MoveToDevice failed
+		return nil, 0, err
+	}
+	ino = f.Inode()
+	if err := f.Close(true); err != nil {
+		if fh, oerr := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0); oerr == nil {
+			SetImmutable(fh, false)
+			fh.Close()
+		}
+		os.Remove(path)
+		return nil, 0, err
+	}
+	return extents, ino, nil
+}

@@ -96,3 +96,10 @@ func (c *ServeCmd) Run(env *Env) error {
 	logger := log.New(env.Stderr, fmt.Sprintf("ublk%d: ", c.Minor), log.LstdFlags)
 	return env.Host.Run(c.ServeOptions, logger, nil)
 }
+
+// FrontFSHelperCmd is the helper process a server starts (see
+// internal/frontfs).
+type FrontFSHelperCmd struct{}
+
+// Run answers the server's requests until it closes standard input.
+func (c *FrontFSHelperCmd) Run(env *Env) error { return env.Host.FrontFSHelper() }

@@ -45,8 +45,9 @@ type CLI struct {
 	ReloadAll               ReloadAllCmd               `cmd:"" name:"reload-all" help:"Bring back every device recorded in the state directory (run at boot)."`
 	UpdateImg               UpdateImgCmd               `cmd:"" name:"update-img" aliases:"img-merge" help:"Copy the blocks changed since the previous snapshot into its image."`
 
-	Serve   ServeCmd   `cmd:"" hidden:"" help:"Run a device server (started by attach)."`
-	Version VersionCmd `cmd:"" help:"Print the version."`
+	Serve         ServeCmd         `cmd:"" hidden:"" help:"Run a device server (started by attach)."`
+	FrontFSHelper FrontFSHelperCmd `cmd:"" name:"front-fs-helper" hidden:"" help:"Do a server's work on its own volume's filesystems (started by the server)."`
+	Version       VersionCmd       `cmd:"" help:"Print the version."`
 }
 
 // Host is what the CLI needs from the daemon without depending on it.
@@ -62,6 +63,9 @@ type Host interface {
 	// Unserved lists the front devices in the kernel no server answers
 	// for: recovering, held or orphaned.
 	Unserved() []protocol.DeviceInfo
+	// FrontFSHelper runs the helper a server starts to work on the
+	// filesystems of its own front device, on standard input and output.
+	FrontFSHelper() error
 }
 
 // Env is what commands need from outside.

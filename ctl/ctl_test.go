@@ -14,6 +14,7 @@ import (
 
 	"github.com/dbdublk/dbdublk/internal/daemon"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/frontfs"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/internal/protocol/protocoltest"
 	"github.com/dbdublk/dbdublk/internal/state"
@@ -370,12 +371,28 @@ func TestMainInfoDormant(t *testing.T) {
 // run with.
 type recordingHost struct {
 	daemon.Host
-	ran protocol.ServeOptions
+	ran    protocol.ServeOptions
+	helped bool
 }
 
 func (h *recordingHost) Run(o protocol.ServeOptions, _ *log.Logger, _ func(string)) error {
 	h.ran = o
 	return nil
+}
+
+func (h *recordingHost) FrontFSHelper() error {
+	h.helped = true
+	return nil
+}
+
+// The command a server starts its helper with (frontfs.Command) is the
+// CLI's hidden helper command.
+func TestFrontFSHelperCommand(t *testing.T) {
+	h := &recordingHost{}
+	var out, errb bytes.Buffer
+	if code := Main([]string{frontfs.Command}, &out, &errb, h); code != 0 || !h.helped {
+		t.Fatalf("%s = %d (helper run: %v): %s", frontfs.Command, code, h.helped, errb.String())
+	}
 }
 
 // The server command line a spawner builds (protocol.ServeOptions.Args)

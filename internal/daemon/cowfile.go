@@ -12,137 +12,146 @@ import (
 
 	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/blockdev"
-	"github.com/dbdublk/dbdublk/internal/protocol"
-	"github.com/dbdublk/dbdublk/internal/safepath"
+	"github.com/dbdublk/dbdublk/internal/frontfs"
 	"github.com/dbdublk/dbdublk/internal/state"
 )
 
-// checkCowPath refuses a COW path that cannot work, before anything
-// changes. It reports whether the path is on the filesystem mounted from
-// the front device itself (dattobd's default layout, see cow/mapped.go).
-func (s *Server) checkCowPath(path string) (onVolume bool, err error) {
-	if path == "" {
-		return false, protocol.Errorf(protocol.ErrInvalid, "COW file path is empty")
+// frontFS returns the helper process that does the server's work on the
+// filesystems of its own front device, starting one if there is none or
+// the last one is gone. No thread of the server may wait in the kernel
+// for I/O it serves itself: killed there, the server could never finish
+// exiting and its device would hang for good (see frontfs).
+func (s *Server) frontFS() (*frontfs.Helper, error) {
+	s.fsMu.Lock()
+	defer s.fsMu.Unlock()
+	if s.fs != nil && !s.fs.Gone() {
+		return s.fs, nil
 	}
-	if !filepath.IsAbs(path) {
-		return false, protocol.Errorf(protocol.ErrInvalid, "COW file path %s must be absolute", path)
+	if s.fs != nil {
+		s.fs.Close()
+		s.fs = nil
 	}
-	dir := filepath.Dir(path)
-	var st unix.Stat_t
-	if err := unix.Stat(dir, &st); err != nil {
-		if errors.Is(err, unix.ENOENT) {
-			return false, protocol.Errorf(protocol.ErrInvalid, "directory %s of the COW file does not exist", dir)
-		}
-		return false, fmt.Errorf("COW file directory %s: %w", dir, err)
-	}
-	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
-		return false, protocol.Errorf(protocol.ErrInvalid, "%s is not a directory", dir)
-	}
-	if err := safepath.CheckDir(dir); err != nil {
-		return false, protocol.Errorf(protocol.ErrInvalid, "COW file %s: %v", path, err)
-	}
-	if _, err := os.Lstat(path); err == nil {
-		return false, protocol.Errorf(protocol.ErrInvalid, "COW file %s already exists; give a new path", path)
-	}
-	if st.Dev == s.bdev.Rdev {
-		return false, protocol.Errorf(protocol.ErrInvalid, "COW file %s is on the tracked device %s itself", path, s.cfg.BlockDevice)
-	}
-	var front unix.Stat_t
-	if err := unix.Stat(s.FrontPath(), &front); err != nil {
-		return false, fmt.Errorf("stat %s: %w", s.FrontPath(), err)
-	}
-	if st.Dev == front.Rdev {
-		return true, nil
-	}
-	if blockdev.IsPartitionOf(uint64(st.Dev), filepath.Base(s.FrontPath())) {
-		return false, protocol.Errorf(protocol.ErrInvalid, "COW file %s is on a partition of %s; put it on the filesystem of the whole device or on another one",
-			path, s.FrontPath())
-	}
-	// A filesystem stacked on the front device (device-mapper, md, btrfs)
-	// would write the COW file back through the front device (tracked,
-	// and deadlocking on itself), and its extents are not the front
-	// device's: refused.
-	fss, err := blockdev.FilesystemsOn(uint64(front.Rdev))
+	exe, err := os.Executable()
 	if err != nil {
-		return false, err
+		return nil, fmt.Errorf("find own executable for the front filesystem helper: %w", err)
 	}
-	mnt, err := blockdev.MountOf(dir)
+	h, err := frontfs.Start(exe, frontfs.Command)
 	if err != nil {
-		return false, err
+		return nil, err
 	}
-	for _, m := range fss {
-		if mnt.Dev == m.Dev {
-			return false, protocol.Errorf(protocol.ErrInvalid, "COW file %s is on a filesystem (%s, mounted at %s) stacked on %s, which cannot hold its own COW file; put it on the filesystem of %s itself or on another device",
-				path, m.FSType, m.Point, s.FrontPath(), s.FrontPath())
-		}
-	}
-	return false, nil
+	s.fs = h
+	return h, nil
 }
 
-// createCow creates a COW file, on the volume itself or elsewhere; for one
-// on the volume it also returns its extents on the device.
-func (s *Server) createCow(path string, onVolume bool, opt cow.Options) (*cow.File, []cow.Extent, error) {
-	c, err := cow.Create(path, opt)
-	if err != nil || !onVolume {
-		return c, nil, err
+// closeFrontFS ends the helper, if one runs.
+func (s *Server) closeFrontFS() {
+	s.fsMu.Lock()
+	defer s.fsMu.Unlock()
+	if s.fs != nil {
+		s.fs.Close()
+		s.fs = nil
 	}
-	extents, err := c.MoveToDevice(s.cfg.BlockDevice)
+}
+
+// frontRdev is the front device's number: the st_dev of the files on the
+// filesystem mounted from it.
+func (s *Server) frontRdev() (uint64, error) {
+	var front unix.Stat_t
+	if err := unix.Stat(s.FrontPath(), &front); err != nil {
+		return 0, fmt.Errorf("stat %s: %w", s.FrontPath(), err)
+	}
+	return uint64(front.Rdev), nil
+}
+
+// checkCowPath refuses a COW path that cannot work, before anything
+// changes (in the helper: the path may be on the front device's
+// filesystem). It reports whether the path is on the filesystem mounted
+// from the front device itself (dattobd's default layout, see
+// cow/mapped.go).
+func (s *Server) checkCowPath(path string) (onVolume bool, err error) {
+	h, err := s.frontFS()
 	if err != nil {
-		c.Close(false)
-		os.Remove(path) // still a plain file: MoveToDevice failed
-		return nil, nil, err
+		return false, err
+	}
+	return h.CheckCowPath(frontfs.CowPath{Path: path, BlockDevice: s.cfg.BlockDevice, DeviceRdev: s.bdev.Rdev, FrontPath: s.FrontPath()})
+}
+
+// createCow creates a COW file, on the volume itself or elsewhere. One on
+// the volume is made by the helper, through the volume's filesystem, and
+// opened here at its extents on the device, which it also returns with
+// its inode number.
+func (s *Server) createCow(path string, onVolume bool, opt cow.Options) (c *cow.File, extents []cow.Extent, ino uint64, err error) {
+	if !onVolume {
+		c, err = cow.Create(path, opt)
+		return c, nil, 0, err
+	}
+	h, err := s.frontFS()
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	if extents, ino, err = h.CreateOnVolume(path, s.cfg.BlockDevice, opt); err != nil {
+		return nil, nil, 0, err
+	}
+	where, err := cow.DeviceStorage(s.cfg.BlockDevice, extents)
+	if err == nil {
+		c, _, err = cow.Open(path, where, cow.ReloadSnapshot, opt.DeviceSize, opt.CacheBytes)
+	}
+	if err != nil {
+		s.removeCow(path, ino)
+		return nil, nil, 0, err
 	}
 	s.log.Printf("COW file %s is on the snapshotted volume: %d extents, written at their places on %s", path, len(extents), s.cfg.BlockDevice)
-	return c, extents, nil
+	return c, extents, ino, nil
 }
 
 // releaseCow closes a COW file the server stops writing (clean, or not)
-// and, for one on the volume, lets its filesystem have it back: its cached
-// pages are dropped, so readers through the filesystem (update-img) see
-// what was written at its extents, and it is no longer immutable (the
-// user removes it when the image is updated).
-func (s *Server) releaseCow(c *cow.File, clean bool) error {
+// and, for one on the volume (inode ino), lets its filesystem have it
+// back: its cached pages are dropped, so readers through the filesystem
+// (update-img) see what was written at its extents, and it is no longer
+// immutable (the user removes it when the image is updated).
+func (s *Server) releaseCow(c *cow.File, ino uint64, clean bool) error {
 	err := c.Close(clean)
 	if c.Mapped() {
-		if uerr := s.unpin(c.Path(), c.Inode()); uerr != nil {
+		if uerr := s.unpin(c.Path(), ino); uerr != nil {
 			s.log.Printf("release %s to its filesystem: %v", c.Path(), uerr)
 		}
 	}
 	return err
 }
 
-// openPinned opens a COW file on the volume through the filesystem mounted
-// from the front device, checking it is still the file the server wrote
-// (inode ino): a name swapped meanwhile is refused.
-func (s *Server) openPinned(path string, ino uint64) (*os.File, error) {
-	var front unix.Stat_t
-	if err := unix.Stat(s.FrontPath(), &front); err != nil {
-		return nil, err
-	}
-	return cow.OpenVerified(path, uint64(front.Rdev), ino)
-}
-
 // unpin gives a COW file on the volume back to its filesystem: its cached
 // pages are dropped and it is no longer immutable.
 func (s *Server) unpin(path string, ino uint64) error {
-	fh, err := s.openPinned(path, ino)
+	front, err := s.frontRdev()
 	if err != nil {
 		return err
 	}
-	defer fh.Close()
-	cow.DropCache(fh)
-	return cow.SetImmutable(fh, false)
+	h, err := s.frontFS()
+	if err != nil {
+		return err
+	}
+	return h.Unpin(path, front, ino)
 }
 
 // removeCow removes a COW file the server no longer uses: one on the
-// volume is given back to its filesystem first (it is immutable).
+// volume (ino not 0) through the helper, given back to its filesystem
+// first (it is immutable).
 func (s *Server) removeCow(path string, ino uint64) {
-	if ino != 0 {
-		if err := s.unpin(path, ino); err != nil {
-			s.log.Printf("release %s to its filesystem: %v", path, err)
+	var err error
+	if ino == 0 {
+		if err = os.Remove(path); errors.Is(err, os.ErrNotExist) {
+			err = nil
+		}
+	} else {
+		var front uint64
+		var h *frontfs.Helper
+		if front, err = s.frontRdev(); err == nil {
+			if h, err = s.frontFS(); err == nil {
+				err = h.Remove(path, front, ino)
+			}
 		}
 	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err != nil {
 		s.log.Printf("remove %s: %v", path, err)
 	}
 }
@@ -153,8 +162,8 @@ func (s *Server) removeCow(path string, ino uint64) {
 // wrote directly, which the tracking never saw: they are zeroed on the
 // device first, so the next snapshot agrees with the image there. The
 // index stays where it is, still written at its extents. (Truncating the
-// file through its filesystem only frees space; a failure there is
-// logged.)
+// file through its filesystem, in the helper, only frees space; a failure
+// there is logged.)
 func (s *Server) releaseStore(c *cow.File) error {
 	end := cow.DataOffset(c.Blocks())
 	for _, x := range s.snap.extents {
@@ -167,10 +176,12 @@ func (s *Server) releaseStore(c *cow.File) error {
 		}
 	}
 	s.snap.extents = clipExtents(s.snap.extents, end)
-	fh, err := s.openPinned(s.snap.cowPath, s.snap.ino)
+	front, err := s.frontRdev()
+	var h *frontfs.Helper
 	if err == nil {
-		err = cow.TruncatePinned(fh, end)
-		fh.Close()
+		if h, err = s.frontFS(); err == nil {
+			err = h.Truncate(s.snap.cowPath, front, s.snap.ino, end)
+		}
 	}
 	if err != nil {
 		s.log.Printf("truncate %s through its filesystem: %v", s.snap.cowPath, err)

@@ -22,6 +22,7 @@ import (
 
 	"github.com/dbdublk/dbdublk/internal/blockdev"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/frontfs"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/internal/state"
 	"github.com/dbdublk/dbdublk/internal/track"
@@ -93,6 +94,11 @@ type Server struct {
 	// frozen are the filesystems this server has frozen, recorded so that
 	// the server taking over after its death thaws them.
 	frozen []string
+
+	// fsMu guards fs, the helper process that does the server's work on
+	// the filesystems of its own front device (see frontfs).
+	fsMu sync.Mutex
+	fs   *frontfs.Helper
 }
 
 var _ protocol.Handler = (*Server)(nil)
@@ -461,4 +467,5 @@ func (s *Server) release() {
 		s.bdev.Close()
 		s.bdev = nil
 	}
+	s.closeFrontFS()
 }

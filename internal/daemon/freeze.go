@@ -11,7 +11,7 @@ import (
 	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/blockdev"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
-	"github.com/dbdublk/dbdublk/internal/linux"
+	"github.com/dbdublk/dbdublk/internal/frontfs"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/internal/track"
 )
@@ -46,9 +46,11 @@ func (s *Server) transition(mode dattobd.Mode, c *cow.File, cacheBytes int64, ex
 }
 
 // freeze freezes the filesystems on the front device, directly or through
-// devices stacked on it (device-mapper, md) or btrfs. They are recorded in
-// the state file first: a server that dies before it thaws them leaves
-// them frozen, and the one that takes over thaws them (recover.go).
+// devices stacked on it (device-mapper, md) or btrfs, in the helper (a
+// server killed inside FIFREEZE could never exit: see frontfs). They are
+// recorded in the state file first: should the server die before it
+// thaws them, the helper thaws them as it ends, and the server that takes
+// over thaws them too (recover.go).
 func (s *Server) freeze(snapshot, noFreeze bool) (consistency, func(), error) {
 	none := func() {}
 	if noFreeze {
@@ -77,35 +79,31 @@ func (s *Server) freeze(snapshot, noFreeze bool) (consistency, func(), error) {
 	if err := s.recordFrozen(points); err != nil {
 		return consistency{}, nil, err
 	}
-	var fds []int
+	h, err := s.frontFS()
+	if err != nil {
+		s.recordFrozen(nil)
+		return consistency{}, nil, err
+	}
 	thaw := func() {
-		for i, fd := range fds {
-			if err := linux.Thaw(fd); err != nil {
-				s.log.Printf("thaw %s: %v", points[i], err)
-			}
-			unix.Close(fd)
+		if err := h.Thaw(points); err != nil {
+			s.log.Printf("%v", err)
 		}
 		if err := s.recordFrozen(nil); err != nil {
 			s.log.Printf("%v", err)
 		}
 	}
-	for _, p := range points {
-		fd, err := unix.Open(p, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-		if err == nil {
-			if err = linux.Freeze(fd); err != nil {
-				unix.Close(fd)
-			}
+	if err := h.Freeze(points); err != nil {
+		// The helper thawed what it had frozen.
+		if err := s.recordFrozen(nil); err != nil {
+			s.log.Printf("%v", err)
 		}
-		if err != nil {
-			thaw()
-			if !snapshot {
-				return consistency{}, nil, fmt.Errorf("freeze %s: %w", p, err)
-			}
-			return consistency{}, nil, protocol.Errorf(protocol.ErrInUse,
-				"the filesystem on %s mounted at %s cannot be frozen (%v), so a snapshot of it would not be consistent: pass --no-freeze for a crash-consistent snapshot",
-				s.FrontPath(), p, err)
+		var fe *frontfs.FreezeError
+		if !snapshot || !errors.As(err, &fe) {
+			return consistency{}, nil, fmt.Errorf("freeze the filesystems on %s: %w", s.FrontPath(), err)
 		}
-		fds = append(fds, fd)
+		return consistency{}, nil, protocol.Errorf(protocol.ErrInUse,
+			"the filesystem on %s mounted at %s cannot be frozen (%v), so a snapshot of it would not be consistent: pass --no-freeze for a crash-consistent snapshot",
+			s.FrontPath(), fe.Point, fe.Err)
 	}
 	return consistency{frozen: points}, thaw, nil
 }
@@ -120,22 +118,17 @@ func (s *Server) recordFrozen(points []string) error {
 	return s.writeRecord(r)
 }
 
-// thawLeftFrozen thaws filesystems a dead server froze and never thawed.
-// Thawing one that is not frozen fails harmlessly (EINVAL).
+// thawLeftFrozen thaws filesystems a dead server froze and never thawed
+// (through the helper, like any freeze or thaw: see frontfs).
 func (s *Server) thawLeftFrozen(points []string) {
-	for _, p := range points {
-		fd, err := unix.Open(p, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			s.log.Printf("thaw %s, left frozen by the dead server: %v", p, err)
-			continue
-		}
-		switch err := linux.Thaw(fd); {
-		case err == nil:
-			s.log.Printf("thawed %s, left frozen by the dead server", p)
-		case !errors.Is(err, unix.EINVAL):
-			s.log.Printf("thaw %s, left frozen by the dead server: %v", p, err)
-		}
-		unix.Close(fd)
+	h, err := s.frontFS()
+	if err == nil {
+		err = h.Thaw(points)
+	}
+	if err != nil {
+		s.log.Printf("thaw %v, left frozen by the dead server: %v", points, err)
+	} else {
+		s.log.Printf("thawed %v, left frozen by the dead server (those still frozen)", points)
 	}
 	if err := s.recordFrozen(nil); err != nil {
 		s.log.Printf("%v", err)

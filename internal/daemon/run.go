@@ -7,6 +7,7 @@ import (
 	"runtime/pprof"
 
 	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/frontfs"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 )
 
@@ -80,6 +81,10 @@ func (Host) Run(o protocol.ServeOptions, logger *log.Logger, onReady func(front 
 
 // Unserved lists front devices no server answers for (see Unserved).
 func (Host) Unserved() []protocol.DeviceInfo { return Unserved() }
+
+// FrontFSHelper runs the helper a server starts for its work on its own
+// volume's filesystems (frontfs.Serve).
+func (Host) FrontFSHelper() error { return frontfs.Serve(os.Stdin, os.Stdout) }
 
 // RemoveOrphan removes a ublk device a dead server left (see RemoveOrphan).
 func (Host) RemoveOrphan(m dattobd.Minor) (bool, error) { return RemoveOrphan(m) }

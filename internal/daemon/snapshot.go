@@ -37,14 +37,14 @@ func (s *Server) setupSnapshot(req protocol.SetupSnapshot) error {
 	if err := s.failpoint("create-cow"); err != nil {
 		return err
 	}
-	c, extents, err := s.createCow(req.CowFile, onVolume, cow.Options{
+	c, extents, ino, err := s.createCow(req.CowFile, onVolume, cow.Options{
 		DeviceSize: s.bdev.Size(), FileSize: req.FallocMiB * mib, CacheBytes: cache,
 	})
 	if err != nil {
 		return err
 	}
 	abandon := func(err error) error {
-		s.abandonCow(c)
+		s.abandonCow(c, ino)
 		return err
 	}
 	how, err := s.transition(dattobd.Snapshot, c, cache, extents, true, req.NoFreeze)
@@ -59,7 +59,7 @@ func (s *Server) setupSnapshot(req protocol.SetupSnapshot) error {
 		}
 		return abandon(err)
 	}
-	s.snap = &session{cowPath: req.CowFile, cacheBytes: cache, fallocMiB: req.FallocMiB, extents: extents, ino: c.Inode(), consistency: how}
+	s.snap = &session{cowPath: req.CowFile, cacheBytes: cache, fallocMiB: req.FallocMiB, extents: extents, ino: ino, consistency: how}
 	if extents != nil {
 		s.snap.relative = s.relativeToFront(req.CowFile)
 	}
@@ -73,10 +73,11 @@ func (s *Server) setupSnapshot(req protocol.SetupSnapshot) error {
 	return nil
 }
 
-// abandonCow closes and removes a COW file that never took effect.
-func (s *Server) abandonCow(c *cow.File) {
+// abandonCow closes and removes a COW file that never took effect (ino:
+// its inode, for one on the volume).
+func (s *Server) abandonCow(c *cow.File, ino uint64) {
 	c.Close(false)
-	s.removeCow(c.Path(), c.Inode())
+	s.removeCow(c.Path(), ino)
 }
 
 // requireMode refuses unless the minor is in mode and healthy.
@@ -177,7 +178,7 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 		return err
 	}
 	h := prevCow.Header()
-	c, extents, err := s.createCow(req.CowFile, onVolume, cow.Options{
+	c, extents, ino, err := s.createCow(req.CowFile, onVolume, cow.Options{
 		DeviceSize: s.bdev.Size(), FileSize: falloc * mib, CacheBytes: s.snap.cacheBytes,
 		UUID: h.UUID, SeqID: h.SeqID + 1,
 	})
@@ -187,11 +188,11 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 	prev := *s.snap
 	how, err := s.transition(dattobd.Snapshot, c, s.snap.cacheBytes, append(append([]cow.Extent(nil), extents...), prev.extents...), true, req.NoFreeze)
 	if err != nil {
-		s.abandonCow(c)
+		s.abandonCow(c, ino)
 		return err
 	}
 	s.snap.consistency = how
-	s.snap.cowPath, s.snap.fallocMiB, s.snap.extents, s.snap.relative, s.snap.ino = req.CowFile, falloc, extents, "", c.Inode()
+	s.snap.cowPath, s.snap.fallocMiB, s.snap.extents, s.snap.relative, s.snap.ino = req.CowFile, falloc, extents, "", ino
 	s.snap.prevExtents = prev.extents
 	if extents != nil {
 		s.snap.relative = s.relativeToFront(req.CowFile)
@@ -199,7 +200,7 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 	undo := func(err error) error {
 		s.stopSnapshotDevice()
 		*s.snap = prev
-		s.backToIncremental(prevCow, c)
+		s.backToIncremental(prevCow, c, ino)
 		return err
 	}
 	if err := s.startSnapshotDevice(); err != nil {
@@ -210,7 +211,7 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 	}
 	// The snapshot is taken; the previous file is now the change list
 	// update-img copies from.
-	if err := firstErr(s.failpoint("close-change-list"), s.releaseCow(prevCow, true)); err != nil {
+	if err := firstErr(s.failpoint("close-change-list"), s.releaseCow(prevCow, prev.ino, true)); err != nil {
 		return fmt.Errorf("snapshot %d taken, but the change list %s could not be closed clean (%v): update-img will refuse it, so the next image must be a full copy",
 			h.SeqID+1, prev.cowPath, err)
 	}
@@ -221,8 +222,8 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 // backToIncremental undoes a transition-to-snapshot whose snapshot could
 // not be served or recorded: incremental tracking into prevCow resumes,
 // with every block written meanwhile (preserved into the abandoned
-// snapshot's file c) marked in it.
-func (s *Server) backToIncremental(prevCow, c *cow.File) {
+// snapshot's file c, inode ino if on the volume) marked in it.
+func (s *Server) backToIncremental(prevCow, c *cow.File, ino uint64) {
 	if err := s.trk.Swap(dattobd.Incremental, prevCow, track.NewBitmap(prevCow, s.snap.cacheBytes), nil); err != nil {
 		s.trk.Fail(syscall.EIO, fmt.Errorf("undo a snapshot that could not be taken: %w", err))
 		return
@@ -237,7 +238,7 @@ func (s *Server) backToIncremental(prevCow, c *cow.File) {
 	if err != nil {
 		s.trk.Fail(syscall.EIO, fmt.Errorf("record the writes of an undone snapshot in %s: %w", prevCow.Path(), err))
 	}
-	s.abandonCow(c)
+	s.abandonCow(c, ino)
 }
 
 func (s *Server) destroy() error {

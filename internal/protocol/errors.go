@@ -38,8 +38,9 @@ var codes = []struct {
 	{"detaching", ErrDetaching},
 }
 
-// codeOf is err's code, or "" for an error of no known kind.
-func codeOf(err error) Code {
+// CodeOf is err's code, or "" for an error of no known kind: what goes on
+// the wire beside its message (RemoteError restores both).
+func CodeOf(err error) Code {
 	for _, c := range codes {
 		if errors.Is(err, c.err) {
 			return c.code
@@ -72,5 +73,5 @@ func (e *RemoteError) Error() string { return e.Message }
 
 // Is matches the error kind the server's error had.
 func (e *RemoteError) Is(target error) bool {
-	return e.Code != "" && codeOf(target) == e.Code
+	return e.Code != "" && CodeOf(target) == e.Code
 }

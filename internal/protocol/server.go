@@ -131,12 +131,12 @@ func (s *Server) answer(conn *net.UnixConn) {
 	conn.SetDeadline(time.Now().Add(requestTimeout))
 	var req request
 	if err := json.NewDecoder(conn).Decode(&req); err != nil {
-		enc.Encode(response{Error: "malformed request", Code: codeOf(ErrInvalid)})
+		enc.Encode(response{Error: "malformed request", Code: CodeOf(ErrInvalid)})
 		return
 	}
 	var resp response
 	if err := s.dispatch(req, &resp); err != nil {
-		resp.Error, resp.Code = err.Error(), codeOf(err)
+		resp.Error, resp.Code = err.Error(), CodeOf(err)
 	}
 	enc.Encode(resp)
 }
