@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -57,16 +58,25 @@ func TestGuest(t *testing.T) {
 		Programs: guestPrograms,
 		Modules:  []string{"ublk_drv", "xfs", "loop", "dm-mod", "dm-log-writes", "btrfs"},
 		Script: fmt.Sprintf(`
-export DBD_GUEST=1 DBD_CRASH_ITERS=%d
+export DBD_GUEST=1 DBD_CRASH_ITERS=%d %s
 mkdir -p /mnt /var/log
 if [ "%s" = 1 ]; then
-	# DBD_GUEST_MONITOR=1: every 15 s, processes and server logs to the
+	# DBD_GUEST_MONITOR=1: every 15 s, processes, the kernel stacks of
+	# every thread blocked (D) or exiting (Z), and server logs to the
 	# console (console.log of a DBD_VM_KEEP=1 run), to see a hang live.
-	(while sleep 15; do echo "=== monitor"; ps -o pid,ppid,stat,args; tail -n 5 /var/log/dbdctl/*.log; done) >/dev/console 2>&1 &
+	(while sleep 15; do
+		echo "=== monitor"; ps -o pid,ppid,stat,args
+		for t in /proc/[0-9]*/task/[0-9]*; do
+			case "$(cut -d' ' -f3 $t/stat 2>/dev/null)" in D|Z)
+				echo "--- $t $(cat $t/comm 2>/dev/null) $(cut -d' ' -f3 $t/stat 2>/dev/null)"; cat $t/stack 2>/dev/null;;
+			esac
+		done
+		tail -n 5 /var/log/dbdctl/*.log
+	done) >/dev/console 2>&1 &
 fi
 cd /tmp
 /usr/local/bin/guest.test -test.v -test.count=1 -test.timeout=40m -test.run '%s'
-`, crashIters(), os.Getenv("DBD_GUEST_MONITOR"), run),
+`, crashIters(), passEnv("DBD_STORM_KILLS", "DBD_STORM_SEED", "DBD_REPLAY_POINTS"), os.Getenv("DBD_GUEST_MONITOR"), run),
 		Timeout: 45 * time.Minute,
 		Logf:    t.Logf,
 	}
@@ -92,6 +102,18 @@ func buildGuest(t *testing.T, work string) (dbdctl, guest string) {
 		}
 	}
 	return dbdctl, guest
+}
+
+// passEnv is the shell assignments of those of names that are set here,
+// for the guest's tests.
+func passEnv(names ...string) string {
+	var out []string
+	for _, n := range names {
+		if v, ok := os.LookupEnv(n); ok {
+			out = append(out, n+"="+strconv.Quote(v))
+		}
+	}
+	return strings.Join(out, " ")
 }
 
 // crashIters is how many times the crash tests kill a server:

@@ -192,8 +192,7 @@ func TestCrashReplay(t *testing.T) {
 			points = append(points, i)
 		}
 	}
-	const maxPoints = 60
-	if len(points) > maxPoints {
+	if maxPoints := replayPoints(); len(points) > maxPoints {
 		rng.Shuffle(len(points), func(i, j int) { points[i], points[j] = points[j], points[i] })
 		points = points[:maxPoints]
 		slices.Sort(points)
@@ -257,6 +256,16 @@ func TestCrashReplay(t *testing.T) {
 	if supersets == 0 {
 		t.Error("no replay point in incremental mode was recovered")
 	}
+}
+
+// replayPoints is how many replay points TestCrashReplay checks at most:
+// $DBD_REPLAY_POINTS, 60 by default.
+func replayPoints() int {
+	var n int
+	if _, err := fmt.Sscan(os.Getenv("DBD_REPLAY_POINTS"), &n); err != nil || n <= 0 {
+		return 60
+	}
+	return n
 }
 
 func readRecord(t *testing.T, dir, m string) state.Record {

@@ -90,6 +90,7 @@ func bootOnce(ctx context.Context, args []string, consoleLog, resultsLog string)
 	}
 
 	var crashAt time.Time
+	watch := crashWatch{marker: -1}
 	tick := time.NewTicker(pollInterval)
 	defer tick.Stop()
 	for {
@@ -135,7 +136,7 @@ func bootOnce(ctx context.Context, args []string, consoleLog, resultsLog string)
 			}
 			continue
 		}
-		if crashAt.IsZero() && crashAfterStart(buf) != "" {
+		if crashAt.IsZero() && watch.crashed(buf) {
 			crashAt = time.Now()
 		}
 		if !crashAt.IsZero() && time.Since(crashAt) > crashGrace {
@@ -170,6 +171,31 @@ func crashAfterStart(console []byte) string {
 		return ""
 	}
 	return lineAt(console, m+loc[0])
+}
+
+// crashWatch tells whether a console that only grows shows a crash after
+// the start marker, scanning each part of it about once (the console of a
+// long run is megabytes, polled every pollInterval).
+type crashWatch struct {
+	marker  int // offset of the start marker; -1 until seen
+	scanned int // bytes already scanned
+}
+
+// crashed reports whether console, the whole console so far, shows a
+// crash after the start marker.
+func (w *crashWatch) crashed(console []byte) bool {
+	const overlap = 64 // longer than any match or marker, so none is cut in two
+	from := max(w.scanned-overlap, 0)
+	w.scanned = len(console)
+	if w.marker < 0 {
+		i := bytes.Index(console[from:], []byte(startMarker))
+		if i < 0 {
+			return false
+		}
+		w.marker = from + i
+		from = w.marker
+	}
+	return crashRE.Match(console[max(from, w.marker):])
 }
 
 // lineAt returns the trimmed console line containing offset i.

@@ -352,6 +352,35 @@ func TestCrashDetection(t *testing.T) {
 	}
 }
 
+// crashWatch, fed a console that grows a few bytes at a time (markers and
+// crash lines cut across reads), finds what crashAfterStart finds on the
+// whole: a crash after the start marker, not one before it.
+func TestCrashWatchIncremental(t *testing.T) {
+	for _, c := range []struct {
+		console string
+		want    bool
+	}{
+		{"[ 0.5] BUG: early\n" + startMarker + "\n[ 2.0] fine\n[ 3.0] reboot: Power down\n", false},
+		{"[ 1.0] boot\n" + startMarker + "\n[ 2.0] fine\n[ 5.0] BUG: kernel NULL pointer dereference\n", true},
+		{"[ 1.0] boot\n" + startMarker + "\n" + strings.Repeat("[ 2.0] noise\n", 50) + "[ 9.0] Oops: 0000 [#1] SMP\n", true},
+	} {
+		for _, step := range []int{1, 3, 7, 100} {
+			w := crashWatch{marker: -1}
+			got := false
+			for n := step; ; n += step {
+				n = min(n, len(c.console))
+				got = got || w.crashed([]byte(c.console[:n]))
+				if n == len(c.console) {
+					break
+				}
+			}
+			if got != c.want || (crashAfterStart([]byte(c.console)) != "") != c.want {
+				t.Errorf("console %q read %d bytes at a time: crashed %v, want %v", c.console, step, got, c.want)
+			}
+		}
+	}
+}
+
 func TestMirrorFromSources(t *testing.T) {
 	deb822 := `Types: deb
 URIs: http://mirror.example/debian-security
