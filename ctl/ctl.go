@@ -47,6 +47,7 @@ type CLI struct {
 
 	Serve         ServeCmd         `cmd:"" hidden:"" help:"Run a device server (started by attach)."`
 	FrontFSHelper FrontFSHelperCmd `cmd:"" name:"front-fs-helper" hidden:"" help:"Do a server's work on its own volume's filesystems (started by the server)."`
+	ManPage       ManPageCmd       `cmd:"" name:"man-page" hidden:"" help:"Print the dbdctl(8) manual page (roff), as packages ship it."`
 	Version       VersionCmd       `cmd:"" help:"Print the version."`
 }
 
@@ -94,19 +95,9 @@ func Main(args []string, stdout, stderr io.Writer, host Host) (code int) {
 	}()
 	var cli CLI
 	exited := false
-	parser, err := kong.New(&cli,
-		kong.Name("dbdctl"),
-		kong.Description("Live snapshots and incremental backups of block devices, served through ublk."),
+	parser, err := newParser(&cli,
 		kong.Writers(stdout, stderr),
 		kong.Exit(func(int) { exited = true }),
-		kong.ConfigureHelp(kong.HelpOptions{Compact: true}),
-		kong.Vars{
-			// Defaults shown in help come from the packages that own them.
-			"queues":  strconv.Itoa(ublk.DefaultQueues),
-			"depth":   strconv.Itoa(ublk.DefaultDepth),
-			"maxio":   strconv.Itoa(ublk.DefaultMaxIOBytes),
-			"workers": strconv.Itoa(backup.DefaultWorkers),
-		},
 	)
 	if err != nil {
 		fmt.Fprintf(stderr, "dbdctl: internal error: %v\n", err)
@@ -129,6 +120,23 @@ func Main(args []string, stdout, stderr io.Writer, host Host) (code int) {
 		return 1
 	}
 	return 0
+}
+
+// newParser builds dbdctl's parser over cli: the one command tree that
+// Main parses and ManPage documents.
+func newParser(cli *CLI, options ...kong.Option) (*kong.Kong, error) {
+	return kong.New(cli, append([]kong.Option{
+		kong.Name("dbdctl"),
+		kong.Description("Live snapshots and incremental backups of block devices, served through ublk."),
+		kong.ConfigureHelp(kong.HelpOptions{Compact: true}),
+		kong.Vars{
+			// Defaults shown in help come from the packages that own them.
+			"queues":  strconv.Itoa(ublk.DefaultQueues),
+			"depth":   strconv.Itoa(ublk.DefaultDepth),
+			"maxio":   strconv.Itoa(ublk.DefaultMaxIOBytes),
+			"workers": strconv.Itoa(backup.DefaultWorkers),
+		},
+	}, options...)...)
 }
 
 func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }

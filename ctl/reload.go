@@ -17,7 +17,7 @@ type reloadArgs struct {
 	Cache       int64         `short:"c" name:"cache" help:"Index cache limit in bytes (default 300 MiB)." default:"0"`
 	BlockDevice string        `arg:"" name:"block-device" help:"The real block device, not mounted and not attached."`
 	CowFile     string        `arg:"" name:"cow-file" help:"The COW file the device was tracking into when it was detached, stopped or crashed."`
-	Minor       dattobd.Minor `arg:"" name:"minor"`
+	Minor       dattobd.Minor `arg:"" name:"minor" help:"Minor of the device, as given to attach or setup-snapshot (0-255)."`
 	ServerFlags
 }
 

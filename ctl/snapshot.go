@@ -45,7 +45,7 @@ type SetupSnapshotCmd struct {
 	NoFreeze    bool          `name:"no-freeze" help:"Do not freeze the filesystems on the device: take a crash-consistent snapshot even where a consistent one cannot be made."`
 	BlockDevice string        `arg:"" name:"block-device" help:"The attached device's original path (or its /dev/ublkbN); a device not yet attached is attached first."`
 	CowFile     string        `arg:"" name:"cow-file" help:"New COW file, on a filesystem other than the tracked device's."`
-	Minor       dattobd.Minor `arg:"" name:"minor"`
+	Minor       dattobd.Minor `arg:"" name:"minor" help:"Minor of the device, as given to attach or setup-snapshot (0-255)."`
 	ServerFlags
 }
 
@@ -113,7 +113,7 @@ func sameDevice(a, b string) bool {
 
 // TransitionToIncrementalCmd ends the snapshot and keeps tracking changes.
 type TransitionToIncrementalCmd struct {
-	Minor dattobd.Minor `arg:"" name:"minor"`
+	Minor dattobd.Minor `arg:"" name:"minor" help:"Minor of the device, as given to attach or setup-snapshot (0-255)."`
 }
 
 // Run transitions.
@@ -134,7 +134,7 @@ type TransitionToSnapshotCmd struct {
 	Falloc   int64         `short:"f" name:"falloc" help:"COW file size to preallocate, in MiB (default: as before)." default:"0"`
 	NoFreeze bool          `name:"no-freeze" help:"Do not freeze the filesystems on the device: take a crash-consistent snapshot even where a consistent one cannot be made."`
 	CowFile  string        `arg:"" name:"cow-file" help:"New COW file; the current one becomes the changed-block list for update-img."`
-	Minor    dattobd.Minor `arg:"" name:"minor"`
+	Minor    dattobd.Minor `arg:"" name:"minor" help:"Minor of the device, as given to attach or setup-snapshot (0-255)."`
 }
 
 // Run transitions.
@@ -159,7 +159,7 @@ func (c *TransitionToSnapshotCmd) Run(env *Env) error {
 
 // DestroyCmd stops tracking and removes the current COW file.
 type DestroyCmd struct {
-	Minor dattobd.Minor `arg:"" name:"minor"`
+	Minor dattobd.Minor `arg:"" name:"minor" help:"Minor of the device, as given to attach or setup-snapshot (0-255)."`
 }
 
 // Run destroys.
@@ -178,7 +178,7 @@ func (c *DestroyCmd) Run(env *Env) error {
 // ReconfigureCmd changes the index cache limit.
 type ReconfigureCmd struct {
 	Cache int64         `short:"c" name:"cache" required:"" help:"Index cache limit in bytes."`
-	Minor dattobd.Minor `arg:"" name:"minor"`
+	Minor dattobd.Minor `arg:"" name:"minor" help:"Minor of the device, as given to attach or setup-snapshot (0-255)."`
 }
 
 // Run reconfigures.
@@ -196,7 +196,7 @@ func (c *ReconfigureCmd) Run(env *Env) error {
 // ExpandCowFileCmd grows the COW store of an active snapshot.
 type ExpandCowFileCmd struct {
 	Size  int64         `arg:"" name:"size" help:"MiB to add."`
-	Minor dattobd.Minor `arg:"" name:"minor"`
+	Minor dattobd.Minor `arg:"" name:"minor" help:"Minor of the device, as given to attach or setup-snapshot (0-255)."`
 }
 
 // Run expands.
@@ -215,7 +215,7 @@ func (c *ExpandCowFileCmd) Run(env *Env) error {
 type ReconfigureAutoExpandCmd struct {
 	Reserved int64         `short:"r" name:"reserved" help:"MiB to always leave free on the COW file's filesystem." default:"0"`
 	Step     int64         `arg:"" name:"step" help:"MiB to add each time the store fills (0 turns auto-expand off)."`
-	Minor    dattobd.Minor `arg:"" name:"minor"`
+	Minor    dattobd.Minor `arg:"" name:"minor" help:"Minor of the device, as given to attach or setup-snapshot (0-255)."`
 }
 
 // Run reconfigures.
