@@ -7,6 +7,10 @@ default: test
 build:
 	CGO_ENABLED=0 go build -o bin/dbdctl ./ctl/dbdctl
 
+# Build the .deb and .rpm packages into dist/out (binary, systemd unit, modules-load.d entry, dbdctl(8)).
+package:
+	go run ./dist/cmd/package -out dist/out
+
 # Install what PROFILE (demo, test or bench) needs, only if missing: Debian packages (root or sudo), Go modules, the kernel.
 setup PROFILE:
 	bash scripts/setup {{PROFILE}}
