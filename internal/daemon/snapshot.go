@@ -185,6 +185,10 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 	if err != nil {
 		return err
 	}
+	if err := markNewCowChanged(prevCow, extents); err != nil {
+		s.abandonCow(c, ino)
+		return fmt.Errorf("record the blocks of %s as changed in %s: %w", req.CowFile, s.snap.cowPath, err)
+	}
 	prev := *s.snap
 	how, err := s.transition(dattobd.Snapshot, c, s.snap.cacheBytes, append(append([]cow.Extent(nil), extents...), prev.extents...), true, req.NoFreeze)
 	if err != nil {
@@ -216,6 +220,28 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 			h.SeqID+1, prev.cowPath, err)
 	}
 	s.log.Printf("snapshot %d taken: COW file %s; %s holds the changes since the previous one", h.SeqID+1, req.CowFile, prev.cowPath)
+	return nil
+}
+
+// markNewCowChanged records the blocks of a new COW file on the volume
+// (its extents) as changed in the change list: the new snapshot shows
+// them as zeros, while the previous image holds whatever they held at the
+// previous snapshot (old data of free space), and the server writes most
+// of them raw, never through the tracking. Without this, update-img would
+// leave that old data in the image.
+func markNewCowChanged(changeList *cow.File, extents []cow.Extent) error {
+	commit := false
+	for _, x := range extents {
+		first := uint64(x.Physical) / cow.BlockSize
+		must, err := changeList.MarkRange(first, first+uint64(x.Length)/cow.BlockSize)
+		if err != nil {
+			return err
+		}
+		commit = commit || must
+	}
+	if commit {
+		return changeList.CommitIntent()
+	}
 	return nil
 }
 

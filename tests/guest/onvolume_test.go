@@ -1,6 +1,7 @@
 package guest
 
 import (
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -17,6 +18,9 @@ import (
 func TestCowOnVolume(t *testing.T) {
 	ensureScratch(t)
 	must(t, "modprobe", "loop")
+	// Old data everywhere, as on any used disk: a new COW file's blocks
+	// hold it in the previous image, and read as zeros in the snapshot.
+	junk(t, diskFio)
 	front, m, dir := tracked(t, diskFio, 11, "onvol")
 	mnt := "/mnt11"
 	mountFront(t, front, mnt)
@@ -82,4 +86,11 @@ func TestCowOnVolume(t *testing.T) {
 	must(t, "umount", mnt)
 	must(t, "e2fsck", "-fn", front)
 	must(t, "mount", front, mnt)
+}
+
+// junk fills a device with non-zero bytes (mkfs does not clear free space
+// on a device that cannot discard, and neither does a reused disk).
+func junk(t *testing.T, dev string) {
+	t.Helper()
+	sh(t, "{ yes dbdctl-old-data || :; } | head -c "+fmt.Sprint(sizeOf(t, dev))+" > "+dev+" && sync")
 }
