@@ -125,3 +125,79 @@ func TestInodeFlagsRealFile(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Layouts of struct dm_ioctl and struct dm_target_spec (linux/dm-ioctl.h),
+// and the request numbers (DM_DEV_CREATE is 0xc138fd03 on x86-64).
+func TestDMLayout(t *testing.T) {
+	check := func(name string, got, want uintptr) {
+		t.Helper()
+		if got != want {
+			t.Errorf("%s = %d, want %d", name, got, want)
+		}
+	}
+	var h dmIoctlHeader
+	check("sizeof(struct dm_ioctl)", unsafe.Sizeof(h), sizeofDMIoctl)
+	check("data_size", unsafe.Offsetof(h.DataSize), 12)
+	check("data_start", unsafe.Offsetof(h.DataStart), 16)
+	check("target_count", unsafe.Offsetof(h.TargetCount), 20)
+	check("open_count", unsafe.Offsetof(h.OpenCount), 24)
+	check("flags", unsafe.Offsetof(h.Flags), 28)
+	check("event_nr", unsafe.Offsetof(h.EventNr), 32)
+	check("dev", unsafe.Offsetof(h.Dev), 40)
+	check("name", unsafe.Offsetof(h.Name), 48)
+	check("uuid", unsafe.Offsetof(h.UUID), 176)
+	check("data", unsafe.Offsetof(h.Data), 305)
+	var s dmTargetSpec
+	check("sizeof(struct dm_target_spec)", unsafe.Sizeof(s), sizeofDMTarget)
+	check("length", unsafe.Offsetof(s.Length), 8)
+	check("status", unsafe.Offsetof(s.Status), 16)
+	check("next", unsafe.Offsetof(s.Next), 20)
+	check("target_type", unsafe.Offsetof(s.TargetType), 24)
+	for _, c := range []struct {
+		name      string
+		got, want uintptr
+	}{
+		{"DM_DEV_CREATE", dmIoctlNumber(dmDevCreateCmd), 0xc138fd03},
+		{"DM_DEV_REMOVE", dmIoctlNumber(dmDevRemoveCmd), 0xc138fd04},
+		{"DM_DEV_SUSPEND", dmIoctlNumber(dmDevSuspendCmd), 0xc138fd06},
+		{"DM_DEV_STATUS", dmIoctlNumber(dmDevStatusCmd), 0xc138fd07},
+		{"DM_TABLE_LOAD", dmIoctlNumber(dmTableLoadCmd), 0xc138fd09},
+		{"DM_TABLE_CLEAR", dmIoctlNumber(dmTableClearCmd), 0xc138fd0a},
+		{"DM_TABLE_STATUS", dmIoctlNumber(dmTableStatusCmd), 0xc138fd0c},
+	} {
+		if c.got != c.want {
+			t.Errorf("%s = %#x, want %#x", c.name, c.got, c.want)
+		}
+	}
+}
+
+// A table status answer, laid out as the kernel lays it out (each spec's
+// next counted from the data's start, parameters 8-byte aligned), decodes
+// to its targets; a truncated or looping answer is refused.
+func TestParseDMTable(t *testing.T) {
+	want := []DMTarget{
+		{Start: 0, Length: 2048, Type: "linear", Params: "8:16 2048"},
+		{Start: 2048, Length: 4096, Type: "crypt", Params: "aes-xts-plain64 :64:logon:k 0 8:32 4096"},
+	}
+	buf := make([]byte, 1024)
+	off := sizeofDMIoctl
+	for _, x := range want {
+		spec := (*dmTargetSpec)(unsafe.Pointer(&buf[off]))
+		spec.SectorStart, spec.Length = x.Start, x.Length
+		copy(spec.TargetType[:], x.Type)
+		copy(buf[off+sizeofDMTarget:], x.Params)
+		off = alignDM(off + sizeofDMTarget + len(x.Params) + 1)
+		spec.Next = uint32(off - sizeofDMIoctl)
+	}
+	got, err := parseDMTable(buf, sizeofDMIoctl, off, len(want))
+	if err != nil || len(got) != 2 || got[0] != want[0] || got[1] != want[1] {
+		t.Fatalf("parseDMTable = %v, %v; want %v", got, err, want)
+	}
+	if _, err := parseDMTable(buf, sizeofDMIoctl, sizeofDMIoctl+sizeofDMTarget+4, 2); err == nil {
+		t.Error("a truncated answer was decoded")
+	}
+	(*dmTargetSpec)(unsafe.Pointer(&buf[sizeofDMIoctl])).Next = 0
+	if _, err := parseDMTable(buf, sizeofDMIoctl, off, 2); err == nil {
+		t.Error("an answer whose first spec points at itself was decoded")
+	}
+}
