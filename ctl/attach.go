@@ -24,7 +24,7 @@ func (f ServerFlags) serveOptions(bdev string, m dattobd.Minor) protocol.ServeOp
 
 // AttachCmd starts a server for a block device.
 type AttachCmd struct {
-	BlockDevice string        `arg:"" name:"block-device" help:"The real block device, e.g. /dev/sdb1. It must not be mounted or in use."`
+	BlockDevice string        `arg:"" name:"block-device" help:"The real block device, e.g. /dev/sdb1, not mounted or in use; or a device-mapper volume (an LVM logical volume, a dm-crypt mapping), also while mounted: the front device then goes in under it and it stays in use as it is."`
 	Minor       dattobd.Minor `arg:"" name:"minor" help:"Device number N of /dev/ublkbN (0-255)."`
 	Foreground  bool          `help:"Serve in the foreground (for service managers) instead of starting a background server."`
 	Force       bool          `help:"Attach untracked even though the minor was left tracking (dormant); its changed-block history is dropped and the next backup must be full."`

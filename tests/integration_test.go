@@ -21,7 +21,7 @@ import (
 var guestPrograms = []string{
 	"mkfs.ext4", "mke2fs", "e2fsck", "fio", "/usr/sbin/blkdiscard", "blockdev",
 	"mkfs.xfs", "xfs_repair", "qemu-img", "/usr/bin/cmp", "mountpoint",
-	"dmsetup", "mkfs.btrfs", "btrfs", "losetup",
+	"dmsetup", "mkfs.btrfs", "btrfs", "losetup", "lvm",
 }
 
 // guestResult is one guest test's verdict.
@@ -50,13 +50,14 @@ func TestGuest(t *testing.T) {
 			{Path: filepath.Join(work, "aux.img"), Size: 64 << 20},
 			{Path: filepath.Join(work, "logged.img"), Size: 64 << 20},
 			{Path: filepath.Join(work, "log.img"), Size: 1 << 30},
+			{Path: filepath.Join(work, "lvm.img"), Size: 1 << 30},
 		},
 		Files: map[string]string{
 			"/usr/local/bin/dbdctl":     dbdctl,
 			"/usr/local/bin/guest.test": guest,
 		},
 		Programs: guestPrograms,
-		Modules:  []string{"ublk_drv", "xfs", "loop", "dm-mod", "dm-log-writes", "btrfs"},
+		Modules:  []string{"ublk_drv", "xfs", "loop", "dm-mod", "dm-log-writes", "dm-thin-pool", "btrfs"},
 		Script: fmt.Sprintf(`
 export DBD_GUEST=1 DBD_CRASH_ITERS=%d %s
 mkdir -p /mnt /var/log

@@ -64,3 +64,23 @@ func unescapeOctal(s string) string {
 	}
 	return b.String()
 }
+
+// DMName is the device-mapper name of rdev (e.g. "vg-root"), or "" when
+// rdev is not a device-mapper device.
+func DMName(rdev uint64) string {
+	b, err := os.ReadFile(sysfsDir(rdev) + "dm/name")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// Node is the device node of rdev that devtmpfs keeps (e.g. "/dev/dm-3"),
+// found through sysfs: it exists without udev, unlike /dev/mapper names.
+func Node(rdev uint64) (string, error) {
+	name := nameOf(rdev)
+	if name == "" {
+		return "", fmt.Errorf("block device %d:%d is not in sysfs", unix.Major(rdev), unix.Minor(rdev))
+	}
+	return "/dev/" + name, nil
+}

@@ -10,6 +10,8 @@ import (
 
 	"github.com/dbdublk/dbdublk/internal/blockdev"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/insert"
+	"github.com/dbdublk/dbdublk/internal/linux"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/internal/state"
 	"github.com/dbdublk/dbdublk/ublk"
@@ -43,8 +45,13 @@ func CheckAttach(path string, m dattobd.Minor) error {
 			return fmt.Errorf("%s is already attached as minor %d (%s)", path, d.Minor, d.FrontDevice)
 		}
 	}
+	if blockdev.DMName(rdev) != "" && blockdev.Opened(rdev) {
+		// In use: the front device goes in under it (live.go).
+		return checkInsertable(path, rdev)
+	}
 	if mnt := blockdev.MountPoint(rdev); mnt != "" {
-		return fmt.Errorf("%s is mounted on %s; unmount it, attach, then mount %s instead", path, mnt, m.FrontPath())
+		return fmt.Errorf("%s is mounted on %s; unmount it, attach, then mount %s instead (only a device-mapper volume, e.g. an LVM logical volume, can be attached while mounted)",
+			path, mnt, m.FrontPath())
 	}
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -55,6 +62,34 @@ func CheckAttach(path string, m dattobd.Minor) error {
 	}
 	unix.Close(fd)
 	return nil
+}
+
+// checkInsertable refuses a live insertion under the device-mapper volume
+// at path that cannot work, before anything changes: a table that cannot
+// be mapped twice, a suspended volume, a volume already on a front device.
+func checkInsertable(path string, rdev uint64) error {
+	c, err := linux.OpenDMControl()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	table, info, err := c.Table(linux.DMID{Dev: rdev})
+	if err != nil {
+		return err
+	}
+	if info.Suspended() {
+		return fmt.Errorf("%s (%s) is suspended; resume it first", path, info.Name)
+	}
+	for _, t := range table {
+		if t.Type != "linear" {
+			continue
+		}
+		var major, minor uint32
+		if _, err := fmt.Sscanf(t.Params, "%d:%d", &major, &minor); err == nil && blockdev.IsUblk(unix.Mkdev(major, minor)) {
+			return fmt.Errorf("%s (%s) is on a ublk front device already", path, info.Name)
+		}
+	}
+	return insert.CheckClonable(path, table)
 }
 
 // RemoveOrphan deletes the ublk device of minor when its server has died

@@ -73,7 +73,7 @@ func (s *Server) checkCowPath(path string) (onVolume bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	return h.CheckCowPath(frontfs.CowPath{Path: path, BlockDevice: s.cfg.BlockDevice, DeviceRdev: s.bdev.Rdev, FrontPath: s.FrontPath()})
+	return h.CheckCowPath(frontfs.CowPath{Path: path, BlockDevice: s.cfg.BlockDevice, DeviceRdev: s.bdev.Rdev, FrontPath: s.FrontPath(), Inserted: s.insertedRdev()})
 }
 
 // createCow creates a COW file, on the volume itself or elsewhere. One on
@@ -89,10 +89,10 @@ func (s *Server) createCow(path string, onVolume bool, opt cow.Options) (c *cow.
 	if err != nil {
 		return nil, nil, 0, err
 	}
-	if extents, ino, err = h.CreateOnVolume(path, s.cfg.BlockDevice, opt); err != nil {
+	if extents, ino, err = h.CreateOnVolume(path, s.realDevice(), opt); err != nil {
 		return nil, nil, 0, err
 	}
-	where, err := cow.DeviceStorage(s.cfg.BlockDevice, extents)
+	where, err := cow.DeviceStorage(s.realDevice(), extents)
 	if err == nil {
 		c, _, err = cow.Open(path, where, cow.ReloadSnapshot, opt.DeviceSize, opt.CacheBytes)
 	}
@@ -100,7 +100,7 @@ func (s *Server) createCow(path string, onVolume bool, opt cow.Options) (c *cow.
 		s.removeCow(path, ino)
 		return nil, nil, 0, err
 	}
-	s.log.Printf("COW file %s is on the snapshotted volume: %d extents, written at their places on %s", path, len(extents), s.cfg.BlockDevice)
+	s.log.Printf("COW file %s is on the snapshotted volume: %d extents, written at their places on %s", path, len(extents), s.realDevice())
 	return c, extents, ino, nil
 }
 
@@ -122,7 +122,7 @@ func (s *Server) releaseCow(c *cow.File, ino uint64, clean bool) error {
 // unpin gives a COW file on the volume back to its filesystem: its cached
 // pages are dropped and it is no longer immutable.
 func (s *Server) unpin(path string, ino uint64) error {
-	front, err := s.frontRdev()
+	front, err := s.fsDev()
 	if err != nil {
 		return err
 	}
@@ -145,7 +145,7 @@ func (s *Server) removeCow(path string, ino uint64) {
 	} else {
 		var front uint64
 		var h *frontfs.Helper
-		if front, err = s.frontRdev(); err == nil {
+		if front, err = s.fsDev(); err == nil {
 			if h, err = s.frontFS(); err == nil {
 				err = h.Remove(path, front, ino)
 			}
@@ -172,11 +172,11 @@ func (s *Server) releaseStore(c *cow.File) error {
 			continue
 		}
 		if err := s.bdev.ZeroOut(x.Physical+lo-x.Logical, x.Logical+x.Length-lo); err != nil {
-			return fmt.Errorf("zero the data store of %s on %s: %w", c.Path(), s.cfg.BlockDevice, err)
+			return fmt.Errorf("zero the data store of %s on %s: %w", c.Path(), s.realDevice(), err)
 		}
 	}
 	s.snap.extents = clipExtents(s.snap.extents, end)
-	front, err := s.frontRdev()
+	front, err := s.fsDev()
 	var h *frontfs.Helper
 	if err == nil {
 		if h, err = s.frontFS(); err == nil {

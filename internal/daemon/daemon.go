@@ -23,6 +23,8 @@ import (
 	"github.com/dbdublk/dbdublk/internal/blockdev"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/frontfs"
+	"github.com/dbdublk/dbdublk/internal/insert"
+	"github.com/dbdublk/dbdublk/internal/linux"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/internal/state"
 	"github.com/dbdublk/dbdublk/internal/track"
@@ -99,6 +101,13 @@ type Server struct {
 	// the filesystems of its own front device (see frontfs).
 	fsMu sync.Mutex
 	fs   *frontfs.Helper
+
+	// A live insertion under a device-mapper volume in use (live.go):
+	// the insertion, the control device, and whether the volume's table
+	// maps the front device now.
+	live       *insert.Insertion
+	dm         *linux.DMControl
+	redirected bool
 }
 
 var _ protocol.Handler = (*Server)(nil)
@@ -118,7 +127,7 @@ func Start(cfg Config, logger *log.Logger) (s *Server, err error) {
 			srv.release()
 		}
 	}()
-	if err := s.acquire(recovering); err != nil {
+	if err := s.acquire(recovering, prev); err != nil {
 		return nil, err
 	}
 	if recovering {
@@ -176,17 +185,28 @@ func checkNotDormant(r state.Record) error {
 }
 
 // acquire takes what every server holds: the minor's lock and control
-// socket, the real device, the ublk control device.
-func (s *Server) acquire(recovering bool) error {
+// socket, the real device (or, under a volume in use, the hidden device
+// of a live insertion), the ublk control device.
+func (s *Server) acquire(recovering bool, prev state.Record) error {
 	var err error
 	// The minor's lock and socket first: of two servers racing for a
 	// minor, the loser touches nothing.
 	if s.ctl, err = protocol.Listen(s.cfg.Minor, s); err != nil {
 		return err
 	}
-	if recovering {
-		s.bdev, err = s.openAfterDeath()
-	} else {
+	if !recovering {
+		if r, ok := state.Find(s.cfg.Minor); ok && blockdev.Same(r.BlockDevice, s.cfg.BlockDevice) {
+			prev = r
+		}
+	}
+	live, err := liveRoute(s.cfg.BlockDevice, &prev)
+	switch {
+	case err != nil:
+	case live:
+		s.bdev, err = s.openLive(recovering, prev)
+	case recovering:
+		s.bdev, err = s.openAfterDeath(s.cfg.BlockDevice)
+	default:
 		s.bdev, err = blockdev.Open(s.cfg.BlockDevice)
 	}
 	if err != nil {
@@ -258,6 +278,11 @@ func (s *Server) startNew() error {
 	}
 	if err := s.persist(); err != nil {
 		return err
+	}
+	if s.live != nil {
+		if err := s.redirectLive(); err != nil {
+			return err
+		}
 	}
 	go s.checkpointLoop()
 	info := s.dev.Info()
@@ -342,6 +367,12 @@ func (s *Server) detach(explicit bool) error {
 	if err := s.snapshotDeviceIdle(); err != nil {
 		return err
 	}
+	if err := s.checkLiveDetach(); err != nil {
+		return err
+	}
+	if err := s.restoreLive(); err != nil {
+		return err
+	}
 	st, err := s.stopFront()
 	if err != nil {
 		return err
@@ -370,6 +401,7 @@ func (s *Server) detach(explicit bool) error {
 		s.log.Printf("flush %s: %v", s.cfg.BlockDevice, err)
 	}
 	s.bdev = nil
+	s.endLive()
 	s.log.Printf("detached %s: served %d reads, %d writes, %d flushes, %d errors",
 		s.cfg.BlockDevice, st.Reads, st.Writes, st.Flushes, st.Errors)
 	s.release()
@@ -467,5 +499,6 @@ func (s *Server) release() {
 		s.bdev.Close()
 		s.bdev = nil
 	}
+	s.endLive()
 	s.closeFrontFS()
 }

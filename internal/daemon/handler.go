@@ -26,6 +26,9 @@ func (s *Server) Info() protocol.DeviceInfo {
 		ServerPID:   os.Getpid(),
 		Log:         protocol.LogPath(s.cfg.Minor),
 	}
+	if s.live != nil {
+		d.InsertedVia = "/dev/mapper/" + s.live.Hidden
+	}
 	if s.dev == nil {
 		return d
 	}

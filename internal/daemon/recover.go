@@ -59,15 +59,15 @@ const (
 
 // openAfterDeath opens the real device for a server taking over from a
 // dead one, retrying while it is still held (each try logged).
-func (s *Server) openAfterDeath() (*blockdev.Device, error) {
+func (s *Server) openAfterDeath(path string) (*blockdev.Device, error) {
 	deadline := time.Now().Add(busyWait)
 	pause := busyFirstWait
 	for try := 1; ; try++ {
-		d, err := blockdev.Open(s.cfg.BlockDevice)
+		d, err := blockdev.Open(path)
 		if err == nil || !errors.Is(err, blockdev.ErrBusy) || time.Now().After(deadline) {
 			return d, err
 		}
-		s.log.Printf("open %s, try %d: still held by the dead server (%v); trying again in %v", s.cfg.BlockDevice, try, err, pause)
+		s.log.Printf("open %s, try %d: still held by the dead server (%v); trying again in %v", path, try, err, pause)
 		time.Sleep(pause)
 		pause = min(2*pause, busyMaxPause)
 	}
@@ -91,6 +91,9 @@ func (s *Server) startRecovered(prev state.Record) error {
 	if len(prev.Frozen) > 0 {
 		// Only now: thawing writes to the device, held until it serves.
 		s.thawLeftFrozen(prev.Frozen)
+	}
+	if s.live != nil {
+		s.resumeLive()
 	}
 	if s.mode() == dattobd.Snapshot {
 		if err := s.startSnapshotDevice(); err != nil {
@@ -158,7 +161,7 @@ func (s *Server) recoverTracking(r state.Record) {
 // either. Best effort: a file that cannot be read is refused anyway.
 func (s *Server) markCowFailed(r Reload, why error) {
 	f := state.Failure{Errno: int(syscall.EIO), Reason: why.Error()}
-	if err := markCowFile(s.cfg.BlockDevice, r.CowFile, r.Extents, f); err != nil {
+	if err := markCowFile(s.realDevice(), r.CowFile, r.Extents, f); err != nil {
 		s.log.Printf("mark %s failed: %v", r.CowFile, err)
 	}
 }

@@ -95,9 +95,9 @@ func (s *Server) openCow(r Reload) (*cow.File, error) {
 	var where cow.Storage
 	var err error
 	if len(r.Extents) > 0 {
-		where, err = cow.DeviceStorage(s.cfg.BlockDevice, r.Extents)
+		where, err = cow.DeviceStorage(s.realDevice(), r.Extents)
 		if err != nil {
-			return nil, fmt.Errorf("cow file %s: open %s: %w", r.CowFile, s.cfg.BlockDevice, err)
+			return nil, fmt.Errorf("cow file %s: open %s: %w", r.CowFile, s.realDevice(), err)
 		}
 	} else if where, err = cow.FileStorage(r.CowFile, false); err != nil {
 		return nil, err

@@ -52,7 +52,7 @@ func (s *Server) mode() dattobd.Mode { return s.trk.Current().Mode }
 // persist records the server's current configuration in the minor's state
 // file. Caller holds s.mu.
 func (s *Server) persist() error {
-	r := state.Record{Minor: s.cfg.Minor, BlockDevice: s.cfg.BlockDevice, Mode: s.mode()}
+	r := state.Record{Minor: s.cfg.Minor, BlockDevice: s.cfg.BlockDevice, Mode: s.mode(), Live: s.live}
 	if s.snap != nil {
 		r.CowFile, r.CacheBytes, r.FallocMiB, r.CowExtents = s.snap.cowPath, s.snap.cacheBytes, s.snap.fallocMiB, s.snap.extents
 		r.CowRelative, r.PrevCowExtents, r.CowInode = s.snap.relative, s.snap.prevExtents, s.snap.ino

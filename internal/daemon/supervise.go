@@ -13,6 +13,8 @@ import (
 	"github.com/gofrs/flock"
 
 	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/insert"
+	"github.com/dbdublk/dbdublk/internal/linux"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/internal/state"
 	"github.com/dbdublk/dbdublk/ublk"
@@ -199,8 +201,38 @@ func abandon(o protocol.ServeOptions, logger *log.Logger, why error) error {
 		}
 		ctrl.Close()
 	}
+	r, _ := state.Find(o.Minor)
+	if r.Live != nil {
+		// A volume in use goes back on its own devices, untracked: its
+		// filesystem saw the held I/O fail, not every later one.
+		abandonLive(r.Live, logger)
+	}
 	failRecord(o.Minor, o.BlockDevice, err, logger)
+	if r.Live != nil {
+		if c, cerr := linux.OpenDMControl(); cerr == nil {
+			if rerr := r.Live.RemoveHidden(c); rerr != nil {
+				logger.Printf("remove %s: %v", r.Live.Hidden, rerr)
+			}
+			c.Close()
+		}
+	}
 	return err
+}
+
+// abandonLive puts a live-inserted volume whose front device is gone back
+// on its original table (kept by the hidden device).
+func abandonLive(in *insert.Insertion, logger *log.Logger) {
+	c, err := linux.OpenDMControl()
+	if err != nil {
+		logger.Printf("put %s back on its own devices: %v", in.Volume, err)
+		return
+	}
+	defer c.Close()
+	if err := in.Restore(c); err != nil {
+		logger.Printf("put %s back on its own devices: %v", in.Volume, err)
+		return
+	}
+	logger.Printf("%s is back on its own devices, untracked", in.Volume)
 }
 
 // failRecord records that minor's tracking failed, from outside its server

@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/dbdublk/dbdublk/cow"
+	"github.com/dbdublk/dbdublk/internal/insert"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 )
 
@@ -151,5 +152,13 @@ func (h *Helper) Unpin(path string, frontDev, ino uint64) error {
 // is already gone is no error.
 func (h *Helper) Remove(path string, frontDev, ino uint64) error {
 	_, err := h.call(request{Op: opRemove, Path: path, FrontDev: frontDev, Inode: ino})
+	return err
+}
+
+// RestoreVolume puts the volume of a live insertion back on its original
+// table (insert.Insertion.Restore), in the helper: the suspend waits for
+// I/O that the server serves.
+func (h *Helper) RestoreVolume(in insert.Insertion) error {
+	_, err := h.call(request{Op: opRestore, Live: &in})
 	return err
 }

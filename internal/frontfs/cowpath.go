@@ -19,6 +19,10 @@ type CowPath struct {
 	BlockDevice string `json:"block_device"` // the real device, by the name the user gave
 	DeviceRdev  uint64 `json:"device_rdev"`  // its device number
 	FrontPath   string `json:"front_path"`   // /dev/ublkb<minor>
+	// Inserted is the device-mapper volume the front device is inserted
+	// under (0 if none): its filesystem is the volume's own, mapped one
+	// to one onto the front device.
+	Inserted uint64 `json:"inserted,omitempty"`
 }
 
 // checkCowPath refuses a COW path that cannot work, before anything
@@ -48,6 +52,9 @@ func checkCowPath(c CowPath) (onVolume bool, err error) {
 	}
 	if _, err := os.Lstat(path); err == nil {
 		return false, protocol.Errorf(protocol.ErrInvalid, "COW file %s already exists; give a new path", path)
+	}
+	if c.Inserted != 0 && st.Dev == c.Inserted {
+		return true, nil
 	}
 	if st.Dev == c.DeviceRdev {
 		return false, protocol.Errorf(protocol.ErrInvalid, "COW file %s is on the tracked device %s itself", path, c.BlockDevice)

@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/cow"
+	"github.com/dbdublk/dbdublk/internal/insert"
 	"github.com/dbdublk/dbdublk/internal/linux"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 )
@@ -71,6 +72,8 @@ func (h *helper) do(req request) response {
 		err = withPinned(req, unpin)
 	case opRemove:
 		err = remove(req)
+	case opRestore:
+		err = restoreVolume(req.Live)
 	default:
 		err = fmt.Errorf("unknown request %q", req.Op)
 	}
@@ -171,4 +174,19 @@ func remove(req request) error {
 		return err
 	}
 	return nil
+}
+
+// restoreVolume puts a device-mapper volume back on its original table,
+// taking the front device out from under it (insert.Restore: its suspend
+// waits for the volume's I/O through the front device).
+func restoreVolume(in *insert.Insertion) error {
+	if in == nil {
+		return errors.New("no volume to restore")
+	}
+	c, err := linux.OpenDMControl()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return in.Restore(c)
 }

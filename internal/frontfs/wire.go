@@ -2,6 +2,7 @@ package frontfs
 
 import (
 	"github.com/dbdublk/dbdublk/cow"
+	"github.com/dbdublk/dbdublk/internal/insert"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 )
 
@@ -19,6 +20,7 @@ const (
 	opTruncate op = "truncate"
 	opUnpin    op = "unpin"
 	opRemove   op = "remove"
+	opRestore  op = "restore-volume"
 )
 
 // request is one line the server sends.
@@ -35,6 +37,8 @@ type request struct {
 	Inode    uint64       `json:"inode,omitempty"`
 	Size     int64        `json:"size,omitempty"`
 	Check    *CowPath     `json:"check,omitempty"`
+	// restore-volume: the live insertion to take out.
+	Live *insert.Insertion `json:"live,omitempty"`
 }
 
 // response is the helper's answer to one request.

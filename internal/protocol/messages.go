@@ -117,22 +117,25 @@ type DeviceInfo struct {
 	Status Status       `json:"status"`
 	// Frozen lists the filesystems frozen for the current snapshot's
 	// instant; CrashConsistent says it was taken unfrozen (--no-freeze).
-	Frozen          []string   `json:"frozen,omitempty"`
-	CrashConsistent bool       `json:"crash_consistent,omitempty"`
-	SnapshotDevice  string     `json:"snapshot_device,omitempty"`
-	CacheInUse      int64      `json:"cache_in_use,omitempty"`
-	FrontDevice     string     `json:"front_device"`
-	ServerPID       int        `json:"server_pid"`
-	Size            int64      `json:"size"`
-	LogicalBS       int        `json:"logical_block_size"`
-	PhysicalBS      int        `json:"physical_block_size"`
-	Queues          int        `json:"queues"`
-	QueueDepth      int        `json:"queue_depth"`
-	MaxIOBytes      int        `json:"max_io_bytes"`
-	Features        string     `json:"ublk_features"`
-	KernelFeat      string     `json:"kernel_ublk_features"`
-	Log             string     `json:"log"`
-	Stats           IOCounters `json:"io"`
+	Frozen          []string `json:"frozen,omitempty"`
+	CrashConsistent bool     `json:"crash_consistent,omitempty"`
+	SnapshotDevice  string   `json:"snapshot_device,omitempty"`
+	CacheInUse      int64    `json:"cache_in_use,omitempty"`
+	FrontDevice     string   `json:"front_device"`
+	// InsertedVia names the hidden device-mapper device the server serves
+	// when the front device is inserted under the (in use) block device.
+	InsertedVia string     `json:"inserted_via,omitempty"`
+	ServerPID   int        `json:"server_pid"`
+	Size        int64      `json:"size"`
+	LogicalBS   int        `json:"logical_block_size"`
+	PhysicalBS  int        `json:"physical_block_size"`
+	Queues      int        `json:"queues"`
+	QueueDepth  int        `json:"queue_depth"`
+	MaxIOBytes  int        `json:"max_io_bytes"`
+	Features    string     `json:"ublk_features"`
+	KernelFeat  string     `json:"kernel_ublk_features"`
+	Log         string     `json:"log"`
+	Stats       IOCounters `json:"io"`
 }
 
 // AutoExpandInfo is dattobd's auto_expand entry of info.

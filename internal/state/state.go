@@ -14,6 +14,7 @@ import (
 	"strings"
 
 	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/insert"
 	"github.com/dbdublk/dbdublk/internal/linux"
 )
 
@@ -51,6 +52,10 @@ type Record struct {
 	// Frozen lists the filesystems the server froze and has not thawed yet:
 	// a server that takes over after its death thaws them.
 	Frozen []string `json:"frozen,omitempty"`
+	// Live, when set, says the front device is inserted under a
+	// device-mapper volume in use (BlockDevice names the volume): the
+	// server serves the hidden device that carries its original table.
+	Live *insert.Insertion `json:"live,omitempty"`
 	// Failure, when set, is why the minor's tracking failed: its COW file
 	// cannot be trusted, the next backup must be a full one, and only
 	// destroy clears it.
@@ -146,6 +151,12 @@ func Load() (records []Record, problems []error) {
 		}
 		if r.Minor.String()+".json" != name || r.BlockDevice == "" {
 			problems = append(problems, fmt.Errorf("%s: does not describe minor %s", path, strings.TrimSuffix(name, ".json")))
+			continue
+		}
+		if r.Live != nil && (r.Live.Volume == "" || r.Live.Hidden != insert.HiddenName(r.Minor)) {
+			// The hidden device is found by this name and removed at
+			// detach: never let a record name another device.
+			problems = append(problems, fmt.Errorf("%s: its live insertion names %q, not minor %s's hidden device", path, r.Live.Hidden, r.Minor))
 			continue
 		}
 		records = append(records, r)

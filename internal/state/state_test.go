@@ -37,17 +37,22 @@ func TestStateFiles(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "9.json"), []byte("{not json"), 0o600)
 	os.WriteFile(filepath.Join(dir, "10.json"), []byte(`{"minor": 11, "block_device": "/dev/x", "mode": "passthrough"}`), 0o600)
 	os.WriteFile(filepath.Join(dir, "12.json"), []byte(`{"minor": 12, "block_device": "/dev/x", "mode": "frozen"}`), 0o600)
+	// A live insertion must name its own minor's hidden device: detach
+	// removes that device by this name.
+	os.WriteFile(filepath.Join(dir, "13.json"), []byte(`{"minor": 13, "block_device": "/dev/mapper/vg-lv", "mode": "passthrough", "live": {"volume": "vg-lv", "hidden": "vg-root"}}`), 0o600)
+	os.WriteFile(filepath.Join(dir, "14.json"), []byte(`{"minor": 14, "block_device": "/dev/mapper/vg-lv", "mode": "passthrough", "live": {"volume": "vg-lv", "hidden": "dbdctl14-real"}}`), 0o600)
 	records, problems := Load()
-	if len(records) != 2 || records[0].Minor != 3 || records[1].Minor != 7 {
+	if len(records) != 3 || records[0].Minor != 3 || records[1].Minor != 7 || records[2].Minor != 14 || records[2].Live == nil {
 		t.Fatalf("records %+v", records)
 	}
+	records = records[:2]
 	if len(records[0].CowExtents) != 1 || records[0].CowExtents[0].Physical != 1<<20 {
 		t.Fatalf("extents lost: %+v", records[0])
 	}
-	if len(problems) != 3 {
+	if len(problems) != 4 {
 		t.Fatalf("problems %v", problems)
 	}
-	for i, want := range []string{"10.json", "12.json", "9.json"} {
+	for i, want := range []string{"10.json", "12.json", "13.json", "9.json"} {
 		if !strings.Contains(problems[i].Error(), want) {
 			t.Errorf("problem %d %q does not name %s", i, problems[i], want)
 		}

@@ -152,6 +152,7 @@ type infoDevice struct {
 	CrashCons   bool     `json:"crash_consistent"`
 	NrChanged   uint64   `json:"nr_changed_blocks"`
 	FrontDevice string   `json:"front_device"`
+	Inserted    string   `json:"inserted_via"`
 	ServerPID   int      `json:"server_pid"`
 	Size        int64    `json:"size"`
 	Queues      int      `json:"queues"`
