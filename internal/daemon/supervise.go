@@ -228,7 +228,7 @@ func abandonLive(in *insert.Insertion, logger *log.Logger) {
 		return
 	}
 	defer c.Close()
-	if err := in.Restore(c); err != nil {
+	if err := in.Abandon(c); err != nil {
 		logger.Printf("put %s back on its own devices: %v", in.Volume, err)
 		return
 	}

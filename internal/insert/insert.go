@@ -179,7 +179,16 @@ func (in *Insertion) Redirect(c *linux.DMControl, front uint64) error {
 // volume's I/O through the front device, so the caller must be able to
 // serve it while this waits (and must not be the only thread that could).
 // If a step fails, the volume is resumed on the table it had.
-func (in *Insertion) Restore(c *linux.DMControl) error {
+func (in *Insertion) Restore(c *linux.DMControl) error { return in.restore(c, 0) }
+
+// Abandon puts the volume's original table back when its front device is
+// gone (stopped: its I/O fails). Its filesystem cannot be frozen then
+// (the freeze's writeback fails), so the suspend skips the freeze.
+func (in *Insertion) Abandon(c *linux.DMControl) error {
+	return in.restore(c, linux.DMSkipLockfsFlag)
+}
+
+func (in *Insertion) restore(c *linux.DMControl, suspendFlags uint32) error {
 	table, _, err := in.original(c)
 	if err != nil {
 		return err
@@ -188,7 +197,7 @@ func (in *Insertion) Restore(c *linux.DMControl) error {
 	if err := c.Load(id, table, in.ReadOnly); err != nil {
 		return err
 	}
-	if err := c.Suspend(id, 0); err != nil {
+	if err := c.Suspend(id, suspendFlags); err != nil {
 		return errors.Join(err, c.ClearInactive(id))
 	}
 	if _, err := c.Resume(id, linux.DMUdevVisible); err != nil {

@@ -346,3 +346,58 @@ func differingBlocks(t *testing.T, a, b string) (n int, first []int64) {
 		}
 	}
 }
+
+// TestLiveUnrecoverable: when no server can take an inserted volume's
+// front device over, the supervisor fails the held I/O and puts the volume
+// back on its own devices (untracked, the failure recorded): its
+// filesystem is never left hanging on a dead front device.
+func TestLiveUnrecoverable(t *testing.T) {
+	ensureUblk(t)
+	ensureScratch(t)
+	volumeGroup(t)
+	env := append(privateState(t), "DBDCTL_FAILPOINTS=recover/exit")
+	const minor = 34
+	m := fmt.Sprint(minor)
+	dumpLogOnFailure(t, minor)
+	dir := "/mnt" + m
+	vol := logicalVolume(t, "unrec", "64M", ext4, dir)
+	original := table(t, "dbdvg-unrec")
+	t.Cleanup(func() { dbdEnv(t, env, "destroy", m); dbdEnv(t, env, "detach", m) })
+	mustEnv(t, env, "attach", vol, m)
+	cow := "/scratch/unrec-live.cow"
+	os.Remove(cow)
+	t.Cleanup(func() { os.Remove(cow) })
+	mustEnv(t, env, "setup-snapshot", vol, cow, m)
+	mustEnv(t, env, "transition-to-incremental", m)
+	sh(t, "dd if=/dev/urandom of="+dir+"/a bs=1M count=4 conv=fsync 2>/dev/null")
+	kill(t, infoEnv(t, env, m).ServerPID)
+
+	deadline := time.Now().Add(3 * time.Minute)
+	for table(t, "dbdvg-unrec") != original {
+		if time.Now().After(deadline) {
+			t.Fatalf("3 minutes after the server died with no server able to take over, the volume maps %q, not its own devices", table(t, "dbdvg-unrec"))
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	// The volume answers again, from its own devices: no write hangs.
+	done := make(chan error, 1)
+	go func() {
+		done <- exec.Command("dd", "if=/dev/zero", "of="+dir+"/probe", "bs=4k", "count=1", "oflag=direct").Run()
+	}()
+	select {
+	case <-done:
+	case <-time.After(maxStall):
+		t.Fatalf("a write on the volume hangs after it went back on its own devices")
+	}
+	if r := run(t, "dmsetup", "info", "dbdctl"+m+"-real"); r.code == 0 {
+		t.Fatal("the hidden device was left behind")
+	}
+	if d := infoEnv(t, env, m); d.Error == nil || *d.Error != -int(syscall.EIO) {
+		t.Fatalf("after the supervisor gave up: error %v, want %d", d.Error, -int(syscall.EIO))
+	}
+	mustEnv(t, env, "detach", m) // the dead front device
+	checkOneLineError(t, dbdEnv(t, env, "reload-incremental", vol, cow, m), "full backup")
+	if r := run(t, "dmsetup", "info", "dbdctl"+m+"-real"); r.code == 0 {
+		t.Fatal("a refused reload left a hidden device")
+	}
+}
