@@ -231,8 +231,8 @@ func TestLiveTableReloaded(t *testing.T) {
 			break
 		}
 	}
-	if d.Error == nil || *d.Error != -int(syscall.EIO) {
-		t.Fatalf("after lvextend behind the server's back info says error %v, want %d", d.Error, -int(syscall.EIO))
+	if got := errorOf(d); got != -int(syscall.EIO) {
+		t.Fatalf("after lvextend behind the server's back info says error %d, want %d", got, -int(syscall.EIO))
 	}
 	logb, _ := os.ReadFile("/var/log/dbdctl/ublk" + m + ".log")
 	if !strings.Contains(string(logb), "reloaded behind") {
@@ -392,12 +392,20 @@ func TestLiveUnrecoverable(t *testing.T) {
 	if r := run(t, "dmsetup", "info", "dbdctl"+m+"-real"); r.code == 0 {
 		t.Fatal("the hidden device was left behind")
 	}
-	if d := infoEnv(t, env, m); d.Error == nil || *d.Error != -int(syscall.EIO) {
-		t.Fatalf("after the supervisor gave up: error %v, want %d", d.Error, -int(syscall.EIO))
+	if got := errorOf(infoEnv(t, env, m)); got != -int(syscall.EIO) {
+		t.Fatalf("after the supervisor gave up: error %d, want %d", got, -int(syscall.EIO))
 	}
 	mustEnv(t, env, "detach", m) // the dead front device
 	checkOneLineError(t, dbdEnv(t, env, "reload-incremental", vol, cow, m), "full backup")
 	if r := run(t, "dmsetup", "info", "dbdctl"+m+"-real"); r.code == 0 {
 		t.Fatal("a refused reload left a hidden device")
 	}
+}
+
+// errorOf is info's error field (0 when absent).
+func errorOf(d infoDevice) int {
+	if d.Error == nil {
+		return 0
+	}
+	return *d.Error
 }
