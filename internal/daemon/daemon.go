@@ -450,7 +450,21 @@ func (s *Server) checkpointEvery() time.Duration {
 // checkpointLoop periodically writes an incremental index back, so a
 // crash over-marks only what was written recently.
 func (s *Server) checkpointLoop() {
-	tick := time.NewTicker(s.checkpointEvery())
+	s.every(s.checkpointEvery(), func() bool {
+		st := s.trk.Current()
+		if st.Mode != dattobd.Incremental {
+			return true
+		}
+		if err := st.Cow.Checkpoint(); err != nil && !errors.Is(err, os.ErrClosed) {
+			s.trk.Fail(syscall.EIO, fmt.Errorf("checkpoint %s: %w", st.Cow.Path(), err))
+		}
+		return true
+	})
+}
+
+// every calls fn every d until the server detaches or fn returns false.
+func (s *Server) every(d time.Duration, fn func() bool) {
+	tick := time.NewTicker(d)
 	defer tick.Stop()
 	for {
 		select {
@@ -458,12 +472,8 @@ func (s *Server) checkpointLoop() {
 			return
 		case <-tick.C:
 		}
-		st := s.trk.Current()
-		if st.Mode != dattobd.Incremental {
-			continue
-		}
-		if err := st.Cow.Checkpoint(); err != nil && !errors.Is(err, os.ErrClosed) {
-			s.trk.Fail(syscall.EIO, fmt.Errorf("checkpoint %s: %w", st.Cow.Path(), err))
+		if !fn() {
+			return
 		}
 	}
 }

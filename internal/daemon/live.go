@@ -145,7 +145,8 @@ func (s *Server) resumeLive() {
 			s.redirected = true
 			go s.watchLive()
 		default:
-			s.foreignTable()
+			s.lostVolume(fmt.Errorf("the table of %s was replaced while its server was down: its writes no longer pass through %s",
+				s.cfg.BlockDevice, s.FrontPath()))
 		}
 	}
 	if err != nil {
@@ -155,45 +156,39 @@ func (s *Server) resumeLive() {
 }
 
 // watchLive checks the volume's table every liveWatchEvery until detach.
+// A table that is no longer the redirect, or that cannot be read, means
+// writes may bypass the front device: tracking fails.
 func (s *Server) watchLive() {
 	front, err := s.frontRdev()
 	if err != nil {
-		s.log.Printf("watch %s: %v", s.cfg.BlockDevice, err)
+		s.lostVolume(fmt.Errorf("cannot watch the table of %s: %w", s.cfg.BlockDevice, err))
 		return
 	}
-	tick := time.NewTicker(liveWatchEvery)
-	defer tick.Stop()
-	for {
-		select {
-		case <-s.detached:
-			return
-		case <-tick.C:
-		}
+	s.every(liveWatchEvery, func() bool {
 		s.mu.Lock()
+		defer s.mu.Unlock()
 		if !s.redirected || s.dm == nil {
-			s.mu.Unlock()
-			return
+			return false // detaching, or taken out already
 		}
-		st, err := s.live.Check(s.dm, front)
-		if err == nil && st != insert.Inserted {
-			s.foreignTable()
+		switch st, err := s.live.Check(s.dm, front); {
+		case err != nil:
+			s.lostVolume(fmt.Errorf("the table of %s cannot be read (%v), so nothing says its writes still pass through %s",
+				s.cfg.BlockDevice, err, s.FrontPath()))
+		case st != insert.Inserted:
+			s.lostVolume(fmt.Errorf("the table of %s was reloaded behind dbdctl's back (lvextend, lvchange --refresh, dmsetup?): its writes no longer pass through %s",
+				s.cfg.BlockDevice, s.FrontPath()))
+		default:
+			return true
 		}
-		s.mu.Unlock()
-		if err != nil {
-			s.log.Printf("watch %s: %v", s.cfg.BlockDevice, err)
-		}
-		if st != insert.Inserted {
-			return
-		}
-	}
+		return false
+	})
 }
 
-// foreignTable handles a volume whose table was replaced behind the
-// server's back: its writes may bypass the front device from now on.
-func (s *Server) foreignTable() {
+// lostVolume handles a volume whose writes may bypass the front device
+// from now on: the changed-block list cannot be trusted.
+func (s *Server) lostVolume(why error) {
 	s.redirected = false
-	why := fmt.Errorf("the table of %s was reloaded behind dbdctl's back (lvextend, lvchange --refresh, dmsetup?): its writes no longer pass through %s, so the changed-block list cannot be trusted; a full backup is required",
-		s.cfg.BlockDevice, s.FrontPath())
+	why = fmt.Errorf("%w, so the changed-block list cannot be trusted; a full backup is required", why)
 	s.log.Printf("ALERT: %v", why)
 	if s.trk.Current().Mode.Tracking() {
 		s.trk.Fail(syscall.EIO, why)

@@ -35,12 +35,7 @@ func TestIoctlNumbers(t *testing.T) {
 
 // Layouts of struct fiemap and struct fiemap_extent (linux/fiemap.h).
 func TestFiemapLayout(t *testing.T) {
-	check := func(name string, got, want uintptr) {
-		t.Helper()
-		if got != want {
-			t.Errorf("%s = %d, want %d", name, got, want)
-		}
-	}
+	check := layoutChecker(t)
 	var h fiemapHeader
 	check("sizeof(struct fiemap)", unsafe.Sizeof(h), sizeofFiemapHeader)
 	check("fm_length", unsafe.Offsetof(h.Length), 8)
@@ -129,12 +124,7 @@ func TestInodeFlagsRealFile(t *testing.T) {
 // Layouts of struct dm_ioctl and struct dm_target_spec (linux/dm-ioctl.h),
 // and the request numbers (DM_DEV_CREATE is 0xc138fd03 on x86-64).
 func TestDMLayout(t *testing.T) {
-	check := func(name string, got, want uintptr) {
-		t.Helper()
-		if got != want {
-			t.Errorf("%s = %d, want %d", name, got, want)
-		}
-	}
+	check := layoutChecker(t)
 	var h dmIoctlHeader
 	check("sizeof(struct dm_ioctl)", unsafe.Sizeof(h), sizeofDMIoctl)
 	check("data_size", unsafe.Offsetof(h.DataSize), 12)
@@ -199,5 +189,15 @@ func TestParseDMTable(t *testing.T) {
 	(*dmTargetSpec)(unsafe.Pointer(&buf[sizeofDMIoctl])).Next = 0
 	if _, err := parseDMTable(buf, sizeofDMIoctl, off, 2); err == nil {
 		t.Error("an answer whose first spec points at itself was decoded")
+	}
+}
+
+// layoutChecker checks one size or offset of a kernel struct.
+func layoutChecker(t *testing.T) func(name string, got, want uintptr) {
+	return func(name string, got, want uintptr) {
+		t.Helper()
+		if got != want {
+			t.Errorf("%s = %d, want %d", name, got, want)
+		}
 	}
 }

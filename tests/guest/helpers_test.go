@@ -205,3 +205,12 @@ func dmCreate(t *testing.T, name, table string) string {
 	must(t, "dmsetup", "mknodes", name)
 	return "/dev/mapper/" + name
 }
+
+// fioVerify is fio writing file (of size) at random, 4–64 KiB with
+// O_DIRECT at queue depth 8, verifying what it wrote as it goes, until it
+// is interrupted.
+func fioVerify(name, file, size string) *exec.Cmd {
+	return exec.Command("fio", "--name="+name, "--filename="+file, "--size="+size,
+		"--rw=randwrite", "--bsrange=4k-64k", "--ioengine=io_uring", "--iodepth=8", "--direct=1",
+		"--verify=crc32c", "--verify_fatal=1", "--verify_backlog=64", "--time_based", "--runtime=100000")
+}

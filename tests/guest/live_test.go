@@ -71,9 +71,7 @@ func logicalVolume(t *testing.T, name, size string, k fsKind, dir string) string
 // whether fio saw any error or bad data.
 func busyFio(t *testing.T, dir string) (stop func() error) {
 	t.Helper()
-	cmd := exec.Command("fio", "--name=live", "--filename="+dir+"/load", "--size=16M",
-		"--rw=randwrite", "--bsrange=4k-64k", "--ioengine=io_uring", "--iodepth=8", "--direct=1",
-		"--verify=crc32c", "--verify_fatal=1", "--verify_backlog=64", "--time_based", "--runtime=100000")
+	cmd := fioVerify("live", dir+"/load", "16M")
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {

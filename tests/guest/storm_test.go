@@ -106,9 +106,7 @@ func TestKillStorm(t *testing.T) {
 	rng := rand.New(rand.NewPCG(seed, seed))
 	kills := stormKills()
 
-	fio := exec.Command("fio", "--name=storm", "--filename=/mnt16/load", "--size=32M",
-		"--rw=randwrite", "--bsrange=4k-64k", "--ioengine=io_uring", "--iodepth=8", "--direct=1",
-		"--verify=crc32c", "--verify_fatal=1", "--verify_backlog=64", "--time_based", "--runtime=100000")
+	fio := fioVerify("storm", "/mnt16/load", "32M")
 	var fioOut bytes.Buffer
 	fio.Stdout, fio.Stderr = &fioOut, &fioOut
 	if err := fio.Start(); err != nil {
