@@ -199,7 +199,7 @@ func (s *Server) acquire(recovering bool, prev state.Record) error {
 			prev = r
 		}
 	}
-	live, err := liveRoute(s.cfg.BlockDevice, &prev)
+	live, err := liveRoute(s.cfg.BlockDevice, &prev, recovering)
 	switch {
 	case err != nil:
 	case live:

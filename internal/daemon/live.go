@@ -24,7 +24,12 @@ const liveWatchEvery = time.Second
 // liveRoute reports whether path goes the live route: a device-mapper
 // volume that is in use, or that its minor's record says was inserted
 // (so that reload-all brings it back the same way before it is mounted).
-func liveRoute(path string, rec *state.Record) (bool, error) {
+// A server taking over from a dead one takes the route the record names:
+// the dead server's io_uring may still hold a plain device open.
+func liveRoute(path string, rec *state.Record, recovering bool) (bool, error) {
+	if recovering {
+		return rec.Live != nil, nil
+	}
 	rdev, err := blockdev.Rdev(path)
 	if err != nil {
 		return false, err
@@ -32,7 +37,7 @@ func liveRoute(path string, rec *state.Record) (bool, error) {
 	if blockdev.DMName(rdev) == "" {
 		return false, nil
 	}
-	if rec != nil && rec.Live != nil {
+	if rec.Live != nil {
 		return true, nil
 	}
 	return blockdev.Opened(rdev), nil

@@ -407,3 +407,68 @@ func errorOf(d infoDevice) int {
 	}
 	return *d.Error
 }
+
+// TestLiveDormant: a tracked live volume unmounted and detached is left
+// dormant with its original table; reload-incremental inserts the front
+// device again before it is mounted, and so do detach --all and reload-all
+// (the boot unit), so the next incremental misses nothing.
+func TestLiveDormant(t *testing.T) {
+	ensureUblk(t)
+	ensureScratch(t)
+	volumeGroup(t)
+	const minor = 35
+	m := fmt.Sprint(minor)
+	dumpLogOnFailure(t, minor)
+	dir := "/mnt" + m
+	vol := logicalVolume(t, "dormant", "64M", ext4, dir)
+	name := "dbdvg-dormant"
+	original := table(t, name)
+	front := "/dev/ublkb" + m
+	cow, next, img := "/scratch/dormant.cow", "/scratch/dormant2.cow", "/scratch/dormant.img"
+	for _, f := range []string{cow, next, img} {
+		os.Remove(f)
+		t.Cleanup(func() { os.Remove(f) })
+	}
+	t.Cleanup(func() { run(t, dbdctl, "destroy", m); run(t, dbdctl, "detach", m) })
+	must(t, dbdctl, "attach", vol, m)
+	must(t, dbdctl, "setup-snapshot", vol, cow, m)
+	must(t, "dd", "if=/dev/datto"+m, "of="+img, "bs=1M")
+	must(t, dbdctl, "transition-to-incremental", m)
+	sh(t, "dd if=/dev/urandom of="+dir+"/a bs=1M count=4 conv=fsync 2>/dev/null")
+
+	must(t, "umount", dir)
+	must(t, dbdctl, "detach", m)
+	if tbl := table(t, name); tbl != original {
+		t.Fatalf("a dormant volume maps %q, want its original %q", tbl, original)
+	}
+	must(t, dbdctl, "reload-incremental", vol, cow, m)
+	if tbl := table(t, name); !onFront(t, tbl, front) {
+		t.Fatalf("after reload-incremental the volume maps %q", tbl)
+	}
+	must(t, "mount", "-t", "ext4", vol, dir)
+	sh(t, "dd if=/dev/urandom of="+dir+"/b bs=1M count=4 conv=fsync 2>/dev/null")
+
+	// Shutdown and boot, as the unit runs them.
+	must(t, "umount", dir)
+	must(t, dbdctl, "detach", "--all")
+	if tbl := table(t, name); tbl != original {
+		t.Fatalf("after detach --all the volume maps %q", tbl)
+	}
+	must(t, dbdctl, "reload-all")
+	if d := info(t, m).Devices[0]; d.Mode != "incremental" || !onFront(t, table(t, name), front) {
+		t.Fatalf("after reload-all: mode %q, table %q", d.Mode, table(t, name))
+	}
+	must(t, "mount", "-t", "ext4", vol, dir)
+	sh(t, "dd if=/dev/urandom of="+dir+"/c bs=1M count=4 conv=fsync 2>/dev/null")
+
+	must(t, dbdctl, "transition-to-snapshot", next, m)
+	marked, changed := checkIncremental(t, cow, img, "/dev/datto"+m)
+	must(t, dbdctl, "update-img", "/dev/datto"+m, cow, img)
+	must(t, "/usr/bin/cmp", img, "/dev/datto"+m)
+	t.Logf("after a dormant detach, a reload and a reload-all: %d blocks marked, %d changed", marked, changed)
+	must(t, dbdctl, "destroy", m)
+	must(t, dbdctl, "detach", m)
+	if tbl := table(t, name); tbl != original {
+		t.Fatalf("after the last detach the volume maps %q", tbl)
+	}
+}
