@@ -276,11 +276,18 @@ func (s *Server) startNew() error {
 			return err
 		}
 	}
+	before, recorded := state.Find(s.cfg.Minor)
 	if err := s.persist(); err != nil {
 		return err
 	}
 	if s.live != nil {
 		if err := s.redirectLive(); err != nil {
+			// Nothing was inserted: the record goes back to what it was.
+			if recorded {
+				err = errors.Join(err, state.Write(before))
+			} else {
+				err = errors.Join(err, state.Remove(s.cfg.Minor))
+			}
 			return err
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/dbdublk/dbdublk/internal/blockdev"
+	"github.com/dbdublk/dbdublk/internal/failpoint"
 	"github.com/dbdublk/dbdublk/internal/insert"
 	"github.com/dbdublk/dbdublk/internal/linux"
 	"github.com/dbdublk/dbdublk/internal/state"
@@ -121,7 +122,7 @@ func (s *Server) redirectLive() error {
 	if err != nil {
 		return err
 	}
-	if err := s.failpoint("redirect"); err != nil {
+	if err := failpoint.Check("attach/redirect"); err != nil {
 		return err
 	}
 	if err := s.live.Redirect(s.dm, front); err != nil {

@@ -287,6 +287,30 @@ func TestLiveBadInput(t *testing.T) {
 		}
 	})
 
+	t.Run("failed insertion changes nothing", func(t *testing.T) {
+		dir := "/mnt" + m
+		vol := logicalVolume(t, "fail", "32M", ext4, dir)
+		before := table(t, "dbdvg-fail")
+		env := append(privateState(t), "DBDCTL_FAILPOINTS=attach/redirect")
+		r := dbdEnv(t, env, "attach", vol, m)
+		checkOneLineError(t, r, "injected")
+		if after := table(t, "dbdvg-fail"); after != before {
+			t.Fatalf("a failed attach changed the table: %q -> %q", before, after)
+		}
+		for _, leftover := range []string{"/dev/ublkb" + m, "/dev/ublkc" + m} {
+			if exists(leftover) {
+				t.Fatalf("a failed attach left %s", leftover)
+			}
+		}
+		if r := run(t, "dmsetup", "info", "dbdctl"+m+"-real"); r.code == 0 {
+			t.Fatal("a failed attach left the hidden device")
+		}
+		if r := dbdEnv(t, env, "info", m); r.code == 0 {
+			t.Fatalf("a failed attach left minor %s attached or recorded: %s", m, r.stdout)
+		}
+		frontWorks(t, dir)
+	})
+
 	t.Run("detach with the snapshot open", func(t *testing.T) {
 		dir := "/mnt" + m
 		vol := logicalVolume(t, "open", "32M", ext4, dir)
