@@ -27,6 +27,10 @@ test: (setup "test")
 demo: (setup "demo")
 	go run ./tests/demo
 
+# The crash and fault tests at soak length (~2 h): 50 kills under load and 50 power cuts, a 100+100-kill storm, 200 replay points.
+soak: (setup "test")
+	DBD_CRASH_ITERS=50 DBD_STORM_KILLS=100 DBD_REPLAY_POINTS=200 go test -count=1 -timeout 4h ./tests/
+
 # All benchmarks inside the VM: frontbench, then snapbench.
 bench: frontbench snapbench
 
