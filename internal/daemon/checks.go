@@ -65,31 +65,17 @@ func CheckAttach(path string, m dattobd.Minor) error {
 }
 
 // checkInsertable refuses a live insertion under the device-mapper volume
-// at path that cannot work, before anything changes: a table that cannot
-// be mapped twice, a suspended volume, a volume already on a front device.
+// at path that cannot work, before anything changes (insert.Inspect).
 func checkInsertable(path string, rdev uint64) error {
 	c, err := linux.OpenDMControl()
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	table, info, err := c.Table(linux.DMID{Dev: rdev})
-	if err != nil {
-		return err
+	if _, _, err := insert.Inspect(c, rdev, blockdev.IsUblk); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
 	}
-	if info.Suspended() {
-		return fmt.Errorf("%s (%s) is suspended; resume it first", path, info.Name)
-	}
-	for _, t := range table {
-		if t.Type != "linear" {
-			continue
-		}
-		var major, minor uint32
-		if _, err := fmt.Sscanf(t.Params, "%d:%d", &major, &minor); err == nil && blockdev.IsUblk(unix.Mkdev(major, minor)) {
-			return fmt.Errorf("%s (%s) is on a ublk front device already", path, info.Name)
-		}
-	}
-	return insert.CheckClonable(path, table)
+	return nil
 }
 
 // RemoveOrphan deletes the ublk device of minor when its server has died

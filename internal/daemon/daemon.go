@@ -276,7 +276,11 @@ func (s *Server) startNew() error {
 			return err
 		}
 	}
-	before, recorded := state.Find(s.cfg.Minor)
+	var before state.Record
+	var recorded bool
+	if s.live != nil {
+		before, recorded = state.Find(s.cfg.Minor) // put back if the insertion fails
+	}
 	if err := s.persist(); err != nil {
 		return err
 	}

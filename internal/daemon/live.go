@@ -69,7 +69,7 @@ func (s *Server) openLive(recovering bool, prev state.Record) (*blockdev.Device,
 		if err != nil {
 			return nil, err
 		}
-		if s.live, hidden, err = insert.Begin(s.dm, rdev, s.cfg.Minor); err != nil {
+		if s.live, hidden, err = insert.Begin(s.dm, rdev, s.cfg.Minor, blockdev.IsUblk); err != nil {
 			return nil, err
 		}
 	}

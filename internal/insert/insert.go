@@ -86,22 +86,39 @@ func redirected(sectors, front uint64) []linux.DMTarget {
 		Params: fmt.Sprintf("%d:%d 0", unix.Major(front), unix.Minor(front))}}
 }
 
-// Begin reads the table of the volume with device number volume, checks
-// it can be cloned, and creates minor's hidden device with the same table.
-// It returns the insertion and the hidden device's number. On error
-// nothing is left behind.
-func Begin(c *linux.DMControl, volume uint64, m dattobd.Minor) (*Insertion, uint64, error) {
+// Inspect reads the table of the volume with device number volume and
+// refuses one the front device cannot go under: a suspended volume, one
+// already on a front device (isFront says which device numbers are), a
+// table with a gap or one that cannot be mapped twice.
+func Inspect(c *linux.DMControl, volume uint64, isFront func(uint64) bool) ([]linux.DMTarget, linux.DMInfo, error) {
 	table, info, err := c.Table(linux.DMID{Dev: volume})
 	if err != nil {
-		return nil, 0, err
+		return nil, info, err
 	}
 	if info.Suspended() {
-		return nil, 0, fmt.Errorf("%s is suspended; resume it first", info.Name)
+		return nil, info, fmt.Errorf("%s is suspended; resume it first", info.Name)
+	}
+	for _, t := range table {
+		var major, minor uint32
+		if _, err := fmt.Sscanf(t.Params, "%d:%d", &major, &minor); err == nil && t.Type == "linear" && isFront(unix.Mkdev(major, minor)) {
+			return nil, info, fmt.Errorf("%s is on a ublk front device already", info.Name)
+		}
 	}
 	if err := CheckClonable(info.Name, table); err != nil {
-		return nil, 0, err
+		return nil, info, err
 	}
 	if _, err := size(info.Name, table); err != nil {
+		return nil, info, err
+	}
+	return table, info, nil
+}
+
+// Begin inspects the volume with device number volume and creates minor's
+// hidden device with the same table. It returns the insertion and the
+// hidden device's number. On error nothing is left behind.
+func Begin(c *linux.DMControl, volume uint64, m dattobd.Minor, isFront func(uint64) bool) (*Insertion, uint64, error) {
+	table, info, err := Inspect(c, volume, isFront)
+	if err != nil {
 		return nil, 0, err
 	}
 	in := &Insertion{Volume: info.Name, Hidden: HiddenName(m), ReadOnly: info.Flags&linux.DMReadOnlyFlag != 0}
@@ -161,18 +178,7 @@ func (in *Insertion) Redirect(c *linux.DMControl, front uint64) error {
 	if err != nil {
 		return err
 	}
-	id := linux.DMID{Name: in.Volume}
-	if err := c.Load(id, redirected(sectors, front), in.ReadOnly); err != nil {
-		return err
-	}
-	if err := c.Suspend(id, 0); err != nil {
-		return errors.Join(err, c.ClearInactive(id))
-	}
-	if _, err := c.Resume(id, linux.DMUdevVisible); err != nil {
-		// The new table did not go live: put the volume back on its own.
-		return errors.Join(err, c.ClearInactive(id), resumeErr(c.Resume(id, linux.DMUdevVisible)))
-	}
-	return nil
+	return in.swap(c, redirected(sectors, front), 0)
 }
 
 // Restore puts the volume's original table back. The suspend drains the
@@ -193,6 +199,13 @@ func (in *Insertion) restore(c *linux.DMControl, suspendFlags uint32) error {
 	if err != nil {
 		return err
 	}
+	return in.swap(c, table, suspendFlags)
+}
+
+// swap makes table the volume's live table: load, suspend (with
+// suspendFlags), resume. If a step fails, the loaded table is dropped and
+// the volume resumed on the table it had.
+func (in *Insertion) swap(c *linux.DMControl, table []linux.DMTarget, suspendFlags uint32) error {
 	id := linux.DMID{Name: in.Volume}
 	if err := c.Load(id, table, in.ReadOnly); err != nil {
 		return err
