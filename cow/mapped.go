@@ -35,11 +35,12 @@ const badExtentFlags = linux.FiemapExtentUnknown | linux.FiemapExtentDelalloc | 
 	linux.FiemapExtentDataEncrypted | linux.FiemapExtentNotAligned | linux.FiemapExtentDataInline |
 	linux.FiemapExtentDataTail | linux.FiemapExtentShared
 
-// fileExtents returns where the first size bytes of the file at path lie
-// on its device, after syncing it. It refuses a file with a hole in that
+// FileExtents returns where the first size bytes of the file at path lie
+// on its device, after syncing it (for a file written at its extents from
+// then on: a COW file, a root volume's boot record). It refuses a file with a hole in that
 // range, or with extents a raw write would corrupt or could not reach, or
 // that are not aligned to BlockSize.
-func fileExtents(f *os.File, path string, size int64) ([]Extent, error) {
+func FileExtents(f *os.File, path string, size int64) ([]Extent, error) {
 	mapped, err := linux.Fiemap(int(f.Fd()), 0, uint64(size), linux.FiemapFlagSync)
 	if err != nil {
 		return nil, fmt.Errorf("FIEMAP %s: %w", path, err)
@@ -92,7 +93,7 @@ type deviceStorage struct {
 }
 
 // DeviceStorage is a COW file's bytes at its extents on device (sorted and
-// without holes, as fileExtents returns them), read and written with
+// without holes, as FileExtents returns them), read and written with
 // O_DIRECT, never through the file's filesystem (which may not even be
 // mounted). Its size is the end of the last extent; Truncate only lowers
 // it: the file itself is truncated through its filesystem by whoever owns

@@ -131,7 +131,7 @@ func fakeVolume(t *testing.T, opt Options) (path, dev string, f *File) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	xs, err := fileExtents(probe, path, int64(f.Header().FSize))
+	xs, err := FileExtents(probe, path, int64(f.Header().FSize))
 	probe.Close()
 	if err != nil {
 		f.Close(false)

@@ -16,7 +16,7 @@ import (
 // written (zeros) through the filesystem, so that the filesystem reads
 // back what is later written at its extents on the device (the data store
 // stays preallocated, never read through the filesystem); the file is
-// synced, its extents read (fileExtents), its cached pages dropped, and
+// synced, its extents read (FileExtents), its cached pages dropped, and
 // from then on the File reads and writes device at those extents only. It
 // returns the extents, for reloads that open the file without its
 // filesystem (DeviceStorage).
@@ -52,7 +52,7 @@ func (f *File) MoveToDevice(device string) ([]Extent, error) {
 	if err := fs.Sync(); err != nil {
 		return nil, fmt.Errorf("cow file %s: fsync: %w", f.path, unwrapPath(err))
 	}
-	extents, err := fileExtents(fs.f, f.path, size)
+	extents, err := FileExtents(fs.f, f.path, size)
 	if err != nil {
 		return nil, fmt.Errorf("cow file %s: %w", f.path, err)
 	}

@@ -60,6 +60,10 @@ type Record struct {
 	// cannot be trusted, the next backup must be a full one, and only
 	// destroy clears it.
 	Failure *Failure `json:"failure,omitempty"`
+	// Boot, when set, says the volume is attached at boot by the
+	// initramfs (the root volume), which reads this record from the boot
+	// record Boot locates (boot.go).
+	Boot *Boot `json:"boot,omitempty"`
 }
 
 // Failure is a tracking failure as a record keeps it.
@@ -71,8 +75,21 @@ type Failure struct {
 // Path is the state file of minor.
 func Path(m dattobd.Minor) string { return filepath.Join(Dir, m.String()+".json") }
 
-// Write replaces r's state file atomically and durably.
+// Write replaces r's record atomically and durably: its boot record first,
+// if it has one (what the next boot trusts), then its state file.
 func Write(r Record) error {
+	if r.Boot != nil {
+		if err := writeBoot(r.BlockDevice, r); err != nil {
+			return err
+		}
+	}
+	return WriteFile(r)
+}
+
+// WriteFile replaces r's state file atomically and durably, and nothing
+// else: a boot copying its boot record into the initramfs's state
+// directory, or a server catching up once the root is writable.
+func WriteFile(r Record) error {
 	if err := os.MkdirAll(Dir, 0o700); err != nil {
 		return err
 	}
