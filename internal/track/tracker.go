@@ -42,6 +42,8 @@ type State struct {
 	gate bool
 	// opened is the state a gate opened on (set under heldMu).
 	opened *State
+	// sealed refuses every modifying request (Seal).
+	sealed bool
 }
 
 // Tracker is the front device's backend: the real device, plus the
@@ -185,20 +187,40 @@ var ErrDrain = errors.New("writes in flight did not drain")
 // writes are admitted under it) and Swap returns ErrDrain: a failed Swap
 // changes nothing.
 func (t *Tracker) Swap(mode dattobd.Mode, c *cow.File, bits *bitmap.Bitmap, cowExtents []cow.Extent) error {
+	return t.swap(&State{Mode: mode, Cow: c, Bits: bits, CowExtents: cowExtents})
+}
+
+// swap is Swap of any next state.
+func (t *Tracker) swap(st *State) error {
 	old := t.Current()
 	next := old.epoch + 1
-	gate := &State{Mode: old.Mode, Cow: old.Cow, Bits: old.Bits, CowExtents: old.CowExtents, epoch: next, gate: true}
+	gate := &State{Mode: old.Mode, Cow: old.Cow, Bits: old.Bits, CowExtents: old.CowExtents, sealed: old.sealed, epoch: next, gate: true}
 	t.state.Store(gate)
 	deadline := time.Now().Add(drainTimeout)
 	for t.inflight[old.epoch&1].Load() != 0 {
 		if time.Now().After(deadline) {
-			t.open(gate, &State{Mode: old.Mode, Cow: old.Cow, Bits: old.Bits, CowExtents: old.CowExtents, epoch: next})
+			t.open(gate, &State{Mode: old.Mode, Cow: old.Cow, Bits: old.Bits, CowExtents: old.CowExtents, sealed: old.sealed, epoch: next})
 			return fmt.Errorf("%w within %v; the previous state is back", ErrDrain, drainTimeout)
 		}
 		time.Sleep(200 * time.Microsecond)
 	}
-	t.open(gate, &State{Mode: mode, Cow: c, Bits: bits, CowExtents: cowExtents, epoch: next})
+	st.epoch = next
+	t.open(gate, st)
 	return nil
+}
+
+// Seal ends tracking in place, for a volume that stays in use read-only
+// until the machine stops (the root volume at shutdown): once the writes
+// admitted so far have completed, every later write, discard or
+// write-zeroes fails with EROFS, so that the COW file the previous state
+// returned can be closed clean and stays exact: nothing reaches the device
+// untracked after it. Reads are served as before.
+func (t *Tracker) Seal() (previous *State, err error) {
+	old := t.Current()
+	if err := t.swap(&State{Mode: dattobd.Passthrough, sealed: true}); err != nil {
+		return nil, err
+	}
+	return old, nil
 }
 
 // open installs st in place of gate and admits the writes held at it.
@@ -305,6 +327,9 @@ func (t *Tracker) deferWrite(j job) {
 // even if preserving failed: the snapshot fails closed (durably, see
 // Fail), the live device keeps working.
 func (t *Tracker) prepare(j job) error {
+	if j.st.sealed {
+		return syscall.EROFS
+	}
 	if t.failed.Load() != 0 {
 		return nil
 	}
@@ -440,6 +465,10 @@ func (t *Tracker) BeforeWrite(op uapi.IOOp, off, n int64, resume func(error)) (u
 			return st.epoch, ublk.WritePending, nil
 		}
 		st = opened // the same epoch: the write stays counted where it is
+	}
+	if st.sealed {
+		t.inflight[st.epoch&1].Add(-1) // failed here: no AfterWrite follows
+		return 0, 0, syscall.EROFS
 	}
 	if st.Mode == dattobd.Passthrough || t.failed.Load() != 0 {
 		return st.epoch, ublk.WriteProceed, nil

@@ -669,3 +669,62 @@ func TestIncrementalWriteNotResumedBeforeCommit(t *testing.T) {
 	}
 	trk.AfterWrite(token)
 }
+
+// TestSealRefusesLaterWrites: Seal waits for the writes admitted before it,
+// hands back the state they ran under, and from then on every modifying
+// request fails with EROFS (one arriving at the gate as well as one after
+// it) and is not counted in flight: nothing reaches the device untracked
+// once the COW file is closed. A write admitted before Seal is marked.
+func TestSealRefusesLaterWrites(t *testing.T) {
+	dev, _ := fakeDevice(t, 64)
+	trk := newTracker(t, dev)
+	c := newCow(t, dev.Size(), 0)
+	if err := trk.Swap(dattobd.Incremental, c, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	write(t, trk, make([]byte, 4096), 4096)
+	inFlight, action, resumed := beforeWrite(t, trk, uapi.IOOpWrite, 0, 4096)
+	if action == ublk.WritePending {
+		if err := <-resumed; err != nil {
+			t.Fatal(err)
+		}
+	}
+	sealed := make(chan *State, 1)
+	go func() {
+		prev, err := trk.Seal()
+		if err != nil {
+			t.Error(err)
+		}
+		sealed <- prev
+	}()
+	for !trk.Current().gate {
+		time.Sleep(time.Millisecond)
+	}
+	held := make(chan error, 1)
+	_, action, err := trk.BeforeWrite(uapi.IOOpWrite, 8192, 4096, func(err error) { held <- err })
+	if err != nil || action != ublk.WritePending {
+		t.Fatalf("a write at the seal's gate: %v, %v; want held", action, err)
+	}
+	trk.AfterWrite(inFlight)
+	prev := <-sealed
+	if prev == nil || prev.Cow != c || prev.Mode != dattobd.Incremental {
+		t.Fatalf("Seal returned %+v, want the incremental state", prev)
+	}
+	if err := <-held; !errors.Is(err, syscall.EROFS) {
+		t.Fatalf("the write held at the gate resumed with %v, want EROFS", err)
+	}
+	for _, op := range []uapi.IOOp{uapi.IOOpWrite, uapi.IOOpDiscard, uapi.IOOpWriteZeroes} {
+		if _, _, err := trk.BeforeWrite(op, 12288, 4096, func(error) { t.Error("resumed a sealed write") }); !errors.Is(err, syscall.EROFS) {
+			t.Fatalf("%v after Seal: %v, want EROFS", op, err)
+		}
+	}
+	if n := trk.inflight[0].Load() + trk.inflight[1].Load(); n != 1 {
+		// the held write stays counted until its AfterWrite
+		t.Fatalf("%d writes counted in flight, want only the held one", n)
+	}
+	for _, blk := range []uint64{0, 1} {
+		if e, err := c.Lookup(blk); err != nil || e == 0 {
+			t.Fatalf("block %d written before the seal is not marked", blk)
+		}
+	}
+}
