@@ -1,6 +1,7 @@
 package ctl
 
 import (
+	"errors"
 	"fmt"
 	"log"
 	"os"
@@ -28,6 +29,7 @@ type AttachCmd struct {
 	Minor       dattobd.Minor `arg:"" name:"minor" help:"Device number N of /dev/ublkbN (0-255)."`
 	Foreground  bool          `help:"Serve in the foreground (for service managers) instead of starting a background server."`
 	Force       bool          `help:"Attach untracked even though the minor was left tracking (dormant); its changed-block history is dropped and the next backup must be full."`
+	AtBoot      bool          `name:"at-boot" help:"The root volume (mounted on /, on a partition or disk): attach it from the initramfs at every boot from the next one on (rebuilds the initramfs; needs the dbdctl package's hook)."`
 	ServerFlags
 }
 
@@ -36,6 +38,12 @@ type AttachCmd struct {
 func (c *AttachCmd) Run(env *Env) error {
 	if err := requireRoot(); err != nil {
 		return err
+	}
+	if c.AtBoot {
+		if c.Foreground || c.Force {
+			return &exitError{2, errors.New("--at-boot takes neither --foreground nor --force")}
+		}
+		return attachAtBoot(env, c.BlockDevice, c.Minor)
 	}
 	o := c.ServerFlags.serveOptions(c.BlockDevice, c.Minor)
 	o.Force = c.Force

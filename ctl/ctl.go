@@ -45,10 +45,13 @@ type CLI struct {
 	ReloadAll               ReloadAllCmd               `cmd:"" name:"reload-all" help:"Bring back every device recorded in the state directory (run at boot)."`
 	UpdateImg               UpdateImgCmd               `cmd:"" name:"update-img" aliases:"img-merge" help:"Copy the blocks changed since the previous snapshot into its image."`
 
-	Serve         ServeCmd         `cmd:"" hidden:"" help:"Run a device server (started by attach)."`
-	FrontFSHelper FrontFSHelperCmd `cmd:"" name:"front-fs-helper" hidden:"" help:"Do a server's work on its own volume's filesystems (started by the server)."`
-	ManPage       ManPageCmd       `cmd:"" name:"man-page" hidden:"" help:"Print the dbdctl(8) manual page (roff), as packages ship it."`
-	Version       VersionCmd       `cmd:"" help:"Print the version."`
+	Serve          ServeCmd          `cmd:"" hidden:"" help:"Run a device server (started by attach)."`
+	FrontFSHelper  FrontFSHelperCmd  `cmd:"" name:"front-fs-helper" hidden:"" help:"Do a server's work on its own volume's filesystems (started by the server)."`
+	BootAttach     BootAttachCmd     `cmd:"" name:"boot-attach" hidden:"" help:"Attach the root device from the initramfs; print the front device to mount as /."`
+	BootFiles      BootFilesCmd      `cmd:"" name:"boot-files" hidden:"" help:"List the state files the initramfs carries (volumes attached at boot)."`
+	SystemShutdown SystemShutdownCmd `cmd:"" name:"system-shutdown" hidden:"" help:"End the tracking of volumes served from boot in place, once / is read-only (systemd's system-shutdown hook)."`
+	ManPage        ManPageCmd        `cmd:"" name:"man-page" hidden:"" help:"Print the dbdctl(8) manual page (roff), as packages ship it."`
+	Version        VersionCmd        `cmd:"" help:"Print the version."`
 }
 
 // Host is what the CLI needs from the daemon without depending on it.

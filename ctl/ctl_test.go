@@ -99,6 +99,8 @@ func TestMainErrors(t *testing.T) {
 		{[]string{"attach", "/nonexistent", "0"}, 1, "/nonexistent does not exist", true},
 		{[]string{"attach", "/dev/null", "0"}, 1, "/dev/null is not a block device", true},
 		{[]string{"detach", "5"}, 1, "minor 5 is not attached", true},
+		{[]string{"attach", "--at-boot", "--force", "/dev/vda", "0"}, 2, "--at-boot takes neither --foreground nor --force", false},
+		{[]string{"attach", "--at-boot", "/dev/null", "0"}, 1, "/dev/null is not a block device", true},
 		{[]string{"info", "17"}, 1, "minor 17 is not attached", true},
 	}
 	for _, tt := range tests {

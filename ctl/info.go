@@ -63,6 +63,12 @@ func detachOne(env *Env, m dattobd.Minor, keepState bool) error {
 	if err != nil {
 		return err
 	}
+	if d.AttachedAtBoot && keepState {
+		// detach --all at shutdown: / is never unmounted; the
+		// system-shutdown hook ends it once / is read-only.
+		fmt.Fprintf(env.Stdout, "%s serves the root volume %s until the machine stops\n", d.FrontDevice, d.BlockDevice)
+		return nil
+	}
 	if err := c.Detach(protocol.Detach{KeepState: keepState}); err != nil {
 		return err
 	}

@@ -69,8 +69,12 @@ var manSections = []struct {
 		`A failure of tracking (a full COW store, a failed write of the change list, a crash recovery that cannot resume) is written into the COW file and the state file when it happens and shown by info as dattobd's negative errno. reload-snapshot, reload-incremental, recovery after a crash and update-img then refuse the file with a message saying that a full backup is required; destroy clears it.`,
 		`A server that dies is replaced by its supervisor; writes in flight wait and are sent again. If no server can take the device over, its I/O fails instead of hanging and tracking is recorded as failed.`,
 	}},
+	{"ROOT VOLUME", []string{
+		`attach --at-boot <device> <minor> makes the initramfs attach the root volume (a partition or disk) at every boot from the next one on and mount its front device as /. The initramfs reads the minor's record from the boot record on the device and resumes its tracking; the server runs as @dbdctl, which systemd spares, and follows the switch to the real root. At shutdown, once / is read-only, the system-shutdown hook closes the COW file clean and refuses later writes, so the next boot resumes the tracking without a full backup. The COW file of such a volume must be on the volume itself (/.datto).`,
+	}},
 	{"FILES", []string{
 		`/var/lib/dbdctl/<minor>.json - what each minor was doing, so reload-all brings it back at boot.`,
+		`/.dbdctl-boot<minor> - the root volume's boot record: its record, where the initramfs reads it before / is mounted (immutable).`,
 		`/var/log/dbdctl/ublk<minor>.log - the server's log.`,
 		`/run/dbdctl/ - the servers' sockets and their per-minor locks.`,
 	}},

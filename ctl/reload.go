@@ -49,11 +49,15 @@ func (c *reloadArgs) run(env *Env, mode dattobd.Mode, fallocMiB int64) error {
 	} else if !errors.Is(err, protocol.ErrNotAttached) {
 		return err
 	}
+	return c.spawnReload(env, c.ServerFlags.serveOptions(c.BlockDevice, c.Minor), mode, fallocMiB)
+}
+
+// spawnReload starts a server with o resuming mode from the COW file.
+func (c *reloadArgs) spawnReload(env *Env, o protocol.ServeOptions, mode dattobd.Mode, fallocMiB int64) error {
 	cowPath, err := c.cowPath()
 	if err != nil {
 		return err
 	}
-	o := c.ServerFlags.serveOptions(c.BlockDevice, c.Minor)
 	o.Reload, o.CowFile, o.Cache, o.Falloc = mode, cowPath, c.Cache, fallocMiB
 	if err := spawn(env, o); err != nil {
 		return err
@@ -104,6 +108,11 @@ func (c *ReloadAllCmd) Run(env *Env) error {
 	}
 	failed := len(problems)
 	for _, r := range records {
+		if r.Boot != nil {
+			// The initramfs brings it back before / is mounted.
+			fmt.Fprintf(env.Stdout, "minor %d (%s) is attached at boot, by the initramfs\n", r.Minor, r.BlockDevice)
+			continue
+		}
 		if _, err := protocol.For(r.Minor).Info(); err == nil {
 			fmt.Fprintf(env.Stdout, "minor %d is attached already\n", r.Minor)
 			continue

@@ -49,8 +49,10 @@ func CheckAttach(path string, m dattobd.Minor) error {
 		// In use: the front device goes in under it (live.go).
 		return checkInsertable(path, rdev)
 	}
-	if mnt := blockdev.MountPoint(rdev); mnt != "" {
-		return fmt.Errorf("%s is mounted on %s; unmount it, attach, then mount %s instead (only a device-mapper volume, e.g. an LVM logical volume, can be attached while mounted)",
+	if mnt := blockdev.MountPoint(rdev); mnt == "/" {
+		return fmt.Errorf("%s is the root volume, mounted on /; attach it from boot: dbdctl attach --at-boot %s %d, then reboot", path, path, m)
+	} else if mnt != "" {
+		return fmt.Errorf("%s is mounted on %s; unmount it, attach, then mount %s instead (only a device-mapper volume, e.g. an LVM logical volume, can be attached while mounted; the root volume is attached from boot with attach --at-boot)",
 			path, mnt, m.FrontPath())
 	}
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)

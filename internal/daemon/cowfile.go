@@ -13,6 +13,7 @@ import (
 	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/blockdev"
 	"github.com/dbdublk/dbdublk/internal/frontfs"
+	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/internal/state"
 )
 
@@ -73,7 +74,13 @@ func (s *Server) checkCowPath(path string) (onVolume bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	return h.CheckCowPath(frontfs.CowPath{Path: path, BlockDevice: s.cfg.BlockDevice, DeviceRdev: s.bdev.Rdev, FrontPath: s.FrontPath(), Inserted: s.insertedRdev()})
+	onVolume, err = h.CheckCowPath(frontfs.CowPath{Path: path, BlockDevice: s.cfg.BlockDevice, DeviceRdev: s.bdev.Rdev, FrontPath: s.FrontPath(), Inserted: s.insertedRdev()})
+	if err == nil && s.boot != nil && !onVolume {
+		// The initramfs resumes the tracking before any other
+		// filesystem is mounted.
+		return false, protocol.Errorf(protocol.ErrInvalid, "%s is not on the root volume %s: a volume attached at boot keeps its COW file on itself (e.g. /.datto)", path, s.cfg.BlockDevice)
+	}
+	return onVolume, err
 }
 
 // createCow creates a COW file, on the volume itself or elsewhere. One on

@@ -48,6 +48,8 @@ type Config struct {
 	// Reload, when set, resumes tracking from a COW file before the front
 	// device serves its first request (reload-snapshot, reload-incremental).
 	Reload *Reload
+	// Boot runs the server of the root volume from the initramfs (boot.go).
+	Boot bool
 	// CheckpointEvery is how often incremental tracking writes its index
 	// back and trims its write-intent record; 0 = DefaultCheckpoint.
 	CheckpointEvery time.Duration
@@ -108,6 +110,13 @@ type Server struct {
 	live       *insert.Insertion
 	dm         *linux.DMControl
 	redirected bool
+
+	// The root volume served from boot (boot.go): where its boot record
+	// is, whether it has ended in place, and (under recMu) whether its
+	// state file lags behind the boot record.
+	boot       *state.Boot
+	sealed     bool
+	fileBehind bool
 }
 
 var _ protocol.Handler = (*Server)(nil)
@@ -199,6 +208,7 @@ func (s *Server) acquire(recovering bool, prev state.Record) error {
 			prev = r
 		}
 	}
+	s.boot = prev.Boot
 	live, err := liveRoute(s.cfg.BlockDevice, &prev, recovering)
 	switch {
 	case err != nil:
@@ -296,6 +306,7 @@ func (s *Server) startNew() error {
 		}
 	}
 	go s.checkpointLoop()
+	s.startBoot()
 	info := s.dev.Info()
 	s.log.Printf("attached %s as %s: %d bytes, %d/%d-byte blocks, %d queues x %d tags, device flags %#x, kernel features %#x",
 		s.cfg.BlockDevice, s.dev.BlockPath(), s.bdev.Size(), s.bdev.LogicalBlockSize, s.bdev.PhysicalBlockSize,

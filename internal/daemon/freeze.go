@@ -40,6 +40,9 @@ func (s *Server) transition(mode dattobd.Mode, c *cow.File, cacheBytes int64, ex
 		// A test's stand-in for a server killed at the worst moment.
 		unix.Kill(os.Getpid(), unix.SIGKILL)
 	}
+	if mode == dattobd.Snapshot {
+		extents = s.withBootRecord(extents)
+	}
 	err = s.trk.Swap(mode, c, track.NewBitmap(c, cacheBytes), extents)
 	thaw()
 	return how, err

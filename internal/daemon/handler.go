@@ -26,6 +26,7 @@ func (s *Server) Info() protocol.DeviceInfo {
 		ServerPID:   os.Getpid(),
 		Log:         protocol.LogPath(s.cfg.Minor),
 	}
+	d.AttachedAtBoot = s.boot != nil
 	if s.live != nil {
 		d.InsertedVia = "/dev/mapper/" + s.live.Hidden
 	}
@@ -86,7 +87,13 @@ func (s *Server) fillTrackingInfo(d *protocol.DeviceInfo) {
 }
 
 // Detach removes the front device (see detach).
-func (s *Server) Detach(r protocol.Detach) error { return s.detach(!r.KeepState) }
+// A root volume served from boot ends in place at shutdown instead.
+func (s *Server) Detach(r protocol.Detach) error {
+	if r.InPlace {
+		return s.endInPlace()
+	}
+	return s.detach(!r.KeepState)
+}
 
 // tracking runs op's fn with the lock held, once the server is not
 // detaching.

@@ -106,6 +106,7 @@ func (s *Server) startRecovered(prev state.Record) error {
 		s.log.Printf("%v", err)
 	}
 	go s.checkpointLoop()
+	s.startBoot()
 	s.log.Printf("recovered %s as %s", s.cfg.BlockDevice, s.FrontPath())
 	if failpoint.Check("recover/exit") != nil {
 		// A test's stand-in for a server that crashes whenever it takes

@@ -62,7 +62,7 @@ func (s *Server) reload(r Reload) error {
 	var extents []cow.Extent
 	if r.Mode == dattobd.Snapshot {
 		// the snapshot device shows them as zeros
-		extents = append(append([]cow.Extent(nil), r.Extents...), r.PrevExtents...)
+		extents = s.withBootRecord(append(append([]cow.Extent(nil), r.Extents...), r.PrevExtents...))
 	}
 	if err := s.trk.Swap(r.Mode, c, track.NewBitmap(c, r.CacheBytes), extents); err != nil {
 		c.Close(false)

@@ -37,7 +37,7 @@ func Run(o protocol.ServeOptions, logger *log.Logger, onReady func(front string)
 func configOf(o protocol.ServeOptions) Config {
 	cfg := Config{
 		BlockDevice: o.BlockDevice, Minor: o.Minor, Queues: o.Queues, Depth: o.Depth, MaxIOBytes: o.MaxIO,
-		Force: o.Force, KeepFailure: o.KeepFailure, CheckpointEvery: o.Checkpoint,
+		Force: o.Force, KeepFailure: o.KeepFailure, CheckpointEvery: o.Checkpoint, Boot: o.Boot,
 	}
 	if o.Reload.Tracking() {
 		cfg.Reload = &Reload{Mode: o.Reload, CowFile: o.CowFile, CacheBytes: o.Cache, FallocMiB: o.Falloc}

@@ -52,7 +52,7 @@ func (s *Server) mode() dattobd.Mode { return s.trk.Current().Mode }
 // persist records the server's current configuration in the minor's state
 // file. Caller holds s.mu.
 func (s *Server) persist() error {
-	r := state.Record{Minor: s.cfg.Minor, BlockDevice: s.cfg.BlockDevice, Mode: s.mode(), Live: s.live}
+	r := state.Record{Minor: s.cfg.Minor, BlockDevice: s.cfg.BlockDevice, Mode: s.mode(), Live: s.live, Boot: s.boot}
 	if s.snap != nil {
 		r.CowFile, r.CacheBytes, r.FallocMiB, r.CowExtents = s.snap.cowPath, s.snap.cacheBytes, s.snap.fallocMiB, s.snap.extents
 		r.CowRelative, r.PrevCowExtents, r.CowInode = s.snap.relative, s.snap.prevExtents, s.snap.ino
@@ -75,7 +75,11 @@ func (s *Server) writeRecord(r state.Record) error {
 	}
 	r.Frozen = s.frozen
 	s.lastRecord = r
-	if err := state.Write(r); err != nil {
+	write := state.Write
+	if r.Boot != nil {
+		write = s.writeBootRecord
+	}
+	if err := write(r); err != nil {
 		return fmt.Errorf("record minor %d in %s: %w", s.cfg.Minor, state.Path(s.cfg.Minor), err)
 	}
 	return nil

@@ -80,6 +80,10 @@ func supervise(o protocol.ServeOptions, logger *log.Logger, report func(protocol
 		report(protocol.Ready{Error: "find own executable: " + err.Error()})
 		return err
 	}
+	if o.Boot {
+		// Restarts run the running system's dbdctl, in its root.
+		go followSwitchRoot(logger.Printf, nil, nil)
+	}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, shutdownSignals...)
 	defer signal.Stop(sigs)

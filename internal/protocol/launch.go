@@ -36,6 +36,9 @@ type ServeOptions struct {
 	Cache      int64         `help:"Index cache limit in bytes; 0 = default."`
 	Falloc     int64         `help:"COW file size, in MiB, that transition-to-snapshot reuses."`
 	Checkpoint time.Duration `help:"How often incremental tracking writes its index back; 0 = default."`
+	// Boot marks a server started by the initramfs for the root volume:
+	// it must survive the switch to the real root and the shutdown.
+	Boot bool `help:"Serve the root volume from boot: outlive switch_root and shutdown, keep the boot record."`
 }
 
 // Args is the command line (after the program name) that starts a server
@@ -54,6 +57,9 @@ func (o ServeOptions) Args() []string {
 	}
 	if o.KeepFailure {
 		args = append(args, "--keep-failure")
+	}
+	if o.Boot {
+		args = append(args, "--boot")
 	}
 	for _, f := range []struct {
 		name string
@@ -80,6 +86,9 @@ type Ready struct {
 	Error string `json:"error,omitempty"`
 }
 
+// BootArgv0 is the argv[0] of a boot server and its supervisor.
+const BootArgv0 = "@dbdctl"
+
 // readyFD is the descriptor number the ready pipe gets in a started server
 // (the first of exec.Cmd.ExtraFiles).
 const readyFD = 3
@@ -97,6 +106,12 @@ func Launch(exe string, o ServeOptions, out *os.File, ownSession bool, timeout t
 	defer r.Close()
 	o.ReadyFD = readyFD
 	cmd := exec.Command(exe, o.Args()...)
+	if o.Boot {
+		// systemd's convention for root storage daemons: a process whose
+		// argv[0] starts with '@' is spared when the initramfs hands over
+		// and at shutdown, so / stays served until the very end.
+		cmd.Args[0] = BootArgv0
+	}
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.ExtraFiles = []*os.File{w}
 	if ownSession {

@@ -41,6 +41,11 @@ type Detach struct {
 	// KeepState keeps an untracked device's state file for reload-all
 	// (detach --all at shutdown); an explicit detach forgets it.
 	KeepState bool `json:"keep_state,omitempty"`
+	// InPlace, for a volume served from boot at shutdown (its filesystem
+	// read-only by then, never unmounted), ends tracking clean and dormant
+	// while the device goes on serving reads; writes are refused from
+	// then on, so none can go untracked.
+	InPlace bool `json:"in_place,omitempty"`
 }
 
 // SetupSnapshot starts a snapshot series (dattobd's setup-snapshot).
@@ -124,18 +129,21 @@ type DeviceInfo struct {
 	FrontDevice     string   `json:"front_device"`
 	// InsertedVia names the hidden device-mapper device the server serves
 	// when the front device is inserted under the (in use) block device.
-	InsertedVia string     `json:"inserted_via,omitempty"`
-	ServerPID   int        `json:"server_pid"`
-	Size        int64      `json:"size"`
-	LogicalBS   int        `json:"logical_block_size"`
-	PhysicalBS  int        `json:"physical_block_size"`
-	Queues      int        `json:"queues"`
-	QueueDepth  int        `json:"queue_depth"`
-	MaxIOBytes  int        `json:"max_io_bytes"`
-	Features    string     `json:"ublk_features"`
-	KernelFeat  string     `json:"kernel_ublk_features"`
-	Log         string     `json:"log"`
-	Stats       IOCounters `json:"io"`
+	InsertedVia string `json:"inserted_via,omitempty"`
+	// AttachedAtBoot says the initramfs attached the device (the root
+	// volume): it ends at shutdown in place (Detach.InPlace).
+	AttachedAtBoot bool       `json:"attached_at_boot,omitempty"`
+	ServerPID      int        `json:"server_pid"`
+	Size           int64      `json:"size"`
+	LogicalBS      int        `json:"logical_block_size"`
+	PhysicalBS     int        `json:"physical_block_size"`
+	Queues         int        `json:"queues"`
+	QueueDepth     int        `json:"queue_depth"`
+	MaxIOBytes     int        `json:"max_io_bytes"`
+	Features       string     `json:"ublk_features"`
+	KernelFeat     string     `json:"kernel_ublk_features"`
+	Log            string     `json:"log"`
+	Stats          IOCounters `json:"io"`
 }
 
 // AutoExpandInfo is dattobd's auto_expand entry of info.

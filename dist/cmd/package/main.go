@@ -1,6 +1,8 @@
 // Command package builds dbdctl's .deb and .rpm packages with nfpm:
 // the static binary in /usr/sbin, the systemd unit, a modules-load.d
-// entry for ublk_drv, and the dbdctl(8) manual page generated from the
+// entry for ublk_drv, the initramfs-tools hook and dracut module that
+// attach the root volume at boot, the system-shutdown hook that ends it,
+// and the dbdctl(8) manual page generated from the
 // command tree. `just package` runs it; the packages land in dist/out.
 //
 // Usage: go run ./dist/cmd/package [-out DIR] [-formats deb,rpm]
@@ -28,13 +30,20 @@ import (
 
 // Where the packages put each file.
 const (
-	binaryPath   = "/usr/sbin/dbdctl"
-	unitPath     = "/usr/lib/systemd/system/dbdctl.service"
-	modulesPath  = "/usr/lib/modules-load.d/dbdctl.conf"
-	manPagePath  = "/usr/share/man/man8/dbdctl.8.gz"
-	readmePath   = "/usr/share/doc/dbdctl/README.md"
-	defaultOut   = "dist/out"
-	defaultForms = "deb,rpm"
+	binaryPath  = "/usr/sbin/dbdctl"
+	unitPath    = "/usr/lib/systemd/system/dbdctl.service"
+	modulesPath = "/usr/lib/modules-load.d/dbdctl.conf"
+	manPagePath = "/usr/share/man/man8/dbdctl.8.gz"
+	readmePath  = "/usr/share/doc/dbdctl/README.md"
+	// The root volume, attached from boot (dbdctl attach --at-boot).
+	initramfsHookPath   = "/usr/share/initramfs-tools/hooks/dbdctl"
+	initramfsScriptPath = "/usr/share/initramfs-tools/scripts/local-premount/dbdctl"
+	dracutSetupPath     = "/usr/lib/dracut/modules.d/90dbdctl/module-setup.sh"
+	dracutHookPath      = "/usr/lib/dracut/modules.d/90dbdctl/dbdctl-root.sh"
+	shutdownHookPath    = "/usr/lib/systemd/system-shutdown/dbdctl.shutdown"
+	udevRulesPath       = "/usr/lib/udev/rules.d/60-dbdctl.rules"
+	defaultOut          = "dist/out"
+	defaultForms        = "deb,rpm"
 )
 
 func main() {
@@ -160,6 +169,12 @@ func packageInfo(binary, manPage string) *nfpm.Info {
 				file("dist/modules-load.d/dbdctl.conf", modulesPath, 0o644),
 				file(manPage, manPagePath, 0o644),
 				file("README.md", readmePath, 0o644),
+				file("dist/initramfs-tools/hooks/dbdctl", initramfsHookPath, 0o755),
+				file("dist/initramfs-tools/scripts/local-premount/dbdctl", initramfsScriptPath, 0o755),
+				file("dist/dracut/90dbdctl/module-setup.sh", dracutSetupPath, 0o755),
+				file("dist/dracut/90dbdctl/dbdctl-root.sh", dracutHookPath, 0o755),
+				file("dist/system-shutdown/dbdctl.shutdown", shutdownHookPath, 0o755),
+				file("dist/udev/60-dbdctl.rules", udevRulesPath, 0o644),
 			},
 			Scripts: nfpm.Scripts{
 				PostInstall: "dist/scripts/postinstall.sh",

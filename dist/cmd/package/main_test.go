@@ -15,7 +15,8 @@ import (
 func TestMain(m *testing.M) { testmain.Run(m) }
 
 // wantFiles is what every package must install.
-var wantFiles = []string{binaryPath, unitPath, modulesPath, manPagePath, readmePath}
+var wantFiles = []string{binaryPath, unitPath, modulesPath, manPagePath, readmePath,
+	initramfsHookPath, initramfsScriptPath, dracutSetupPath, dracutHookPath, shutdownHookPath, udevRulesPath}
 
 // TestPackages builds both packages and reads them back with the
 // distributions' own tools: dpkg-deb for the .deb, rpm for the .rpm.
