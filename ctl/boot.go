@@ -54,9 +54,6 @@ func attachAtBoot(env *Env, dev string, m dattobd.Minor) error {
 	if uint64(root.Dev) != rdev {
 		return fmt.Errorf("%s is not the root volume: --at-boot attaches the volume mounted on /; attach any other volume unmounted, or while mounted if it is device-mapper", dev)
 	}
-	if blockdev.DMName(rdev) != "" {
-		return fmt.Errorf("%s is a device-mapper volume: attach it while mounted, without --at-boot (the front device goes in under it)", dev)
-	}
 	if _, err := protocol.For(m).Info(); err == nil {
 		return fmt.Errorf("minor %d is taken: it is attached", m)
 	}

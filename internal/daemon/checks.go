@@ -45,13 +45,16 @@ func CheckAttach(path string, m dattobd.Minor) error {
 			return fmt.Errorf("%s is already attached as minor %d (%s)", path, d.Minor, d.FrontDevice)
 		}
 	}
+	if blockdev.MountPoint(rdev) == "/" {
+		// Not even live under device-mapper: a server inserted under /
+		// would be stopped at shutdown with / still on it.
+		return fmt.Errorf("%s is the root volume, mounted on /; attach it from boot: dbdctl attach --at-boot %s %d, then reboot", path, path, m)
+	}
 	if blockdev.DMName(rdev) != "" && blockdev.Opened(rdev) {
 		// In use: the front device goes in under it (live.go).
 		return checkInsertable(path, rdev)
 	}
-	if mnt := blockdev.MountPoint(rdev); mnt == "/" {
-		return fmt.Errorf("%s is the root volume, mounted on /; attach it from boot: dbdctl attach --at-boot %s %d, then reboot", path, path, m)
-	} else if mnt != "" {
+	if mnt := blockdev.MountPoint(rdev); mnt != "" {
 		return fmt.Errorf("%s is mounted on %s; unmount it, attach, then mount %s instead (only a device-mapper volume, e.g. an LVM logical volume, can be attached while mounted; the root volume is attached from boot with attach --at-boot)",
 			path, mnt, m.FrontPath())
 	}
