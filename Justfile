@@ -42,6 +42,7 @@ frontbench: (setup "bench")
 snapbench *ARGS: (setup "bench")
 	go run ./bench/cmd/snapbench {{ARGS}}
 
-# Fetch and cache the test kernel (DBD_KERNEL=6.12 by default).
+# Fetch and cache the test kernel (DBD_KERNEL=6.12 by default) and the Debian root image.
 kernel:
 	go run ./tests/vm/cmd/fetch-kernel
+	go run ./tests/vm/cmd/fetch-rootimage

@@ -63,3 +63,39 @@ func Require(t testing.TB) {
 	}
 	t.Skipf("VM tests unavailable: %v", err)
 }
+
+var (
+	machineOnce sync.Once
+	machineErr  error
+)
+
+// MachineAvailable reports whether Machines can run here: qemu, debugfs
+// and mke2fs, and the root image (built if not cached yet, which needs
+// root, mmdebstrap and sfdisk).
+func MachineAvailable() error {
+	machineOnce.Do(func() {
+		for _, tool := range []struct{ bin, pkg string }{{qemuBinary, "qemu-system-x86"}, {"debugfs", "e2fsprogs"}, {"mke2fs", "e2fsprogs"}} {
+			if _, err := exec.LookPath(tool.bin); err != nil {
+				machineErr = fmt.Errorf("vm: %s not found (Debian package %s)", tool.bin, tool.pkg)
+				return
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), rootBuildTimeout)
+		defer cancel()
+		_, machineErr = EnsureRootImage(ctx)
+	})
+	return machineErr
+}
+
+// RequireMachine is Require for tests that boot a Machine.
+func RequireMachine(t testing.TB) {
+	t.Helper()
+	err := MachineAvailable()
+	if err == nil {
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("VM machine tests cannot run in CI: %v", err)
+	}
+	t.Skipf("VM machine tests unavailable: %v", err)
+}

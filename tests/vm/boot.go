@@ -18,8 +18,8 @@ const (
 	// maxBoots bounds the retries after early kernel crashes: qemu 7.2's
 	// TCG hits an int3 oops in roughly one boot out of thirty.
 	maxBoots = 3
-	// bootDeadline is how long a boot may take to reach the start marker
-	// before it counts as hung. A healthy boot takes about 3 s.
+	// bootDeadline is how long a boot of Run may take to reach the start
+	// marker before it counts as hung. A healthy boot takes about 3 s.
 	bootDeadline = 60 * time.Second
 	// crashGrace lets a late oops finish printing before qemu is stopped.
 	crashGrace = 2 * time.Second
@@ -44,10 +44,25 @@ type bootOutcome struct {
 // errQemuStart marks qemu refusing its command line or failing to start.
 var errQemuStart = errors.New("qemu failed to start")
 
+// bootPlan is what it takes to boot one guest, again after a flake: Run
+// and Machine.Boot differ in command line, what prints the start marker and
+// how long that may take.
+type bootPlan struct {
+	args       func(backends []diskBackend) []string // qemu command line for these disk backends
+	backends   []diskBackend                         // changed to aio=threads if qemu refuses io_uring
+	consoleLog string                                // host side of ttyS0
+	resultsLog string                                // host side of ttyS1
+	deadline   time.Duration                         // from starting qemu to the start marker
+	starter    string                                // what prints the start marker, for messages: "init"
+	powerCut   bool                                  // a missing exit trailer is a power cut, not an error
+	logf       func(format string, args ...any)
+}
+
 // bootOnce runs qemu once and watches the console until the guest powers
 // off, crashes, or ctx ends. Errors are final; o.flake asks for a retry.
-func bootOnce(ctx context.Context, args []string, consoleLog, resultsLog string) (o *bootOutcome, err error) {
+func bootOnce(ctx context.Context, p *bootPlan) (o *bootOutcome, err error) {
 	o = &bootOutcome{}
+	args, consoleLog, resultsLog := p.args(p.backends), p.consoleLog, p.resultsLog
 	for _, p := range []string{consoleLog, resultsLog} {
 		if err := os.WriteFile(p, nil, 0o644); err != nil {
 			return o, err
@@ -102,9 +117,9 @@ func bootOnce(ctx context.Context, args []string, consoleLog, resultsLog string)
 				if console.Len() == 0 && werr != nil {
 					return o, fmt.Errorf("vm: %w: %v\n%s", errQemuStart, werr, tail(o.stderr, 2000))
 				}
-				o.flake = "guest stopped before init started"
+				o.flake = "guest stopped before " + p.starter + " started"
 				if m := crashBeforeStart(console.Bytes()); m != "" {
-					o.flake = "kernel crashed before init started (" + m + ")"
+					o.flake = "kernel crashed before " + p.starter + " started (" + m + ")"
 				}
 				return o, nil
 			}
@@ -126,12 +141,12 @@ func bootOnce(ctx context.Context, args []string, consoleLog, resultsLog string)
 		if o.bootTime == 0 {
 			if m := crashBeforeStart(buf); m != "" {
 				kill()
-				o.flake = "kernel crashed before init started (" + m + ")"
+				o.flake = "kernel crashed before " + p.starter + " started (" + m + ")"
 				return o, nil
 			}
-			if time.Since(start) > bootDeadline {
+			if time.Since(start) > p.deadline {
 				kill()
-				o.flake = fmt.Sprintf("no start marker after %v", bootDeadline)
+				o.flake = fmt.Sprintf("no start marker after %v", p.deadline)
 				return o, nil
 			}
 			continue

@@ -69,4 +69,38 @@
 //
 // Set DBD_VM_KEEP=1 to keep a run's directory (initramfs, console and
 // results logs) for inspection.
+//
+// # Machines
+//
+// A Machine is the other kind of guest: a real Debian system (trixie,
+// systemd, udev, initramfs-tools, the same cloud kernel) on a disk of its
+// own, for tests that install a package the way a user would (dpkg -i,
+// update-initramfs), reboot, cut the power and boot again:
+//
+//	m, err := vm.NewMachine(ctx, t.TempDir())  // copies the cached root image
+//	res, err := m.Boot(ctx, vm.BootConfig{
+//		Files:  map[string]string{"/dbdctl.deb": deb}, // /mnt/files/dbdctl.deb
+//		Script: "dpkg -i /mnt/files/dbdctl.deb && systemctl reboot",
+//		Logf:   t.Logf,
+//	})
+//
+// Tests call RequireMachine(t) first. EnsureRootImage builds the image once
+// (about a minute, as root) with mmdebstrap from the host's mirror into
+// <cache>/rootfs-trixie-1280m: a sparse 1.25 GiB GPT disk with one partition holding
+// ext4 with a fixed UUID, made by sfdisk and mke2fs -d without loop devices.
+// cmd/fetch-rootimage pre-builds it.
+//
+// Each boot reads /boot/vmlinuz-<release> and /boot/initrd.img-<release>
+// out of the machine's disk with debugfs, as a boot loader would (so an
+// initramfs regenerated in the guest is the one booted next, and like GRUB
+// it does not replay the file system journal), and boots them with root=UUID
+// on the kernel command line. vda is the root disk, vdb a read-only files
+// disk made per boot (BootConfig.Files and the script), BootConfig.Disks
+// follow from vdc. dbd-step.service, ordered after multi-user.target, mounts
+// vdb on /mnt/files and runs the script with the same results port, markers
+// and Result as Run. The script ends the boot itself (systemctl reboot or
+// poweroff, or a power cut with PowerCut); if it returns, the service powers
+// the machine off. Under TCG a boot reaches the script in 35-50 s and a
+// clean shutdown takes another 10 s; a boot that crashes or does not reach
+// the script within three minutes is retried, as Run's are.
 package vm

@@ -94,38 +94,51 @@ func hostHasIOUring() bool {
 // qemuOpt escapes a value for qemu's comma-separated option syntax.
 func qemuOpt(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
-// qemuArgs builds the command line of one boot. Two serial ports write
-// straight to host files: ttyS0 is the console, ttyS1 the script's output.
+// qemuArgs builds the command line of one boot of Run.
 func qemuArgs(k *Kernel, cfg *Config, initrd, consoleLog, resultsLog string, backends []diskBackend) []string {
-	args := []string{
+	args := qemuBaseArgs(cfg.CPUs, cfg.MemoryMiB, k.Vmlinuz, initrd, kernelCmdline, consoleLog, resultsLog)
+	for i, d := range cfg.Disks {
+		args = append(args, qemuDriveArgs(i, d, backends[i], false)...)
+	}
+	return args
+}
+
+// qemuBaseArgs is the machine without disks: q35 under multi-threaded TCG,
+// direct kernel boot, and -no-reboot so that any reboot ends qemu. Two
+// serial ports write straight to host files: ttyS0 is the console, ttyS1
+// the script's output.
+func qemuBaseArgs(cpus, memoryMiB int, vmlinuz, initrd, cmdline, consoleLog, resultsLog string) []string {
+	return []string{
 		"-nodefaults", "-no-user-config",
 		"-machine", "q35",
 		"-accel", "tcg,thread=multi",
 		"-cpu", "max",
-		"-smp", strconv.Itoa(cfg.CPUs),
-		"-m", strconv.Itoa(cfg.MemoryMiB),
+		"-smp", strconv.Itoa(cpus),
+		"-m", strconv.Itoa(memoryMiB),
 		"-display", "none",
 		"-monitor", "none",
 		"-no-reboot",
-		"-kernel", k.Vmlinuz,
+		"-kernel", vmlinuz,
 		"-initrd", initrd,
-		"-append", kernelCmdline,
+		"-append", cmdline,
 		"-chardev", "file,id=console,path=" + qemuOpt(consoleLog),
 		"-serial", "chardev:console",
 		"-chardev", "file,id=results,path=" + qemuOpt(resultsLog),
 		"-serial", "chardev:results",
 	}
-	for i, d := range cfg.Disks {
-		b := backends[i]
-		id := fmt.Sprintf("d%d", i)
-		args = append(args,
-			"-drive", fmt.Sprintf("file=%s,if=none,id=%s,format=raw,cache=%s,aio=%s", qemuOpt(d.Path), id, b.cache, b.aio),
-		)
-		dev := "virtio-blk-pci,drive=" + id
-		if d.Serial != "" {
-			dev += ",serial=" + qemuOpt(d.Serial)
-		}
-		args = append(args, "-device", dev)
+}
+
+// qemuDriveArgs attaches d as the i-th virtio-blk disk (guest /dev/vd<a+i>:
+// the guest enumerates them in command-line order).
+func qemuDriveArgs(i int, d Disk, b diskBackend, readOnly bool) []string {
+	id := fmt.Sprintf("d%d", i)
+	drive := fmt.Sprintf("file=%s,if=none,id=%s,format=raw,cache=%s,aio=%s", qemuOpt(d.Path), id, b.cache, b.aio)
+	if readOnly {
+		drive += ",readonly=on"
 	}
-	return args
+	dev := "virtio-blk-pci,drive=" + id
+	if d.Serial != "" {
+		dev += ",serial=" + qemuOpt(d.Serial)
+	}
+	return []string{"-drive", drive, "-device", dev}
 }

@@ -56,28 +56,37 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, err
 	}
 
-	return bootWithRetries(ctx, &cfg, k, dir, backends)
+	consoleLog := filepath.Join(dir, "console.log")
+	resultsLog := filepath.Join(dir, "results.log")
+	return bootWithRetries(ctx, &bootPlan{
+		args: func(b []diskBackend) []string {
+			return qemuArgs(k, &cfg, initrd, consoleLog, resultsLog, b)
+		},
+		backends:   backends,
+		consoleLog: consoleLog,
+		resultsLog: resultsLog,
+		deadline:   bootDeadline,
+		starter:    "init",
+		powerCut:   cfg.PowerCut,
+		logf:       cfg.Logf,
+	})
 }
 
 // bootWithRetries boots until one boot gets past the start marker, at most
 // maxBoots times, and turns the last boot's logs into a Result.
-func bootWithRetries(ctx context.Context, cfg *Config, k *Kernel, dir string, backends []diskBackend) (*Result, error) {
-	initrd := filepath.Join(dir, "initramfs.cpio")
-	consoleLog := filepath.Join(dir, "console.log")
-	resultsLog := filepath.Join(dir, "results.log")
+func bootWithRetries(ctx context.Context, p *bootPlan) (*Result, error) {
 	res := &Result{}
 	for res.Boots < maxBoots {
 		res.Boots++
 		t := time.Now()
-		args := qemuArgs(k, cfg, initrd, consoleLog, resultsLog, backends)
-		o, err := bootOnce(ctx, args, consoleLog, resultsLog)
+		o, err := bootOnce(ctx, p)
 		res.Console, res.BootTime = o.console, o.bootTime
 		out, code, perr := parseResults(o.results)
 		res.Output = out // partial output helps explain a crash
-		if err != nil && errors.Is(err, errQemuStart) && strings.Contains(o.stderr, "io_uring") && usesIOUring(backends) {
-			cfg.Logf("vm: qemu cannot use io_uring here, falling back to aio=threads")
-			for i := range backends {
-				backends[i].aio = "threads"
+		if err != nil && errors.Is(err, errQemuStart) && strings.Contains(o.stderr, "io_uring") && usesIOUring(p.backends) {
+			p.logf("vm: qemu cannot use io_uring here, falling back to aio=threads")
+			for i := range p.backends {
+				p.backends[i].aio = "threads"
 			}
 			res.Boots--
 			continue
@@ -86,24 +95,24 @@ func bootWithRetries(ctx context.Context, cfg *Config, k *Kernel, dir string, ba
 			return res, err
 		}
 		if o.flake != "" {
-			cfg.Logf("vm: boot %d of %d failed: %s; console tail:\n%s", res.Boots, maxBoots, o.flake, tail(o.console, 1500))
+			p.logf("vm: boot %d of %d failed: %s; console tail:\n%s", res.Boots, maxBoots, o.flake, tail(o.console, 1500))
 			if res.Boots < maxBoots {
-				cfg.Logf("vm: booting again")
+				p.logf("vm: booting again")
 				continue
 			}
-			return res, fmt.Errorf("vm: %d boots failed before the guest init started; last: %s; console tail:\n%s",
-				res.Boots, o.flake, tail(o.console, 6000))
+			return res, fmt.Errorf("vm: %d boots failed before the guest %s started; last: %s; console tail:\n%s",
+				res.Boots, p.starter, o.flake, tail(o.console, 6000))
 		}
-		if perr != nil && cfg.PowerCut && o.bootTime > 0 {
+		if perr != nil && p.powerCut && o.bootTime > 0 {
 			res.PoweredOff = true
-			cfg.Logf("vm: booted in %v, the guest stopped abruptly (power cut) after %v", o.bootTime.Round(time.Millisecond), time.Since(t).Round(time.Millisecond))
+			p.logf("vm: booted in %v, the guest stopped abruptly (power cut) after %v", o.bootTime.Round(time.Millisecond), time.Since(t).Round(time.Millisecond))
 			return res, nil
 		}
 		if perr != nil {
 			return res, fmt.Errorf("%w; qemu stderr: %s; console tail:\n%s", perr, tail(o.stderr, 500), tail(o.console, 6000))
 		}
 		res.ExitCode = code
-		cfg.Logf("vm: booted in %v, script exited %d, VM ran %v", o.bootTime.Round(time.Millisecond), code, time.Since(t).Round(time.Millisecond))
+		p.logf("vm: booted in %v, script exited %d, VM ran %v", o.bootTime.Round(time.Millisecond), code, time.Since(t).Round(time.Millisecond))
 		return res, nil
 	}
 	return res, errors.New("vm: no boot attempted") // unreachable: the loop returns
