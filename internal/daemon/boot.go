@@ -35,8 +35,16 @@ const switchRootPoll = 250 * time.Millisecond
 // followSwitchRoot waits until PID 1's root is no longer this process's
 // (the initramfs has handed over to the real root), then moves this
 // process there (chroot into PID 1's root) and calls then. It gives up
-// when stop is closed.
+// when stop is closed. /proc is reached through a descriptor opened now:
+// the initramfs moves its /proc into the real root before it hands over,
+// so from then on this process's root has none.
 func followSwitchRoot(logf func(string, ...any), stop <-chan struct{}, then func()) {
+	proc, err := unix.Open("/proc", unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		logf("cannot follow the switch to the real root: open /proc: %v", err)
+		return
+	}
+	defer unix.Close(proc)
 	tick := time.NewTicker(switchRootPoll)
 	defer tick.Stop()
 	for {
@@ -46,13 +54,17 @@ func followSwitchRoot(logf func(string, ...any), stop <-chan struct{}, then func
 		case <-tick.C:
 		}
 		var own, init unix.Stat_t
-		if unix.Stat("/", &own) != nil || unix.Stat("/proc/1/root", &init) != nil {
+		if unix.Stat("/", &own) != nil || unix.Fstatat(proc, "1/root", &init, 0) != nil {
 			continue
 		}
 		if own.Dev == init.Dev && own.Ino == init.Ino {
 			continue
 		}
-		if err := unix.Chroot("/proc/1/root"); err != nil {
+		if err := unix.Fchdir(proc); err != nil {
+			logf("follow the switch to the real root: %v", err)
+			return
+		}
+		if err := unix.Chroot("1/root"); err != nil {
 			logf("follow the switch to the real root: chroot: %v", err)
 			return
 		}
