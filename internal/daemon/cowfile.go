@@ -17,6 +17,10 @@ import (
 	"github.com/dbdublk/dbdublk/internal/state"
 )
 
+// selfExe names the running binary, deleted or unreachable from this
+// process's root as it may be.
+const selfExe = "/proc/self/exe"
+
 // frontFS returns the helper process that does the server's work on the
 // filesystems of its own front device, starting one if there is none or
 // the last one is gone. No thread of the server may wait in the kernel
@@ -32,11 +36,14 @@ func (s *Server) frontFS() (*frontfs.Helper, error) {
 		s.fs.Close()
 		s.fs = nil
 	}
-	exe, err := os.Executable()
-	if err != nil {
-		return nil, fmt.Errorf("find own executable for the front filesystem helper: %w", err)
+	// The server's own binary, whatever its path: the helper speaks its
+	// protocol, and a boot server's binary is the initramfs's, gone from
+	// any path once the real root took over.
+	argv0 := ""
+	if s.cfg.Boot {
+		argv0 = protocol.BootArgv0 // systemd spares it at shutdown, as it does the server
 	}
-	h, err := frontfs.Start(exe, frontfs.Command)
+	h, err := frontfs.Start(selfExe, argv0, frontfs.Command)
 	if err != nil {
 		return nil, err
 	}

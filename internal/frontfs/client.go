@@ -30,9 +30,13 @@ type Helper struct {
 }
 
 // Start runs exe with args (the server's executable and Command) as a
-// helper, its errors going to stderr.
-func Start(exe string, args ...string) (*Helper, error) {
+// helper, its errors going to stderr. argv0, if not empty, is its argv[0]
+// (a boot server's helper is spared at shutdown as its server is).
+func Start(exe, argv0 string, args ...string) (*Helper, error) {
 	cmd := exec.Command(exe, args...)
+	if argv0 != "" {
+		cmd.Args[0] = argv0
+	}
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
 	if err != nil {

@@ -2,6 +2,7 @@ package frontfs
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,11 +20,16 @@ func startHelper(t *testing.T) *Helper {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := Start(exe)
+	h, err := Start(exe, "@helper-test")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { h.Close() })
+	// The argv[0] asked for (a boot server's helper is spared at
+	// shutdown by it).
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", h.cmd.Process.Pid)); err != nil || !strings.HasPrefix(string(b), "@helper-test\x00") {
+		t.Fatalf("helper's command line %q (%v), want argv[0] @helper-test", b, err)
+	}
 	return h
 }
 
