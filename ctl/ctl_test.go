@@ -3,18 +3,22 @@ package ctl
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log"
 	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/dbdublk/dbdublk/internal/daemon"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/frontfs"
+	"github.com/dbdublk/dbdublk/internal/linux"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/internal/protocol/protocoltest"
 	"github.com/dbdublk/dbdublk/internal/state"
@@ -412,5 +416,56 @@ func TestServeArgsRoundTrip(t *testing.T) {
 	}
 	if h.ran != o {
 		t.Errorf("parsed back %+v\nwant        %+v", h.ran, o)
+	}
+}
+
+// refusingHost refuses every server start, as a kernel without ublk does.
+type refusingHost struct {
+	daemon.Host
+	checked []protocol.ServeOptions
+}
+
+func (h *refusingHost) Check(o protocol.ServeOptions) error {
+	h.checked = append(h.checked, o)
+	return errors.New("no ublk here")
+}
+
+// A root volume whose tracking cannot be served at boot (here: no server
+// can start) is booted from the real device, untracked: its boot record
+// must say the tracking failed, so that no later boot resumes a change
+// list that missed this boot's writes. Nothing is printed as the front
+// device, and the server was asked for as a boot server.
+func TestBootAttachRecordsFailure(t *testing.T) {
+	useRunDir(t)
+	dev := filepath.Join(t.TempDir(), "dev")
+	if err := os.WriteFile(dev, make([]byte, 4<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := os.OpenFile(dev, os.O_RDWR|syscall.O_DIRECT, 0); err != nil {
+		t.Skipf("O_DIRECT unsupported here: %v", err)
+	} else {
+		f.Close()
+	}
+	boot := &state.Boot{File: "/.dbdctl-boot3", Inode: 5, Extents: []linux.Extent{{Logical: 0, Physical: 2 << 20, Length: state.BootFileSize}}}
+	rec := state.Record{Minor: 3, BlockDevice: dev, Mode: dattobd.Incremental, CowFile: "/.datto", CowRelative: ".datto",
+		CowExtents: []linux.Extent{{Logical: 0, Physical: 0, Length: 1 << 20}}, Boot: boot}
+	if err := state.Write(rec); err != nil {
+		t.Fatal(err)
+	}
+	h := &refusingHost{}
+	var out, errb bytes.Buffer
+	code := Main([]string{"boot-attach", dev}, &out, &errb, h)
+	if code == 0 || out.Len() != 0 {
+		t.Fatalf("boot-attach = %d, stdout %q; want a failure and no front device", code, out.String())
+	}
+	got, err := state.ReadBoot(dev, boot.Extents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Failure == nil || got.Mode != dattobd.Incremental {
+		t.Fatalf("boot record after a boot that could not serve the root: %+v; want its tracking recorded failed", got)
+	}
+	if len(h.checked) == 0 || !h.checked[0].Boot || h.checked[0].Reload != dattobd.Incremental {
+		t.Fatalf("server starts asked for: %+v; want a boot server resuming incremental first", h.checked)
 	}
 }
