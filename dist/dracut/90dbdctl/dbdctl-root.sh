@@ -1,23 +1,47 @@
 #!/bin/sh
 # dracut pre-mount hook: if the root device is attached at boot, dbdctl
 # attaches it with the tracking its boot record names, and sysroot.mount
-# mounts the front device instead. The server runs in a scope of its own
-# (systemd-run) so that stopping this hook's service leaves it running;
-# its argv[0] ('@dbdctl') spares it at the switch to the real root and at
-# shutdown.
+# mounts the front device instead.
+#
+# In a systemd initrd the server must outlive this hook's service and the
+# isolate to initrd-switch-root.target: it runs in a transient service of
+# its own that stopping never kills (KillMode=none, IgnoreOnIsolate); its
+# argv[0] ('@dbdctl') spares it at the switch to the real root and at
+# shutdown. Its standard output is the front device to mount.
 type getarg >/dev/null 2>&1 || . /lib/dracut-lib.sh
 
-rootdev=$(readlink -f "$(getarg root= | sed -e 's,^block:,,' -e 's,^UUID=,/dev/disk/by-uuid/,' -e 's,^LABEL=,/dev/disk/by-label/,' -e 's,^PARTUUID=,/dev/disk/by-partuuid/,')")
-[ -b "$rootdev" ] || return 0
-modprobe ublk_drv 2>/dev/null
-mkdir -p /run/dbdctl/log
-if front=$(DBDCTL_LOG_DIR=/run/dbdctl/log systemd-run --scope --quiet --unit=dbdctl-boot /usr/sbin/dbdctl boot-attach "$rootdev"); then
-	if [ -n "$front" ]; then
+# This file is sourced: dracut's own variables (root) stay as they are.
+dbd_root=$(getarg root=)
+case "$dbd_root" in
+block:*) dbd_root=${dbd_root#block:} ;;
+UUID=*) dbd_root=/dev/disk/by-uuid/${dbd_root#UUID=} ;;
+LABEL=*) dbd_root=/dev/disk/by-label/${dbd_root#LABEL=} ;;
+PARTUUID=*) dbd_root=/dev/disk/by-partuuid/${dbd_root#PARTUUID=} ;;
+esac
+rootdev=$(readlink -f "$dbd_root")
+if [ -b "$rootdev" ]; then
+	modprobe ublk_drv 2>/dev/null
+	mkdir -p /run/dbdctl/log
+	rm -f /run/dbdctl/boot-front
+	if command -v systemd-run >/dev/null 2>&1; then
+		systemd-run --quiet --unit=dbdctl-boot --setenv=DBDCTL_LOG_DIR=/run/dbdctl/log \
+			--property=Type=oneshot --property=RemainAfterExit=yes --property=DefaultDependencies=no \
+			--property=KillMode=none --property=IgnoreOnIsolate=yes \
+			--property=StandardOutput=file:/run/dbdctl/boot-front \
+			/usr/sbin/dbdctl boot-attach "$rootdev"
+	else
+		DBDCTL_LOG_DIR=/run/dbdctl/log /usr/sbin/dbdctl boot-attach "$rootdev" >/run/dbdctl/boot-front
+	fi
+	status=$?
+	front=$(cat /run/dbdctl/boot-front 2>/dev/null)
+	if [ "$status" -eq 0 ] && [ -n "$front" ]; then
 		mkdir -p /run/systemd/system/sysroot.mount.d
 		printf '[Mount]\nWhat=%s\n' "$front" >/run/systemd/system/sysroot.mount.d/dbdctl.conf
-		systemctl daemon-reload
+		systemctl daemon-reload 2>/dev/null
+		# Without systemd, dracut's mount hook mounts $root.
+		command -v systemd-run >/dev/null 2>&1 || root="block:$front"
 		info "dbdctl: $rootdev is served as $front"
+	elif [ "$status" -ne 0 ]; then
+		warn "dbdctl: $rootdev could not be attached; booting from it directly (see /run/dbdctl/log)"
 	fi
-else
-	warn "dbdctl: $rootdev could not be attached; booting from it directly (see /run/dbdctl/log)"
 fi

@@ -19,6 +19,7 @@ installkernel() {
 
 install() {
 	inst_simple /usr/sbin/dbdctl
+	inst_multiple -o systemd-run readlink
 	local f
 	for f in $(/usr/sbin/dbdctl boot-files); do
 		inst_simple "$f"
