@@ -122,7 +122,7 @@ func passEnv(names ...string) string {
 func crashIters() int {
 	var n int
 	if _, err := fmt.Sscan(os.Getenv("DBD_CRASH_ITERS"), &n); err != nil || n <= 0 {
-		return 10
+		return 7
 	}
 	return n
 }
