@@ -118,7 +118,7 @@ func passEnv(names ...string) string {
 }
 
 // crashIters is how many times the crash tests kill a server:
-// $DBD_CRASH_ITERS, 10 by default (`just soak` runs 50).
+// $DBD_CRASH_ITERS, 7 by default (`just soak` runs 50).
 func crashIters() int {
 	var n int
 	if _, err := fmt.Sscan(os.Getenv("DBD_CRASH_ITERS"), &n); err != nil || n <= 0 {
