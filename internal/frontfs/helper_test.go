@@ -8,6 +8,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/dbdublk/dbdublk/internal/protocol"
 )
@@ -27,8 +28,15 @@ func startHelper(t *testing.T) *Helper {
 	t.Cleanup(func() { h.Close() })
 	// The argv[0] asked for (a boot server's helper is spared at
 	// shutdown by it).
-	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", h.cmd.Process.Pid)); err != nil || !strings.HasPrefix(string(b), "@helper-test\x00") {
-		t.Fatalf("helper's command line %q (%v), want argv[0] @helper-test", b, err)
+	// Read once it has exec'd (the command line is empty until then).
+	var b []byte
+	var err2 error
+	for i := 0; i < 200 && len(b) == 0; i++ {
+		b, err2 = os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", h.cmd.Process.Pid))
+		time.Sleep(5 * time.Millisecond)
+	}
+	if !strings.HasPrefix(string(b), "@helper-test\x00") {
+		t.Fatalf("helper's command line %q (%v), want argv[0] @helper-test", b, err2)
 	}
 	return h
 }
