@@ -7,7 +7,7 @@ default: test
 build:
 	CGO_ENABLED=0 go build -o bin/dbdctl ./ctl/dbdctl
 
-# Build the .deb and .rpm packages into dist/out (binary, systemd unit, modules-load.d entry, dbdctl(8)).
+# Build the .deb and .rpm packages into dist/out (binary, systemd unit, modules-load.d entry, dbdctl(8), the root volume's initramfs-tools hook, dracut module, system-shutdown hook and udev rule).
 package:
 	go run ./dist/cmd/package -out dist/out
 
