@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"syscall"
 
 	"github.com/dbdublk/dbdublk/internal/blockdev"
@@ -215,27 +214,17 @@ func (c *SystemShutdownCmd) Run(env *Env) error {
 	return nil
 }
 
-// bootPathsInState are the boot records' paths, for the initramfs hook's
-// listing (see BootFilesCmd).
-func bootPathsInState() []string {
-	records, _ := state.Load()
-	var out []string
-	for _, r := range records {
-		if r.Boot != nil {
-			out = append(out, filepath.Clean(state.Path(r.Minor)))
-		}
-	}
-	return out
-}
-
 // BootFilesCmd prints the state files the initramfs must carry (those of
 // volumes attached at boot), one per line, for the initramfs hooks.
 type BootFilesCmd struct{}
 
 // Run prints them.
 func (BootFilesCmd) Run(env *Env) error {
-	for _, p := range bootPathsInState() {
-		fmt.Fprintln(env.Stdout, p)
+	records, _ := state.Load()
+	for _, r := range records {
+		if r.Boot != nil {
+			fmt.Fprintln(env.Stdout, state.Path(r.Minor))
+		}
 	}
 	return nil
 }

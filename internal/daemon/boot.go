@@ -188,15 +188,7 @@ func (s *Server) endInPlace() error {
 	}
 	s.sealed = true
 	if prev.Mode.Tracking() && s.snap != nil {
-		switch err := prev.Cow.Close(s.trk.Failed() == 0); {
-		case s.trk.Failed() != 0:
-			s.log.Printf("%s: tracking failed; the file is left failed, a full backup is required", s.snap.cowPath)
-		case err != nil:
-			s.log.Printf("close %s: %v; the next boot will recover it", s.snap.cowPath, err)
-		default:
-			s.log.Printf("%s mode is dormant at shutdown: %s closed clean; the next boot resumes it", prev.Mode, s.snap.cowPath)
-		}
-		s.snap = nil
+		s.closeDormant(prev, "the next boot will recover it", fmt.Sprintf("%s mode is dormant at shutdown: %%s closed clean; the next boot resumes it", prev.Mode))
 	}
 	if err := unix.Fsync(s.bdev.FD()); err != nil {
 		s.log.Printf("flush %s: %v", s.cfg.BlockDevice, err)

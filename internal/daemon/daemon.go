@@ -407,15 +407,7 @@ func (s *Server) detach(explicit bool) error {
 				s.log.Printf("record the failure in %s: %v; the state file keeps it", s.snap.cowPath, err)
 			}
 		}
-		switch err := cur.Cow.Close(s.trk.Failed() == 0); {
-		case s.trk.Failed() != 0:
-			s.log.Printf("%s: tracking failed; the file is left failed, a full backup is required", s.snap.cowPath)
-		case err != nil:
-			s.log.Printf("close %s: %v; reload will have to recover it", s.snap.cowPath, err)
-		default:
-			s.log.Printf("%s mode is dormant: %s closed clean; resume with dbdctl reload-%s", cur.Mode, s.snap.cowPath, cur.Mode)
-		}
-		s.snap = nil
+		s.closeDormant(cur, "reload will have to recover it", fmt.Sprintf("%s mode is dormant: %%s closed clean; resume with dbdctl reload-%s", cur.Mode, cur.Mode))
 	} else if explicit && s.failed() == nil {
 		s.forget()
 	}
@@ -429,6 +421,22 @@ func (s *Server) detach(explicit bool) error {
 	s.release()
 	close(s.detached)
 	return nil
+}
+
+// closeDormant closes the COW file of st, the tracking that just ended,
+// clean unless tracking failed, and says so: dormant (cleanLog, with the
+// file's path) or, if the close failed, what will recover it. Caller
+// holds s.mu; s.snap is cleared.
+func (s *Server) closeDormant(st *track.State, recovery, cleanLog string) {
+	switch err := st.Cow.Close(s.trk.Failed() == 0); {
+	case s.trk.Failed() != 0:
+		s.log.Printf("%s: tracking failed; the file is left failed, a full backup is required", s.snap.cowPath)
+	case err != nil:
+		s.log.Printf("close %s: %v; %s", s.snap.cowPath, err, recovery)
+	default:
+		s.log.Printf(cleanLog, s.snap.cowPath)
+	}
+	s.snap = nil
 }
 
 // stopFront stops and deletes the front device unless it is in use, and
