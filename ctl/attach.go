@@ -29,7 +29,7 @@ type AttachCmd struct {
 	Minor       dattobd.Minor `arg:"" name:"minor" help:"Device number N of /dev/ublkbN (0-255)."`
 	Foreground  bool          `help:"Serve in the foreground (for service managers) instead of starting a background server."`
 	Force       bool          `help:"Attach untracked even though the minor was left tracking (dormant); its changed-block history is dropped and the next backup must be full."`
-	AtBoot      bool          `name:"at-boot" help:"The root volume (mounted on /, on a partition or disk): attach it from the initramfs at every boot from the next one on (rebuilds the initramfs; needs the dbdctl package's hook)."`
+	AtBoot      bool          `name:"at-boot" help:"The root volume (mounted on /: a partition, a disk or a logical volume): attach it from the initramfs at every boot from the next one on (rebuilds the initramfs; needs the dbdctl package's hook)."`
 	ServerFlags
 }
 
