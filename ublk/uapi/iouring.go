@@ -146,15 +146,32 @@ type RegisterOp uint32
 
 // io_uring_register opcodes.
 const (
-	RegisterBuffers     RegisterOp = 0 // IORING_REGISTER_BUFFERS: arg=iovec[], nr=count
-	UnregisterBuffers   RegisterOp = 1 // IORING_UNREGISTER_BUFFERS
-	RegisterFiles       RegisterOp = 2 // IORING_REGISTER_FILES: arg=s32[], nr=count
-	UnregisterFiles     RegisterOp = 3 // IORING_UNREGISTER_FILES
-	RegisterEventFd     RegisterOp = 4 // IORING_REGISTER_EVENTFD: arg=s32*, nr=1
-	UnregisterEventFd   RegisterOp = 5 // IORING_UNREGISTER_EVENTFD
-	RegisterFilesUpdate RegisterOp = 6 // IORING_REGISTER_FILES_UPDATE
-	RegisterProbe       RegisterOp = 8 // IORING_REGISTER_PROBE: arg=io_uring_probe + ops[nr]
+	RegisterBuffers     RegisterOp = 0  // IORING_REGISTER_BUFFERS: arg=iovec[], nr=count
+	UnregisterBuffers   RegisterOp = 1  // IORING_UNREGISTER_BUFFERS
+	RegisterFiles       RegisterOp = 2  // IORING_REGISTER_FILES: arg=s32[], nr=count
+	UnregisterFiles     RegisterOp = 3  // IORING_UNREGISTER_FILES
+	RegisterEventFd     RegisterOp = 4  // IORING_REGISTER_EVENTFD: arg=s32*, nr=1
+	UnregisterEventFd   RegisterOp = 5  // IORING_UNREGISTER_EVENTFD
+	RegisterFilesUpdate RegisterOp = 6  // IORING_REGISTER_FILES_UPDATE
+	RegisterProbe       RegisterOp = 8  // IORING_REGISTER_PROBE: arg=io_uring_probe + ops[nr]
+	RegisterBuffers2    RegisterOp = 15 // IORING_REGISTER_BUFFERS2 (5.13): arg=RsrcRegister, nr=its size
 )
+
+// RsrcRegisterSparse is IORING_RSRC_REGISTER_SPARSE (5.19): a table of
+// RsrcRegister.Nr empty slots, which ublk's AUTO_BUF_REG fills with each
+// request's pages.
+const RsrcRegisterSparse = 1 << 0
+
+// RsrcRegister is struct io_uring_rsrc_register (32 bytes), the argument of
+// RegisterBuffers2.
+type RsrcRegister struct {
+	_     structs.HostLayout
+	Nr    uint32 // nr: table size
+	Flags uint32 // flags: RsrcRegister*
+	Resv2 uint64 // resv2
+	Data  uint64 // data: iovec[] (0 when sparse)
+	Tags  uint64 // tags: u64[] (0 for none)
+}
 
 // ProbeOpSupported is IO_URING_OP_SUPPORTED in ProbeOp.Flags.
 const ProbeOpSupported = 1 << 0

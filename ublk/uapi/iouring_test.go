@@ -124,6 +124,15 @@ func TestIoUringLayout(t *testing.T) {
 		{"resv2", 4, 12, unsafe.Offsetof(ph.Resv2), unsafe.Sizeof(ph.Resv2)},
 	})
 
+	var rr RsrcRegister
+	iouCheck(t, "io_uring_rsrc_register", unsafe.Sizeof(rr), 32, []iouField{
+		{"nr", 0, 4, unsafe.Offsetof(rr.Nr), unsafe.Sizeof(rr.Nr)},
+		{"flags", 4, 4, unsafe.Offsetof(rr.Flags), unsafe.Sizeof(rr.Flags)},
+		{"resv2", 8, 8, unsafe.Offsetof(rr.Resv2), unsafe.Sizeof(rr.Resv2)},
+		{"data", 16, 8, unsafe.Offsetof(rr.Data), unsafe.Sizeof(rr.Data)},
+		{"tags", 24, 8, unsafe.Offsetof(rr.Tags), unsafe.Sizeof(rr.Tags)},
+	})
+
 	var po ProbeOp
 	iouCheck(t, "io_uring_probe_op", unsafe.Sizeof(po), 8, []iouField{
 		{"op", 0, 1, unsafe.Offsetof(po.Op), unsafe.Sizeof(po.Op)},
@@ -240,6 +249,8 @@ func TestIoUringConstants(t *testing.T) {
 		{"IORING_UNREGISTER_EVENTFD", uint64(UnregisterEventFd), 5},
 		{"IORING_REGISTER_FILES_UPDATE", uint64(RegisterFilesUpdate), 6},
 		{"IORING_REGISTER_PROBE", uint64(RegisterProbe), 8},
+		{"IORING_REGISTER_BUFFERS2", uint64(RegisterBuffers2), 15},
+		{"IORING_RSRC_REGISTER_SPARSE", RsrcRegisterSparse, 1},
 
 		{"IO_URING_OP_SUPPORTED", ProbeOpSupported, 1},
 
@@ -295,6 +306,9 @@ func TestIoUringHeaderCrossCheck(t *testing.T) {
 		"sizeof(struct __kernel_timespec)":               uint64(unsafe.Sizeof(Timespec{})),
 		"sizeof(struct io_uring_probe)":                  uint64(unsafe.Sizeof(ProbeHeader{})),
 		"sizeof(struct io_uring_probe_op)":               uint64(unsafe.Sizeof(ProbeOp{})),
+		"sizeof(struct io_uring_rsrc_register)":          uint64(unsafe.Sizeof(RsrcRegister{})),
+		"IORING_REGISTER_BUFFERS2":                       uint64(RegisterBuffers2),
+		"IORING_RSRC_REGISTER_SPARSE":                    RsrcRegisterSparse,
 		"offsetof(struct io_uring_params, features)":     uint64(unsafe.Offsetof(IoUringParams{}.Features)),
 		"offsetof(struct io_uring_params, sq_off)":       uint64(unsafe.Offsetof(IoUringParams{}.SQOff)),
 		"offsetof(struct io_uring_params, cq_off)":       uint64(unsafe.Offsetof(IoUringParams{}.CQOff)),

@@ -280,8 +280,26 @@ type IOCmd struct {
 	QID    uint16 // q_id
 	Tag    uint16 // tag
 	Result int32  // result: bytes or -errno (COMMIT only)
-	Addr   uint64 // addr: per-tag buffer in copy mode
+	Addr   uint64 // addr: per-tag buffer in copy mode; 0 with AUTO_BUF_REG
 }
+
+// AutoBufReg is struct ublk_auto_buf_reg: where the kernel registers a
+// request's pages (FeatAutoBufReg). It travels in the FETCH and
+// COMMIT_AND_FETCH SQE's addr field, not in IOCmd, packed by SQEAddr.
+type AutoBufReg struct {
+	Index uint16 // index: slot in the ring's sparse buffer table
+	Flags uint8  // flags: AutoBufRegFallback or 0
+}
+
+// AutoBufRegFallback is UBLK_AUTO_BUF_REG_FALLBACK: deliver the request
+// unregistered (IOFNeedRegBuf) instead of failing it when registration
+// fails. Unused here: our slots are per tag, so registration cannot find
+// one taken.
+const AutoBufRegFallback = 1 << 0
+
+// SQEAddr packs r as the kernel reads sqe->addr: bits 0-15 the index,
+// 16-23 the flags, the rest reserved (zero).
+func (r AutoBufReg) SQEAddr() uint64 { return uint64(r.Index) | uint64(r.Flags)<<16 }
 
 // ParamBasic is struct ublk_param_basic (32 bytes).
 type ParamBasic struct {

@@ -106,6 +106,27 @@ func TestDescStride(t *testing.T) {
 	}
 }
 
+// TestAutoBufRegAddr checks the sqe->addr packing of struct
+// ublk_auto_buf_reg: index in bits 0-15, flags in 16-23, nothing above.
+func TestAutoBufRegAddr(t *testing.T) {
+	for _, c := range []struct {
+		r    AutoBufReg
+		want uint64
+	}{
+		{AutoBufReg{}, 0},
+		{AutoBufReg{Index: 5}, 5},
+		{AutoBufReg{Index: 0xffff}, 0xffff},
+		{AutoBufReg{Index: 3, Flags: AutoBufRegFallback}, 0x10003},
+	} {
+		if got := c.r.SQEAddr(); got != c.want {
+			t.Errorf("%+v.SQEAddr() = %#x, want %#x", c.r, got, c.want)
+		}
+	}
+	if FeatAutoBufReg != 1<<11 || FeatSupportZeroCopy != 1 {
+		t.Errorf("AUTO_BUF_REG = %#x, SUPPORT_ZERO_COPY = %#x; want bits 11 and 0", FeatAutoBufReg, FeatSupportZeroCopy)
+	}
+}
+
 func TestFeatureBits(t *testing.T) {
 	// 6.12 answers GET_FEATURES with 0x1FE and USER_COPY|USER_RECOVERY
 	// negotiates to 0xCA; both are sums of the named bits.

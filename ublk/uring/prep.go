@@ -38,6 +38,22 @@ func PrepWrite(sqe *uapi.SQE, fd int32, buf unsafe.Pointer, n uint32, off uint64
 	sqe.OpFlags = rwFlags
 }
 
+// PrepReadFixed prepares a read of n bytes at file offset off into the
+// ring's registered buffer bufIndex, at byte at of that buffer. For a
+// buffer ublk registered (AUTO_BUF_REG) at is the offset into the request's
+// data, since such buffers start at address 0.
+func PrepReadFixed(sqe *uapi.SQE, fd int32, bufIndex uint16, at uint64, n uint32, off uint64) {
+	sqe.Opcode = uapi.OpReadFixed
+	sqe.Fd, sqe.Addr, sqe.Len, sqe.Off, sqe.BufIndex = fd, at, n, off, bufIndex
+}
+
+// PrepWriteFixed is PrepReadFixed's write; rwFlags as for PrepWrite.
+func PrepWriteFixed(sqe *uapi.SQE, fd int32, bufIndex uint16, at uint64, n uint32, off uint64, rwFlags uint32) {
+	sqe.Opcode = uapi.OpWriteFixed
+	sqe.Fd, sqe.Addr, sqe.Len, sqe.Off, sqe.BufIndex = fd, at, n, off, bufIndex
+	sqe.OpFlags = rwFlags
+}
+
 // PrepFsync prepares an fsync of the whole file; flags is 0 or
 // uapi.FsyncDatasync (fdatasync).
 func PrepFsync(sqe *uapi.SQE, fd int32, flags uint32) {

@@ -47,3 +47,17 @@ func (r *Ring) RegisterFiles(fds []int32) error {
 	}
 	return nil
 }
+
+// RegisterSparseBuffers gives the ring a fixed-buffer table of n empty
+// slots (IORING_REGISTER_BUFFERS2, sparse). ublk's AUTO_BUF_REG fills a
+// slot with a request's pages while the server handles it, and READ_FIXED
+// and WRITE_FIXED with that slot's index then move the data without a copy.
+func (r *Ring) RegisterSparseBuffers(n uint32) error {
+	arg := &uapi.RsrcRegister{Nr: n, Flags: uapi.RsrcRegisterSparse}
+	err := r.register(uapi.RegisterBuffers2, unsafe.Pointer(arg), uint32(unsafe.Sizeof(*arg)))
+	runtime.KeepAlive(arg)
+	if err != nil {
+		return fmt.Errorf("uring: register a sparse table of %d buffers: %w", n, err)
+	}
+	return nil
+}

@@ -301,6 +301,30 @@ func TestFixedFiles(t *testing.T) {
 	}
 }
 
+// TestSparseBuffers registers the table AUTO_BUF_REG fills, and checks the
+// fixed-buffer ops address it: a slot nobody filled is refused (EFAULT)
+// rather than read into, and an index past the table is refused too.
+func TestSparseBuffers(t *testing.T) {
+	r := newRing(t, Options{Entries: 8})
+	fd := mustTempFile(t)
+	if err := r.RegisterSparseBuffers(4); err != nil {
+		t.Fatal(err)
+	}
+	s := mustSQE(t, r)
+	PrepReadFixed(s, int32(fd), 2, 0, 4096, 0)
+	if c := waitCQEs(t, r, 1)[0]; c.Res != -int32(unix.EFAULT) {
+		t.Fatalf("read into empty slot 2: res %d, want -EFAULT", c.Res)
+	}
+	s = mustSQE(t, r)
+	PrepWriteFixed(s, int32(fd), 4, 0, 4096, 0, 0)
+	if c := waitCQEs(t, r, 1)[0]; c.Res != -int32(unix.EFAULT) {
+		t.Fatalf("write from slot 4 of 4: res %d, want -EFAULT", c.Res)
+	}
+	if err := r.RegisterSparseBuffers(4); !errors.Is(err, unix.EBUSY) {
+		t.Fatalf("a second table = %v, want EBUSY", err)
+	}
+}
+
 func TestODirect(t *testing.T) {
 	fd, err := tempFile(t, unix.O_DIRECT)
 	if errors.Is(err, unix.EINVAL) {
