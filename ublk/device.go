@@ -203,12 +203,46 @@ func Recover(ctrl *Control, id uint32, backendSize int64, backend Backend, logf 
 	return d, nil
 }
 
+// DataPath is how request data moves between the kernel and the backend.
+type DataPath string
+
+const (
+	// Copy: the kernel copies each request's data into a per-tag server
+	// buffer (writes) or out of it (reads); the file I/O uses that buffer.
+	Copy DataPath = "copy"
+	// ZeroCopy: the kernel lends each request's own pages to the queue's
+	// ring (UBLK_F_AUTO_BUF_REG, Linux >= 6.16) and the file I/O reads and
+	// writes them in place; the server holds no data buffers.
+	ZeroCopy DataPath = "zero-copy"
+)
+
+// ZeroCopyFlags are the flags a spec asks for to be served zero copy; the
+// kernel grants them only if its GET_FEATURES answer has them (see
+// ZeroCopyOffered), and the device then reports ZeroCopy.
+const ZeroCopyFlags = uapi.FeatSupportZeroCopy | uapi.FeatAutoBufReg
+
+// ZeroCopyOffered reports whether a kernel with these GET_FEATURES bits
+// can serve a device zero copy.
+func ZeroCopyOffered(kernel uapi.Feature) bool { return kernel&ZeroCopyFlags == ZeroCopyFlags }
+
+// DataPath reports the data path the kernel granted.
+func (d *Device) DataPath() DataPath {
+	if d.info.Flags&uapi.FeatAutoBufReg != 0 {
+		return ZeroCopy
+	}
+	return Copy
+}
+
 // Create adds a device, opens its char device and sets its parameters. The
 // backend serves its I/O once Start is called. Only the creator deletes the
 // device; on any error here nothing is left behind.
 func Create(ctrl *Control, spec DeviceSpec, backend Backend, logf func(string, ...any)) (*Device, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, err
+	}
+	if _, finishes := backend.(ReadFinisher); finishes && spec.Flags&uapi.FeatAutoBufReg != 0 {
+		// Its reads are rewritten in server memory, which zero copy has not.
+		return nil, errors.New("a backend that finishes reads is served in copy mode only")
 	}
 	if logf == nil {
 		logf = func(string, ...any) {}
@@ -315,7 +349,7 @@ func (d *Device) startQueues() error {
 	done := make(chan error, nq)
 	d.finished = make(chan struct{})
 	for i := 0; i < nq; i++ {
-		q := newQueue(i, int(d.info.QueueDepth), d.spec.MaxIOBytes, d.charFd, d.backend, d.logf)
+		q := newQueue(i, int(d.info.QueueDepth), d.spec.MaxIOBytes, d.charFd, d.DataPath() == ZeroCopy, d.backend, d.logf)
 		d.queues = append(d.queues, q)
 		go q.run(ready, done)
 	}

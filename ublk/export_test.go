@@ -39,7 +39,7 @@ type Result struct {
 func NewRequestPath(b Backend, depth, bufSize int) (*RequestPath, error) {
 	p := &RequestPath{batch: make(chan []Request), out: make(chan []Result), setup: make(chan error), done: make(chan struct{})}
 	// Slot fixedChar must hold a descriptor; nothing is issued on it here.
-	p.q = newQueue(0, depth, bufSize, b.FD(), b, func(string, ...any) {})
+	p.q = newQueue(0, depth, bufSize, b.FD(), false, b, func(string, ...any) {})
 	p.q.descs = make([]uapi.IODesc, depth)
 	go p.run()
 	if err := <-p.setup; err != nil {
