@@ -13,14 +13,15 @@ import (
 
 // ServerFlags tune the front device's queues.
 type ServerFlags struct {
-	Queues int `help:"Hardware queues (the kernel caps this at the CPU count)." default:"${queues}"`
-	Depth  int `help:"Requests in flight per queue." default:"${depth}"`
-	MaxIO  int `name:"max-io" help:"Largest request in bytes; also each request buffer's size." default:"${maxio}"`
+	Queues int  `help:"Hardware queues (the kernel caps this at the CPU count)." default:"${queues}"`
+	Depth  int  `help:"Requests in flight per queue." default:"${depth}"`
+	MaxIO  int  `name:"max-io" help:"Largest request in bytes; also each request buffer's size in copy mode." default:"${maxio}"`
+	Copy   bool `help:"Serve in ublk's copy mode even where the kernel offers zero copy (Linux >= 6.16), where each request's data is copied through the server."`
 }
 
 // serveOptions is the server command line for bdev as minor.
 func (f ServerFlags) serveOptions(bdev string, m dattobd.Minor) protocol.ServeOptions {
-	return protocol.ServeOptions{BlockDevice: bdev, Minor: m, ReadyFD: -1, Queues: f.Queues, Depth: f.Depth, MaxIO: f.MaxIO}
+	return protocol.ServeOptions{BlockDevice: bdev, Minor: m, ReadyFD: -1, Queues: f.Queues, Depth: f.Depth, MaxIO: f.MaxIO, Copy: f.Copy}
 }
 
 // AttachCmd starts a server for a block device.

@@ -407,7 +407,7 @@ func TestServeArgsRoundTrip(t *testing.T) {
 	o := protocol.ServeOptions{
 		BlockDevice: "/dev/sdz", Minor: 9, ReadyFD: 3, Supervise: true, Force: true, KeepFailure: true,
 		Queues: 3, Depth: 64, MaxIO: 1 << 19, Reload: dattobd.Incremental, CowFile: "/c", Cache: 1 << 20, Falloc: 7,
-		Checkpoint: time.Minute,
+		Checkpoint: time.Minute, Copy: true,
 	}
 	h := &recordingHost{}
 	var out, errb bytes.Buffer

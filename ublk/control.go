@@ -19,7 +19,7 @@ const ControlPath = "/dev/ublk-control"
 
 // ErrNoUblk means the running kernel offers no ublk driver.
 var ErrNoUblk = errors.New("ublk is not available: " + ControlPath +
-	" is missing; load the ublk_drv module (modprobe ublk_drv; Linux >= 6.0 required)")
+	" is missing; load the ublk_drv module (modprobe ublk_drv; Linux >= 6.4 required)")
 
 // Control sends control commands to /dev/ublk-control. Commands may block in
 // the kernel for a long time (START_DEV waits for every queue's FETCHes), so a

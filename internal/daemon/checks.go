@@ -5,12 +5,14 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/internal/blockdev"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/insert"
+	"github.com/dbdublk/dbdublk/internal/kmod"
 	"github.com/dbdublk/dbdublk/internal/linux"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/internal/state"
@@ -19,6 +21,38 @@ import (
 	"github.com/gofrs/flock"
 )
 
+// ensureUblk loads ublk_drv where /dev/ublk-control is missing, as
+// `modprobe ublk_drv` would; a kernel that has no ublk driver at all gets
+// one line naming the way out.
+func ensureUblk() error {
+	if _, err := os.Stat(ublk.ControlPath); err == nil {
+		return nil
+	}
+	if err := kmod.Load("ublk_drv"); err != nil {
+		if errors.Is(err, kmod.ErrNotShipped) {
+			return noUblkDriver(kmod.Release())
+		}
+		return fmt.Errorf("ublk is not available: %s is missing and loading ublk_drv failed: %v", ublk.ControlPath, err)
+	}
+	// devtmpfs makes the node as the driver registers; allow it a moment.
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if _, err := os.Stat(ublk.ControlPath); err == nil {
+			return nil
+		}
+	}
+	return ublk.ErrNoUblk
+}
+
+// noUblkDriver is the running kernel's release when it has no ublk driver
+// to load (Debian 12's own kernels, say). It is ublk.ErrNoUblk to callers.
+type noUblkDriver string
+
+func (r noUblkDriver) Error() string {
+	return fmt.Sprintf("this kernel (%s) has no ublk driver (ublk_drv); boot one that has: Linux >= 6.4 built with CONFIG_BLK_DEV_UBLK, e.g. Debian 13's, or on Debian 12 the backports kernel (apt install -t bookworm-backports linux-image-amd64)", string(r))
+}
+
+func (noUblkDriver) Is(target error) bool { return target == ublk.ErrNoUblk }
+
 // CheckAttach refuses an attach that cannot work, before anything changes,
 // with a message that names the problem.
 func CheckAttach(path string, m dattobd.Minor) error {
@@ -26,8 +60,8 @@ func CheckAttach(path string, m dattobd.Minor) error {
 	if err != nil {
 		return err
 	}
-	if _, err := os.Stat(ublk.ControlPath); err != nil {
-		return ublk.ErrNoUblk
+	if err := ensureUblk(); err != nil {
+		return err
 	}
 	if blockdev.IsUblk(rdev) {
 		return fmt.Errorf("%s is a ublk device itself; attach the real device instead", path)

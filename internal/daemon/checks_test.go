@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/internal/kmod"
 	"github.com/dbdublk/dbdublk/ublk"
 )
 
@@ -70,8 +71,23 @@ func TestCheckAttachWithoutUblk(t *testing.T) {
 	if dev == "" {
 		t.Skip("no block device on this host")
 	}
-	if err := CheckAttach(dev, 0); !errors.Is(err, ublk.ErrNoUblk) {
+	err := CheckAttach(dev, 0)
+	if !errors.Is(err, ublk.ErrNoUblk) {
 		t.Fatalf("CheckAttach(%q, 0) without %s = %v, want ErrNoUblk", dev, ublk.ControlPath, err)
+	}
+	if kmod.Shipped(filepath.Join(kmod.ModulesDir, kmod.Release()), "ublk_drv") {
+		return
+	}
+	// A kernel without the driver (this host's): one line, naming the
+	// kernel and the way out.
+	msg := err.Error()
+	for _, want := range []string{"has no ublk driver", kmod.Release(), "6.4", "backports"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("message %q does not name %q", msg, want)
+		}
+	}
+	if strings.Contains(msg, "\n") {
+		t.Errorf("message is not one line: %q", msg)
 	}
 }
 

@@ -39,6 +39,9 @@ type Config struct {
 	Queues      int // 0 = ublk.DefaultQueues
 	Depth       int // 0 = ublk.DefaultDepth
 	MaxIOBytes  int // 0 = ublk.DefaultMaxIOBytes
+	// Copy serves the front device in ublk's copy mode even where the
+	// kernel offers zero copy.
+	Copy bool
 	// Force attaches untracked a minor whose state file says it was left
 	// tracking (its changed-block history is dropped).
 	Force bool
@@ -222,6 +225,9 @@ func (s *Server) acquire(recovering bool, prev state.Record) error {
 	if err != nil {
 		return err
 	}
+	if err := ensureUblk(); err != nil {
+		return err
+	}
 	if s.ctrl, err = ublk.OpenControl(); err != nil {
 		return err
 	}
@@ -246,6 +252,12 @@ func (s *Server) acquire(recovering bool, prev state.Record) error {
 
 // frontSpec describes the front device of the real device.
 func (s *Server) frontSpec() ublk.DeviceSpec {
+	// A dead server's device waits for the next one, I/O held, and
+	// requests it had taken are sent again (see recover.go).
+	flags := uapi.FeatUserRecovery | uapi.FeatUserRecoveryReissue
+	if !s.cfg.Copy && ublk.ZeroCopyOffered(uapi.Feature(s.kernelFeatures)) {
+		flags |= ublk.ZeroCopyFlags
+	}
 	return ublk.DeviceSpec{
 		ID:                 int(s.cfg.Minor.FrontID()),
 		Queues:             s.cfg.Queues,
@@ -257,9 +269,7 @@ func (s *Server) frontSpec() ublk.DeviceSpec {
 		DiscardGranularity: s.bdev.DiscardGranularity,
 		WriteZeroes:        true,
 		VolatileCache:      true,
-		// A dead server's device waits for the next one, I/O held, and
-		// requests it had taken are sent again (see recover.go).
-		Flags: uapi.FeatUserRecovery | uapi.FeatUserRecoveryReissue,
+		Flags:              flags,
 	}
 }
 

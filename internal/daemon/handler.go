@@ -40,6 +40,7 @@ func (s *Server) Info() protocol.DeviceInfo {
 	d.Size = s.bdev.Size()
 	d.LogicalBS, d.PhysicalBS = s.bdev.LogicalBlockSize, s.bdev.PhysicalBlockSize
 	d.Queues, d.QueueDepth, d.MaxIOBytes = int(info.NrHWQueues), int(info.QueueDepth), s.dev.Spec().MaxIOBytes
+	d.DataPath = s.dev.DataPath()
 	d.Features = fmt.Sprintf("%#x", uint64(info.Flags))
 	d.KernelFeat = fmt.Sprintf("%#x", s.kernelFeatures)
 	d.Stats = protocol.IOCounters{

@@ -36,7 +36,7 @@ func Run(o protocol.ServeOptions, logger *log.Logger, onReady func(front string)
 // configOf is the Config a server command line asks for.
 func configOf(o protocol.ServeOptions) Config {
 	cfg := Config{
-		BlockDevice: o.BlockDevice, Minor: o.Minor, Queues: o.Queues, Depth: o.Depth, MaxIOBytes: o.MaxIO,
+		BlockDevice: o.BlockDevice, Minor: o.Minor, Queues: o.Queues, Depth: o.Depth, MaxIOBytes: o.MaxIO, Copy: o.Copy,
 		Force: o.Force, KeepFailure: o.KeepFailure, CheckpointEvery: o.Checkpoint, Boot: o.Boot,
 	}
 	if o.Reload.Tracking() {

@@ -14,11 +14,11 @@ func TestConfigOf(t *testing.T) {
 	o := protocol.ServeOptions{
 		BlockDevice: "/dev/sdz", Minor: 9, Queues: 3, Depth: 64, MaxIO: 1 << 19,
 		Force: true, KeepFailure: true, Reload: dattobd.Incremental, CowFile: "/c", Cache: 1 << 20, Falloc: 7,
-		Checkpoint: time.Minute,
+		Checkpoint: time.Minute, Copy: true,
 	}
 	c := configOf(o)
 	want := Config{BlockDevice: "/dev/sdz", Minor: 9, Queues: 3, Depth: 64, MaxIOBytes: 1 << 19, Force: true, KeepFailure: true,
-		CheckpointEvery: time.Minute}
+		CheckpointEvery: time.Minute, Copy: true}
 	r := c.Reload
 	c.Reload = nil
 	if c != want {

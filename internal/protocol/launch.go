@@ -30,6 +30,7 @@ type ServeOptions struct {
 	Queues      int           `help:"Hardware queues; 0 = default."`
 	Depth       int           `help:"Requests in flight per queue; 0 = default."`
 	MaxIO       int           `name:"max-io" help:"Largest request in bytes; 0 = default."`
+	Copy        bool          `help:"Serve in ublk's copy mode even where the kernel offers zero copy."`
 	// Reload, unless passthrough, resumes tracking from CowFile.
 	Reload     dattobd.Mode  `default:"passthrough" help:"Resume tracking: snapshot or incremental."`
 	CowFile    string        `name:"cow-file" help:"The COW file to resume from."`
@@ -60,6 +61,9 @@ func (o ServeOptions) Args() []string {
 	}
 	if o.Boot {
 		args = append(args, "--boot")
+	}
+	if o.Copy {
+		args = append(args, "--copy")
 	}
 	for _, f := range []struct {
 		name string

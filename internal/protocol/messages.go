@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 
 	"github.com/dbdublk/dbdublk/internal/dattobd"
+	"github.com/dbdublk/dbdublk/ublk"
 )
 
 // Op names a request.
@@ -132,18 +133,22 @@ type DeviceInfo struct {
 	InsertedVia string `json:"inserted_via,omitempty"`
 	// AttachedAtBoot says the initramfs attached the device (the root
 	// volume): it ends at shutdown in place (Detach.InPlace).
-	AttachedAtBoot bool       `json:"attached_at_boot,omitempty"`
-	ServerPID      int        `json:"server_pid"`
-	Size           int64      `json:"size"`
-	LogicalBS      int        `json:"logical_block_size"`
-	PhysicalBS     int        `json:"physical_block_size"`
-	Queues         int        `json:"queues"`
-	QueueDepth     int        `json:"queue_depth"`
-	MaxIOBytes     int        `json:"max_io_bytes"`
-	Features       string     `json:"ublk_features"`
-	KernelFeat     string     `json:"kernel_ublk_features"`
-	Log            string     `json:"log"`
-	Stats          IOCounters `json:"io"`
+	AttachedAtBoot bool  `json:"attached_at_boot,omitempty"`
+	ServerPID      int   `json:"server_pid"`
+	Size           int64 `json:"size"`
+	LogicalBS      int   `json:"logical_block_size"`
+	PhysicalBS     int   `json:"physical_block_size"`
+	Queues         int   `json:"queues"`
+	QueueDepth     int   `json:"queue_depth"`
+	MaxIOBytes     int   `json:"max_io_bytes"`
+	// DataPath is "zero-copy" where the kernel lends each request's pages
+	// to the server's I/O, "copy" where it copies them (before Linux 6.16,
+	// or with attach --copy).
+	DataPath   ublk.DataPath `json:"data_path"`
+	Features   string        `json:"ublk_features"`
+	KernelFeat string        `json:"kernel_ublk_features"`
+	Log        string        `json:"log"`
+	Stats      IOCounters    `json:"io"`
 }
 
 // AutoExpandInfo is dattobd's auto_expand entry of info.

@@ -1,0 +1,9 @@
+package kmod
+
+import (
+	"testing"
+
+	"github.com/dbdublk/dbdublk/internal/testmain"
+)
+
+func TestMain(m *testing.M) { testmain.Run(m) }
