@@ -9,25 +9,74 @@ import (
 	"time"
 )
 
-// TestNoUblkDriver must run before anything loads ublk_drv: without the
-// driver, attach names the module to load and changes nothing.
+// TestNoUblkDriver: attach loads ublk_drv itself where it is not loaded,
+// and on a kernel that has no ublk driver names the way out and changes
+// nothing.
 func TestNoUblkDriver(t *testing.T) {
-	if _, err := os.Stat("/dev/ublk-control"); err == nil {
-		// Unload so the check is real; nothing is attached yet.
-		must(t, "rmmod", "ublk_drv")
+	unload := func() {
+		if _, err := os.Stat("/dev/ublk-control"); err == nil {
+			must(t, "rmmod", "ublk_drv") // nothing is attached yet
+		}
 	}
+	// Not loaded: attach loads it, as modprobe would.
+	unload()
+	dumpLogOnFailure(t, 0)
+	must(t, dbdctl, "attach", diskExt4, "0") // not attach(): it loads the driver first
+	if _, err := os.Stat("/dev/ublk-control"); err != nil {
+		t.Fatalf("attach succeeded without loading ublk_drv: %v", err)
+	}
+	detach(t, 0)
+
+	// A kernel that does not have it (its modules hidden, as on Debian 12's
+	// 6.1): one line naming the kernel and the way out, nothing left.
+	unload()
+	release := strings.TrimSpace(must(t, "uname", "-r"))
+	mods := "/lib/modules/" + release
+	must(t, "mount", "-t", "tmpfs", "none", mods)
 	r := run(t, dbdctl, "attach", diskExt4, "0")
+	must(t, "umount", mods)
 	if r.code == 0 {
-		t.Fatalf("attach without ublk_drv succeeded: %s", r.stdout)
+		t.Fatalf("attach on a kernel without ublk_drv succeeded: %s", r.stdout)
 	}
-	checkOneLineError(t, r, "ublk_drv")
-	if !strings.Contains(r.stderr, "6.0") {
-		t.Errorf("message should name the minimum kernel: %q", r.stderr)
+	checkOneLineError(t, r, "has no ublk driver")
+	for _, want := range []string{release, "6.4", "backports"} {
+		if !strings.Contains(r.stderr, want) {
+			t.Errorf("message does not name %q: %q", want, r.stderr)
+		}
 	}
 	if _, err := os.Stat("/run/dbdctl/0.sock"); err == nil {
 		t.Errorf("a failed attach left a control socket behind")
 	}
 	ensureUblk(t)
+}
+
+// TestDataPath checks the front device runs zero copy exactly where the
+// kernel offers AUTO_BUF_REG and SUPPORT_ZERO_COPY (7.3, not 6.12), that
+// info says so, and that attach --copy asks for copy mode anyway. The
+// other tests then exercise whichever path the kernel gave.
+func TestDataPath(t *testing.T) {
+	attach(t, diskFio, 3)
+	dev := info(t, "3").Devices[0]
+	var kernel uint64
+	fmt.Sscanf(dev.KernelFeat, "0x%x", &kernel)
+	want := "copy"
+	if kernel&(1<<11) != 0 && kernel&1 != 0 {
+		want = "zero-copy"
+	}
+	if dev.DataPath != want {
+		t.Errorf("kernel features %s: data path %q, want %q", dev.KernelFeat, dev.DataPath, want)
+	}
+	t.Logf("@@DATAPATH kernel ublk features %s: front device served %s", dev.KernelFeat, dev.DataPath)
+	detach(t, 3)
+	ensureUblk(t)
+	out := must(t, dbdctl, "attach", "--copy", diskFio, "3")
+	if !strings.Contains(out, "/dev/ublkb3") {
+		t.Fatalf("attach --copy: %q", out)
+	}
+	if got := info(t, "3").Devices[0].DataPath; got != "copy" {
+		t.Errorf("attach --copy: data path %q", got)
+	}
+	detach(t, 3)
 }
 
 // TestExt4OnFrontDevice runs a filesystem's whole life through the front

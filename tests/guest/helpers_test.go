@@ -159,6 +159,7 @@ type infoDevice struct {
 	QueueDepth  int      `json:"queue_depth"`
 	DevFeatures string   `json:"ublk_features"`
 	KernelFeat  string   `json:"kernel_ublk_features"`
+	DataPath    string   `json:"data_path"`
 	IO          struct {
 		Reads  uint64 `json:"reads"`
 		Writes uint64 `json:"writes"`
