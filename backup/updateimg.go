@@ -71,7 +71,7 @@ func Check(snap Snapshot, cowPath, imagePath string) (*Checked, error) {
 		c.Close(false)
 		return nil, err
 	}
-	if err := checkCow(c, snap, cowPath); err != nil {
+	if err := CheckCow(c, snap, cowPath); err != nil {
 		return fail(err)
 	}
 	img, err := openImage(imagePath, snap.Size)
@@ -81,9 +81,9 @@ func Check(snap Snapshot, cowPath, imagePath string) (*Checked, error) {
 	return &Checked{Cow: c, Image: img}, nil
 }
 
-// checkCow checks that the COW file is the intact change list of the
+// CheckCow checks that the COW file is the intact change list of the
 // snapshot before snap, of the same series and size.
-func checkCow(c *cow.File, snap Snapshot, cowPath string) error {
+func CheckCow(c *cow.File, snap Snapshot, cowPath string) error {
 	h := c.Header()
 	if x := c.Failed(); x != nil {
 		return fmt.Errorf("COW file %s records a tracking failure: %s; its changed-block list misses writes, a full backup is required", cowPath, x)
@@ -159,38 +159,54 @@ const DefaultChunk = 1 << 20
 type extent struct{ off, n int64 }
 
 // UpdateImage copies every block the COW file marks as changed from the
-// snapshot to the image, adjacent blocks coalesced into large copies, then
-// fsyncs the image. When a check fails the image is not touched. Its
-// memory does not grow with the device or the number of changes: the
-// change list is streamed to the copiers.
+// snapshot device to the image (Copy), after Check. When a check fails the
+// image is not touched.
 func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary, error) {
-	start := time.Now()
 	ck, err := Check(snap, cowPath, imagePath)
 	if err != nil {
 		return Summary{}, err
 	}
 	defer ck.Close()
-	c := ck.Cow
+	src, err := OpenDevice(snap.Path)
+	if err != nil {
+		return Summary{}, err
+	}
+	defer src.Close()
+	return Copy(ck.Cow, src, ck.Image, snap.Size, opt)
+}
+
+// Source is where a copy reads the snapshot: its device (Device), or the
+// snapshot's own server, which reads the real device and the COW store.
+type Source interface {
+	// ReadAt fills p with the snapshot's bytes at off. p is aligned for
+	// O_DIRECT (dio.AlignedBuf); off and len(p) are multiples of
+	// cow.BlockSize, but at the device's end.
+	ReadAt(p []byte, off int64) error
+}
+
+// Copy copies every block c marks as changed from src to image, adjacent
+// blocks coalesced into large copies run in parallel, then fsyncs the
+// image. Its memory does not grow with the device or the number of
+// changes: the change list is streamed to the copiers.
+func Copy(c *cow.File, src Source, image *os.File, size int64, opt Options) (Summary, error) {
+	start := time.Now()
 	if opt.Workers <= 0 {
 		opt.Workers = DefaultWorkers
 	}
 	if opt.ChunkMax <= 0 {
 		opt.ChunkMax = DefaultChunk
 	}
-	blocks, total, err := countChanges(c, snap.Size)
+	blocks, total, err := countChanges(c, size)
 	if err != nil {
-		return Summary{}, fmt.Errorf("read changed-block list %s: %w", cowPath, err)
+		return Summary{}, fmt.Errorf("read changed-block list %s: %w", c.Path(), err)
 	}
-	f, err := openEnds(snap.Path, ck.Image)
-	if err != nil {
+	dst := openSink(image)
+	defer dst.close()
+	if err := copyChanges(c, src, dst, size, total, opt); err != nil {
 		return Summary{}, err
 	}
-	defer f.close()
-	if err := copyChanges(c, f, snap.Size, total, opt); err != nil {
-		return Summary{}, err
-	}
-	if err := f.sync(); err != nil {
-		return Summary{}, fmt.Errorf("fsync image %s: %w", imagePath, err)
+	if err := dst.sync(); err != nil {
+		return Summary{}, fmt.Errorf("fsync image %s: %w", image.Name(), err)
 	}
 	return Summary{BlocksChanged: blocks, BytesCopied: total, Seconds: time.Since(start).Seconds()}, nil
 }
@@ -207,55 +223,84 @@ func countChanges(c *cow.File, size int64) (blocks uint64, bytes int64, err erro
 	return blocks, bytes, err
 }
 
-// ends are the two sides of the copy, each with a buffered descriptor and,
-// where the file allows, an O_DIRECT one: a one-pass copy gains nothing
-// from the page cache, which only slows it down. The buffered descriptors
-// serve unaligned tails and files that refuse O_DIRECT.
-type ends struct {
-	src, srcDirect *os.File
-	dst, dstDirect *os.File
+// Device is a snapshot device as a Source, with a buffered descriptor and,
+// where the device allows, an O_DIRECT one: a one-pass copy gains nothing
+// from the page cache, which only slows it down. The buffered descriptor
+// serves unaligned tails.
+type Device struct{ f, direct *os.File }
+
+// OpenDevice opens the snapshot device at path (twice, the second with
+// O_DIRECT through the first's descriptor).
+func OpenDevice(path string) (*Device, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open snapshot %s: %w", path, err)
+	}
+	d := &Device{f: f}
+	d.direct, _ = os.OpenFile(fdPath(f), os.O_RDONLY|syscall.O_DIRECT, 0)
+	return d, nil
 }
 
-// openEnds opens the snapshot (twice, the second with O_DIRECT, both
-// through its descriptor after the first open) and the image's O_DIRECT
-// twin through the image's descriptor.
-func openEnds(snapPath string, image *os.File) (*ends, error) {
-	f := &ends{dst: image}
-	var err error
-	if f.src, err = os.Open(snapPath); err != nil {
-		return nil, fmt.Errorf("open snapshot %s: %w", snapPath, err)
+// ReadAt reads the snapshot device.
+func (d *Device) ReadAt(p []byte, off int64) error {
+	aligned := off%dio.Align == 0 && len(p)%dio.Align == 0
+	if err := ioAt(d.direct, d.f, aligned, func(x *os.File) (int, error) { return x.ReadAt(p, off) }); err != nil {
+		return fmt.Errorf("read snapshot at %d: %w", off, err)
 	}
-	f.srcDirect, _ = os.OpenFile(fdPath(f.src), os.O_RDONLY|syscall.O_DIRECT, 0)
-	f.dstDirect, _ = os.OpenFile(fdPath(image), os.O_WRONLY|syscall.O_DIRECT, 0)
-	return f, nil
+	return nil
+}
+
+// Close closes the device.
+func (d *Device) Close() {
+	d.f.Close()
+	if d.direct != nil {
+		d.direct.Close()
+	}
+}
+
+// sink is the image a copy writes: the caller's descriptor and its
+// O_DIRECT twin, opened through the descriptor, where the file allows.
+type sink struct{ f, direct *os.File }
+
+func openSink(image *os.File) *sink {
+	s := &sink{f: image}
+	s.direct, _ = os.OpenFile(fdPath(image), os.O_WRONLY|syscall.O_DIRECT, 0)
+	return s
 }
 
 // fdPath names an open file by its descriptor.
 func fdPath(f *os.File) string { return fmt.Sprintf("/proc/self/fd/%d", f.Fd()) }
 
-// close closes what openEnds opened (the image is the Checked's).
-func (f *ends) close() {
-	for _, x := range []*os.File{f.src, f.srcDirect, f.dstDirect} {
-		if x != nil {
-			x.Close()
-		}
+// close closes the twin (the image is the caller's).
+func (s *sink) close() {
+	if s.direct != nil {
+		s.direct.Close()
 	}
+}
+
+// writeAt writes p at off, through the O_DIRECT twin when aligned.
+func (s *sink) writeAt(p []byte, off int64) error {
+	aligned := off%dio.Align == 0 && len(p)%dio.Align == 0
+	if err := ioAt(s.direct, s.f, aligned, func(x *os.File) (int, error) { return x.WriteAt(p, off) }); err != nil {
+		return fmt.Errorf("write image at %d: %w", off, err)
+	}
+	return nil
 }
 
 // sync makes the image durable (the fsync covers writes through both of
 // its descriptors; both are synced all the same).
-func (f *ends) sync() error {
-	if f.dstDirect != nil {
-		if err := f.dstDirect.Sync(); err != nil {
+func (s *sink) sync() error {
+	if s.direct != nil {
+		if err := s.direct.Sync(); err != nil {
 			return err
 		}
 	}
-	return f.dst.Sync()
+	return s.f.Sync()
 }
 
 // copyChanges streams the changed runs, cut into copies of at most
 // opt.ChunkMax bytes, to opt.Workers copiers, reporting progress in order.
-func copyChanges(c *cow.File, f *ends, size, total int64, opt Options) error {
+func copyChanges(c *cow.File, src Source, dst *sink, size, total int64, opt Options) error {
 	var progMu sync.Mutex // orders progress reports: done only ever grows
 	var done int64
 	var firstErr error
@@ -268,7 +313,11 @@ func copyChanges(c *cow.File, f *ends, size, total int64, opt Options) error {
 			defer wg.Done()
 			buf := dio.AlignedBuf(int(opt.ChunkMax))
 			for e := range work {
-				if err := f.copy(buf[:e.n], e.off); err != nil {
+				err := src.ReadAt(buf[:e.n], e.off)
+				if err == nil {
+					err = dst.writeAt(buf[:e.n], e.off)
+				}
+				if err != nil {
 					errOnce.Do(func() { firstErr = err })
 					continue
 				}
@@ -297,20 +346,9 @@ func copyChanges(c *cow.File, f *ends, size, total int64, opt Options) error {
 	return firstErr
 }
 
-// copy copies len(buf) bytes at off, through the O_DIRECT descriptors when
-// the range is aligned for them and through the buffered ones otherwise
-// (or when a filesystem refuses O_DIRECT with EINVAL).
-func (f *ends) copy(buf []byte, off int64) error {
-	aligned := off%dio.Align == 0 && len(buf)%dio.Align == 0
-	if err := ioAt(f.srcDirect, f.src, aligned, func(x *os.File) (int, error) { return x.ReadAt(buf, off) }); err != nil {
-		return fmt.Errorf("read snapshot at %d: %w", off, err)
-	}
-	if err := ioAt(f.dstDirect, f.dst, aligned, func(x *os.File) (int, error) { return x.WriteAt(buf, off) }); err != nil {
-		return fmt.Errorf("write image at %d: %w", off, err)
-	}
-	return nil
-}
-
+// ioAt runs op on the O_DIRECT descriptor when the range is aligned for it
+// and on the buffered one otherwise (or when a filesystem refuses O_DIRECT
+// with EINVAL).
 func ioAt(direct, buffered *os.File, aligned bool, op func(*os.File) (int, error)) error {
 	if direct != nil && aligned {
 		_, err := op(direct)

@@ -510,6 +510,16 @@ func (f *File) writable() error {
 	return nil
 }
 
+// OSFile is the open file behind f when f is reached through its
+// filesystem (nil for a COW file on the snapshotted volume's extents), to
+// hand to another process, which opens it with StorageOf.
+func (f *File) OSFile() *os.File {
+	if s, ok := f.s.(*fileStorage); ok {
+		return s.f
+	}
+	return nil
+}
+
 // Path returns the file's path.
 func (f *File) Path() string { return f.path }
 

@@ -65,6 +65,13 @@ func FileStorage(path string, readOnly bool) (Storage, error) {
 	if err != nil {
 		return nil, openError(path, err)
 	}
+	return StorageOf(fh, path, readOnly)
+}
+
+// StorageOf is FileStorage of a COW file already open as fh (named path in
+// messages), such as one passed by another process; it takes fh over
+// (closing it on error). It refuses anything but a regular file.
+func StorageOf(fh *os.File, path string, readOnly bool) (Storage, error) {
 	st, err := fh.Stat()
 	if err != nil {
 		fh.Close()

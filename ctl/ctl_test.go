@@ -215,6 +215,9 @@ func (f *fakeServer) ExpandCowFile(protocol.ExpandCowFile) error {
 func (f *fakeServer) ReconfigureAutoExpand(protocol.AutoExpand) error {
 	return f.note(protocol.OpReconfigureAutoExpand)
 }
+func (f *fakeServer) UpdateImage(protocol.UpdateImage, []*os.File, func(protocol.Progress)) (protocol.UpdateImageDone, error) {
+	return protocol.UpdateImageDone{}, f.note(protocol.OpUpdateImage)
+}
 
 func startFake(t *testing.T, m dattobd.Minor, f *fakeServer) *fakeServer {
 	t.Helper()

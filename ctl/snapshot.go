@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/dbdublk/dbdublk/backup"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
@@ -260,6 +261,36 @@ func snapshotMinor(path string) (dattobd.Minor, error) {
 	return 0, fmt.Errorf("%s does not appear to be a snapshot device (expected /dev/datto<minor>)", path)
 }
 
+// updateImage checks the COW file and the image, then has the snapshot's
+// server copy the changed blocks, reading the real device itself (no round
+// trip through the snapshot device); a server that predates that request
+// gets the copy through the snapshot device, as before.
+func updateImage(cl protocol.Client, snap backup.Snapshot, cowPath, imagePath string, opt backup.Options) (backup.Summary, error) {
+	ck, err := backup.Check(snap, cowPath, imagePath)
+	if err != nil {
+		return backup.Summary{}, err
+	}
+	defer ck.Close()
+	if cowFile := ck.Cow.OSFile(); cowFile != nil {
+		args := protocol.UpdateImage{UUID: hex.EncodeToString(snap.UUID[:]), SeqID: snap.SeqID, Workers: opt.Workers}
+		done, err := cl.UpdateImage(args, cowFile, ck.Image, func(p protocol.Progress) {
+			if opt.Progress != nil {
+				opt.Progress(p.Done, p.Total)
+			}
+		})
+		var remote *protocol.RemoteError
+		if !errors.As(err, &remote) || !strings.HasPrefix(remote.Message, "unknown request") {
+			return backup.Summary{BlocksChanged: done.BlocksChanged, BytesCopied: done.BytesCopied, Seconds: done.Seconds}, err
+		}
+	}
+	src, err := backup.OpenDevice(snap.Path)
+	if err != nil {
+		return backup.Summary{}, err
+	}
+	defer src.Close()
+	return backup.Copy(ck.Cow, src, ck.Image, snap.Size, opt)
+}
+
 // Run updates the image.
 func (c *UpdateImgCmd) Run(env *Env) error {
 	if c.Workers < 1 || c.Workers > maxWorkers {
@@ -290,7 +321,7 @@ func (c *UpdateImgCmd) Run(env *Env) error {
 		copy(snap.UUID[:], b)
 	}
 	bar := newProgress(env)
-	sum, err := backup.UpdateImage(snap, c.CowFile, c.Image, backup.Options{Workers: c.Workers, Progress: bar.update})
+	sum, err := updateImage(cl, snap, c.CowFile, c.Image, backup.Options{Workers: c.Workers, Progress: bar.update})
 	bar.finish()
 	if err != nil {
 		return err

@@ -4,7 +4,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"os"
+	"runtime"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 )
@@ -64,6 +68,54 @@ func (c Client) ExpandCowFile(a ExpandCowFile) error { return c.command(OpExpand
 // ReconfigureAutoExpand sets auto-expansion.
 func (c Client) ReconfigureAutoExpand(a AutoExpand) error {
 	return c.command(OpReconfigureAutoExpand, a)
+}
+
+// UpdateImage has the snapshot's server copy the blocks cowFile marks as
+// changed into image (see UpdateImage), calling progress (which may be
+// nil) as the server reports. A server that predates the request answers
+// with an ErrInvalid RemoteError ("unknown request").
+func (c Client) UpdateImage(a UpdateImage, cowFile, image *os.File, progress func(Progress)) (UpdateImageDone, error) {
+	b, err := json.Marshal(a)
+	if err != nil {
+		return UpdateImageDone{}, err
+	}
+	msg, err := json.Marshal(request{Op: OpUpdateImage, Args: b})
+	if err != nil {
+		return UpdateImageDone{}, err
+	}
+	conn, err := net.DialTimeout("unix", SocketPath(c.Minor), dialTimeout)
+	if err != nil {
+		return UpdateImageDone{}, fmt.Errorf("minor %d is %w", c.Minor, ErrNotAttached)
+	}
+	defer conn.Close()
+	uc := conn.(*net.UnixConn)
+	uc.SetDeadline(time.Now().Add(requestTimeout))
+	rights := unix.UnixRights(int(cowFile.Fd()), int(image.Fd()))
+	if _, _, err := uc.WriteMsgUnix(append(msg, '\n'), rights, nil); err != nil {
+		return UpdateImageDone{}, fmt.Errorf("minor %d: send %s: %w", c.Minor, OpUpdateImage, err)
+	}
+	runtime.KeepAlive(cowFile)
+	runtime.KeepAlive(image)
+	dec := json.NewDecoder(uc)
+	for {
+		var resp response
+		if err := dec.Decode(&resp); err != nil {
+			return UpdateImageDone{}, fmt.Errorf("minor %d: no answer to %s: %w", c.Minor, OpUpdateImage, err)
+		}
+		switch {
+		case resp.Error != "":
+			return UpdateImageDone{}, &RemoteError{Code: resp.Code, Message: resp.Error}
+		case resp.Progress != nil:
+			uc.SetDeadline(time.Now().Add(requestTimeout))
+			if progress != nil {
+				progress(*resp.Progress)
+			}
+		case resp.Copied != nil:
+			return *resp.Copied, nil
+		default:
+			return UpdateImageDone{}, fmt.Errorf("minor %d: empty answer to %s", c.Minor, OpUpdateImage)
+		}
+	}
 }
 
 func (c Client) command(op Op, args any) error {

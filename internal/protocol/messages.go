@@ -21,6 +21,7 @@ const (
 	OpReconfigure             Op = "reconfigure"
 	OpExpandCowFile           Op = "expand-cow-file"
 	OpReconfigureAutoExpand   Op = "reconfigure-auto-expand"
+	OpUpdateImage             Op = "update-img"
 )
 
 // request is one line from a client: the op and its arguments.
@@ -35,6 +36,37 @@ type response struct {
 	Error  string      `json:"error,omitempty"`
 	Code   Code        `json:"code,omitempty"`
 	Device *DeviceInfo `json:"device,omitempty"`
+	// Progress comes in the interim answers of update-img; Copied in its
+	// last one.
+	Progress *Progress        `json:"progress,omitempty"`
+	Copied   *UpdateImageDone `json:"copied,omitempty"`
+}
+
+// UpdateImage asks the server of the current snapshot to copy the blocks a
+// previous snapshot's COW file marks as changed into that snapshot's image,
+// reading the real device and its COW store itself: no round trip through
+// the snapshot device. The client has checked both files; they travel with
+// the request as descriptors (SCM_RIGHTS), the COW file first, so the
+// server never opens a path the client named.
+type UpdateImage struct {
+	// UUID and SeqID are the snapshot the client checked the COW file
+	// against; the server refuses if its current snapshot is another.
+	UUID    string `json:"uuid"`
+	SeqID   uint64 `json:"seq_id"`
+	Workers int    `json:"workers,omitempty"` // parallel copies; 0 = default
+}
+
+// Progress is how many of the bytes to copy are copied.
+type Progress struct {
+	Done  int64 `json:"done"`
+	Total int64 `json:"total"`
+}
+
+// UpdateImageDone is what an update-img did.
+type UpdateImageDone struct {
+	BlocksChanged uint64  `json:"blocks_changed"`
+	BytesCopied   int64   `json:"bytes_copied"`
+	Seconds       float64 `json:"seconds"`
 }
 
 // Detach asks the server to remove the front device and exit.

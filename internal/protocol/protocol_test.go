@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -66,6 +67,24 @@ func (h *fakeHandler) Reconfigure(a protocol.Reconfigure) error                 
 func (h *fakeHandler) ExpandCowFile(a protocol.ExpandCowFile) error               { return h.record(a) }
 func (h *fakeHandler) ReconfigureAutoExpand(a protocol.AutoExpand) error          { return h.record(a) }
 
+// UpdateImage copies the first descriptor's bytes into the second, with a
+// progress report before and after.
+func (h *fakeHandler) UpdateImage(a protocol.UpdateImage, files []*os.File, progress func(protocol.Progress)) (protocol.UpdateImageDone, error) {
+	if err := h.record(a); err != nil {
+		return protocol.UpdateImageDone{}, err
+	}
+	data, err := io.ReadAll(io.NewSectionReader(files[0], 0, 1<<20))
+	if err != nil {
+		return protocol.UpdateImageDone{}, err
+	}
+	progress(protocol.Progress{Done: 0, Total: int64(len(data))})
+	if _, err := files[1].WriteAt(data, 0); err != nil {
+		return protocol.UpdateImageDone{}, err
+	}
+	progress(protocol.Progress{Done: int64(len(data)), Total: int64(len(data))})
+	return protocol.UpdateImageDone{BlocksChanged: 1, BytesCopied: int64(len(data)), Seconds: 0.5}, nil
+}
+
 // serve runs the real protocol server for h on minor's socket.
 func serve(t *testing.T, h *fakeHandler) *protocol.Server {
 	t.Helper()
@@ -88,6 +107,75 @@ func serve(t *testing.T, h *fakeHandler) *protocol.Server {
 		<-done
 	})
 	return s
+}
+
+// update-img's descriptors reach the handler (the COW file first, then the
+// image), its progress reaches the client in order, and so does its result.
+func TestUpdateImagePassesFiles(t *testing.T) {
+	useRunDir(t)
+	h := &fakeHandler{minor: 4}
+	serve(t, h)
+	dir := t.TempDir()
+	src := filepath.Join(dir, "cow")
+	if err := os.WriteFile(src, []byte("changed blocks"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cowFile, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cowFile.Close()
+	image, err := os.Create(filepath.Join(dir, "image"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer image.Close()
+	var got []protocol.Progress
+	args := protocol.UpdateImage{UUID: "ab", SeqID: 3, Workers: 2}
+	done, err := protocol.For(4).UpdateImage(args, cowFile, image, func(p protocol.Progress) { got = append(got, p) })
+	if err != nil {
+		t.Fatalf("UpdateImage = %v", err)
+	}
+	if done != (protocol.UpdateImageDone{BlocksChanged: 1, BytesCopied: 14, Seconds: 0.5}) {
+		t.Errorf("done = %+v", done)
+	}
+	if want := []protocol.Progress{{0, 14}, {14, 14}}; !reflect.DeepEqual(got, want) {
+		t.Errorf("progress = %v, want %v", got, want)
+	}
+	if b, _ := os.ReadFile(image.Name()); string(b) != "changed blocks" {
+		t.Errorf("image holds %q", b)
+	}
+	if r := h.received(); len(r) != 1 || r[0] != args {
+		t.Errorf("handler got %v", r)
+	}
+	// A handler's error comes back as the request's.
+	h.err = errors.New("snapshot changed")
+	if _, err := protocol.For(4).UpdateImage(args, cowFile, image, nil); err == nil || !strings.Contains(err.Error(), "snapshot changed") {
+		t.Errorf("failing UpdateImage = %v", err)
+	}
+}
+
+// update-img without its two descriptors is refused before the handler.
+func TestUpdateImageWithoutFiles(t *testing.T) {
+	useRunDir(t)
+	h := &fakeHandler{minor: 6}
+	serve(t, h)
+	conn, err := net.Dial("unix", protocol.SocketPath(6))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.Write([]byte(`{"op":"update-img","args":{"uuid":"ab","seq_id":2}}` + "\n"))
+	var resp struct{ Error string }
+	if err := json.NewDecoder(conn).Decode(&resp); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(resp.Error, "2 descriptors") {
+		t.Errorf("answer %q", resp.Error)
+	}
+	if r := h.received(); len(r) != 0 {
+		t.Errorf("handler was called: %v", r)
+	}
 }
 
 func TestSocketPath(t *testing.T) {

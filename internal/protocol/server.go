@@ -1,9 +1,11 @@
 package protocol
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"sync"
@@ -27,7 +29,14 @@ type Handler interface {
 	Reconfigure(Reconfigure) error
 	ExpandCowFile(ExpandCowFile) error
 	ReconfigureAutoExpand(AutoExpand) error
+	// UpdateImage copies into files[1] the blocks files[0] (a COW file)
+	// marks as changed, reporting progress as it goes; the files are the
+	// request's descriptors, closed once it is answered.
+	UpdateImage(a UpdateImage, files []*os.File, progress func(Progress)) (UpdateImageDone, error)
 }
+
+// maxFiles is how many descriptors a request may carry.
+const maxFiles = 2
 
 // requestTimeout bounds one connection: the longest request (a snapshot
 // set up on a large device, a detach that writes back a big cache) fits.
@@ -129,20 +138,56 @@ func (s *Server) answer(conn *net.UnixConn) {
 		return
 	}
 	conn.SetDeadline(time.Now().Add(requestTimeout))
+	// The request's first bytes come with its descriptors, if any.
+	buf := make([]byte, 4096)
+	oob := make([]byte, unix.CmsgSpace(4*maxFiles))
+	n, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
+	files := receivedFiles(oob[:oobn])
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
 	var req request
-	if err := json.NewDecoder(conn).Decode(&req); err != nil {
+	if err != nil || json.NewDecoder(io.MultiReader(bytes.NewReader(buf[:n]), conn)).Decode(&req) != nil {
 		enc.Encode(response{Error: "malformed request", Code: CodeOf(ErrInvalid)})
 		return
 	}
+	// An answer that takes long (update-img) sends progress in between;
+	// each one gives the connection another requestTimeout.
+	progress := func(p Progress) {
+		enc.Encode(response{Progress: &p})
+		conn.SetDeadline(time.Now().Add(requestTimeout))
+	}
 	var resp response
-	if err := s.dispatch(req, &resp); err != nil {
+	if err := s.dispatch(req, files, progress, &resp); err != nil {
 		resp.Error, resp.Code = err.Error(), CodeOf(err)
 	}
 	enc.Encode(resp)
 }
 
+// receivedFiles are the descriptors an SCM_RIGHTS message carried.
+func receivedFiles(oob []byte) []*os.File {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return nil
+	}
+	var files []*os.File
+	for _, m := range msgs {
+		fds, err := unix.ParseUnixRights(&m)
+		if err != nil {
+			continue
+		}
+		for _, fd := range fds {
+			unix.CloseOnExec(fd)
+			files = append(files, os.NewFile(uintptr(fd), fmt.Sprintf("descriptor %d", len(files))))
+		}
+	}
+	return files
+}
+
 // dispatch decodes req's arguments and calls the handler.
-func (s *Server) dispatch(req request, resp *response) error {
+func (s *Server) dispatch(req request, files []*os.File, progress func(Progress), resp *response) error {
 	switch req.Op {
 	case OpInfo:
 		info := s.h.Info()
@@ -164,6 +209,17 @@ func (s *Server) dispatch(req request, resp *response) error {
 		return call(req, s.h.ExpandCowFile)
 	case OpReconfigureAutoExpand:
 		return call(req, s.h.ReconfigureAutoExpand)
+	case OpUpdateImage:
+		if len(files) != 2 {
+			return Errorf(ErrInvalid, "update-img takes 2 descriptors (COW file, image), got %d", len(files))
+		}
+		return call(req, func(a UpdateImage) error {
+			done, err := s.h.UpdateImage(a, files, progress)
+			if err == nil {
+				resp.Copied = &done
+			}
+			return err
+		})
 	}
 	return Errorf(ErrInvalid, "unknown request %q", req.Op)
 }

@@ -2,6 +2,7 @@ package guest
 
 import (
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 )
@@ -119,6 +120,10 @@ func TestSnapshotSemantics(t *testing.T) {
 		must(t, dbdctl, "transition-to-snapshot", dir+"/cow3", m)
 		must(t, dbdctl, "update-img", snap, dir+"/cow2", dir+"/img")
 		must(t, "cmp", dir+"/img", snap)
+		// The copy was the server's own, not a read of the snapshot device.
+		if log, _ := os.ReadFile("/var/log/dbdctl/ublk" + m + ".log"); !strings.Contains(string(log), "reading the device directly") {
+			t.Errorf("update-img did not go through the snapshot's server:\n%s", tail(string(log), 10))
+		}
 	})
 }
 
