@@ -6,6 +6,8 @@ import (
 	"os"
 	"runtime/pprof"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/frontfs"
 	"github.com/dbdublk/dbdublk/internal/protocol"
@@ -56,6 +58,10 @@ func serve(cfg Config, logger *log.Logger, onReady func(front string)) error {
 			}
 		}
 	}
+	// No transparent huge pages for a server: its heap (the COW index
+	// cache) grows in small pieces, and with huge pages each piece made up
+	// to 2 MiB resident (a long-running server's RSS was mostly them).
+	_ = unix.Prctl(unix.PR_SET_THP_DISABLE, 1, 0, 0, 0)
 	s, err := Start(cfg, logger)
 	if err != nil {
 		return err

@@ -3,6 +3,7 @@ package guest
 import (
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -225,6 +226,7 @@ func TestInfo(t *testing.T) {
 	if _, err := os.Stat("/var/log/dbdctl/ublk3.log"); err != nil {
 		t.Errorf("server log missing: %v", err)
 	}
+	checkServerMemory(t, dev.ServerPID, dev.DataPath, dev.QueueDepth)
 	one := info(t, "3")
 	if len(one.Devices) != 1 || one.Devices[0].Minor != 3 {
 		t.Errorf("info 3 = %+v", one)
@@ -239,5 +241,49 @@ func TestInfo(t *testing.T) {
 	}
 	if after := info(t); len(after.Devices) != 0 {
 		t.Errorf("devices left after detach: %+v", after.Devices)
+	}
+}
+
+// checkServerMemory checks what keeps a server's RSS small: transparent
+// huge pages are off for the whole process, and in copy mode each queue's
+// buffers (depth x 1 MiB) are mapped with MADV_NOHUGEPAGE (VmFlags "nh");
+// zero copy has no such buffers at all.
+func checkServerMemory(t *testing.T, pid int, dataPath string, depth int) {
+	t.Helper()
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(status), "THP_enabled:\t0") {
+		t.Errorf("server %d runs with transparent huge pages:\n%s", pid, status)
+	}
+	smaps, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Queue buffers are the mappings marked nh (Go never marks its own so);
+	// adjacent ones may have merged, so their sizes are summed.
+	nhKB := 0
+	var size int
+	for _, line := range strings.Split(string(smaps), "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) == 3 && f[0] == "Size:":
+			size, _ = strconv.Atoi(f[1])
+		case len(f) > 0 && f[0] == "VmFlags:" && strings.Contains(line, " nh"):
+			nhKB += size
+		}
+	}
+	switch dataPath {
+	case "copy":
+		if nhKB < depth*1024 { // a queue's depth x the default 1 MiB
+			t.Errorf("copy mode: %d kB marked nh, want the queue buffers' %d kB at least", nhKB, depth*1024)
+		}
+	case "zero-copy":
+		if nhKB > 0 {
+			t.Errorf("zero copy: %d kB of queue buffers", nhKB)
+		}
+	default:
+		t.Errorf("data path %q", dataPath)
 	}
 }
