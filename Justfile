@@ -34,13 +34,15 @@ soak: (setup "test")
 # All benchmarks inside the VM: frontbench, then snapbench.
 bench: frontbench snapbench
 
-# Raw virtio disk vs the ublk front device.
-frontbench: (setup "bench")
-	go run ./bench/cmd/frontbench
+# Raw virtio disk vs the ublk front device, on 6.12 (copy mode) and 7.3 (zero copy and copy side by side), with null_blk and server memory (~9 min each); ARGS e.g. -record bench/RESULTS.md.
+frontbench *ARGS: (setup "bench")
+	go run ./bench/cmd/frontbench -kernel 6.12 {{ARGS}}
+	go run ./bench/cmd/frontbench -kernel 7.3 {{ARGS}}
 
-# Snapshots, incremental mode, update-img, setup on 1 TiB, server memory (~11 min).
+# Snapshots, incremental mode (with the server's CPU per I/O in each mode), update-img, setup on 1 TiB, server memory, on 6.12 and 7.3 (~11 min each).
 snapbench *ARGS: (setup "bench")
-	go run ./bench/cmd/snapbench {{ARGS}}
+	go run ./bench/cmd/snapbench -kernel 6.12 {{ARGS}}
+	go run ./bench/cmd/snapbench -kernel 7.3 {{ARGS}}
 
 # Fetch and cache the test kernel (DBD_KERNEL=6.12 by default) and the Debian root image.
 kernel:

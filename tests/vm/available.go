@@ -21,7 +21,7 @@ var (
 // Available reports whether VMs can run here: qemu-system-x86_64, a static
 // /bin/busybox and the default kernel (fetched if not cached yet).
 func Available() error {
-	version := resolveKernelVersion("")
+	version := KernelSeries("")
 	availMu.Lock()
 	defer availMu.Unlock()
 	if err, ok := availErr[version]; ok {

@@ -64,7 +64,7 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Logf == nil {
 		c.Logf = func(string, ...any) {}
 	}
-	c.Kernel = resolveKernelVersion(c.Kernel)
+	c.Kernel = KernelSeries(c.Kernel)
 	if len(c.Disks) > maxDisks {
 		return c, fmt.Errorf("vm: at most %d disks", maxDisks)
 	}

@@ -43,9 +43,9 @@ var kernelSources = map[string]kernelSource{
 // (maintainer scripts) does not match.
 var kernelPackagePrefixes = []string{"linux-image-", "linux-binary-", "linux-modules-", "linux-base-"}
 
-// resolveKernelVersion applies the defaults: explicit value, then
+// KernelSeries is the kernel series a machine boots for v: v itself, then
 // $DBD_KERNEL, then DefaultKernel.
-func resolveKernelVersion(v string) string {
+func KernelSeries(v string) string {
 	if v != "" {
 		return v
 	}
@@ -62,7 +62,7 @@ var kernelMu sync.Mutex
 // EnsureKernel returns the cached kernel of the given series ("" for the
 // default), downloading and unpacking it on first use.
 func EnsureKernel(ctx context.Context, version string) (*Kernel, error) {
-	version = resolveKernelVersion(version)
+	version = KernelSeries(version)
 	src, ok := kernelSources[version]
 	if !ok {
 		known := make([]string, 0, len(kernelSources))

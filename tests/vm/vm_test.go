@@ -22,7 +22,7 @@ func cachedKernel(t *testing.T) *Kernel {
 	if err != nil {
 		t.Skip(err)
 	}
-	v := resolveKernelVersion("")
+	v := KernelSeries("")
 	k, err := loadKernel(filepath.Join(cache, "kernel-"+v), v)
 	if err != nil {
 		t.Skipf("kernel %s not cached (go run ./tests/vm/cmd/fetch-kernel): %v", v, err)

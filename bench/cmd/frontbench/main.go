@@ -2,7 +2,11 @@
 // under it, inside the VM rig: 4k random read and write at QD32, 1M
 // sequential read and write, interleaved (raw, front, raw, front...) over
 // several rounds, reported as medians and ratios, plus the server's CPU time
-// per I/O. With -record it appends the table to bench/RESULTS.md.
+// per I/O. Where the kernel serves zero copy it measures copy mode (attach
+// --copy) beside it; it measures the front device over null_blk against raw
+// null_blk too, and the servers' memory. -kernel picks the rig's kernel
+// (6.12: copy mode; 7.3: zero copy). With -record it appends the tables to
+// bench/RESULTS.md.
 package main
 
 import (
@@ -31,6 +35,7 @@ var (
 	rounds  = flag.Int("rounds", 3, "interleaved rounds")
 	runtime = flag.Int("runtime", 5, "seconds per fio run")
 	record  = flag.String("record", "", "append the table to this markdown file (e.g. bench/RESULTS.md)")
+	kernel  = flag.String("kernel", "", "kernel series of the VM rig (default $DBD_KERNEL or "+vm.DefaultKernel+")")
 )
 
 func main() {
@@ -64,7 +69,7 @@ func run() error {
 	}
 	// Fully allocated images, so neither side reads host-file holes.
 	var disks []vm.Disk
-	for _, name := range []string{"raw.img", "front.img"} {
+	for _, name := range []string{"raw.img", "front.img", "copy.img"} {
 		p := filepath.Join(work, name)
 		if out, err := exec.Command("fallocate", "-l", "1G", p).CombinedOutput(); err != nil {
 			return fmt.Errorf("fallocate: %v: %s", err, out)
@@ -73,13 +78,15 @@ func run() error {
 	}
 	fmt.Printf("booting the VM; %d rounds x 4 jobs x 2 targets x %ds\n", *rounds, *runtime)
 	res, err := vm.Run(context.Background(), vm.Config{
-		Disks:    disks,
-		Files:    map[string]string{"/usr/local/bin/dbdctl": dbdctl, "/usr/local/bin/bench.sh": sh},
-		Programs: []string{"fio"},
-		Modules:  []string{"ublk_drv"},
-		Script:   fmt.Sprintf("mkdir -p /var/log\nROUNDS=%d RUNTIME=%d /bin/sh /usr/local/bin/bench.sh", *rounds, *runtime),
-		Timeout:  60 * time.Minute,
-		Logf:     func(f string, a ...any) { fmt.Printf("[vm] "+f+"\n", a...) },
+		Kernel:    *kernel,
+		MemoryMiB: 3072, // null_blk keeps its 2 x 512 MiB in guest memory
+		Disks:     disks,
+		Files:     map[string]string{"/usr/local/bin/dbdctl": dbdctl, "/usr/local/bin/bench.sh": sh},
+		Programs:  []string{"fio"},
+		Modules:   []string{"ublk_drv", "null_blk"},
+		Script:    fmt.Sprintf("mkdir -p /var/log\nROUNDS=%d RUNTIME=%d /bin/sh /usr/local/bin/bench.sh", *rounds, *runtime),
+		Timeout:   60 * time.Minute,
+		Logf:      func(f string, a ...any) { fmt.Printf("[vm] "+f+"\n", a...) },
 	})
 	if err != nil {
 		return err
@@ -89,26 +96,34 @@ func run() error {
 	}
 	raw := filepath.Join(os.TempDir(), "frontbench-output.txt")
 	os.WriteFile(raw, []byte(res.Output), 0o644)
-	samples, err := parse(res.Output)
+	r, err := parse(res.Output)
 	if err != nil {
 		return fmt.Errorf("%w (guest output kept in %s)", err, raw)
 	}
-	table := render(samples)
-	fmt.Print(table)
+	tables := render(r)
+	fmt.Print(tables)
 	if *record != "" {
 		f, err := os.OpenFile(*record, os.O_APPEND|os.O_WRONLY|os.O_CREATE, 0o644)
 		if err != nil {
 			return err
 		}
 		defer f.Close()
-		fmt.Fprintf(f, "\n## %s — front device vs raw virtio disk\n\n%s", time.Now().UTC().Format("2006-01-02"), table)
+		fmt.Fprintf(f, "\n## %s — front device vs raw, kernel %s, %s\n\n%s", time.Now().UTC().Format("2006-01-02"), r.kernel, r.dataPath, tables)
 	}
 	return nil
 }
 
+// results is what the guest reported.
+type results struct {
+	samples          map[string]map[string][]sample // job → target → runs
+	dataPath, kernel string
+	rss              map[string][2]int // target → VmRSS, VmHWM in KiB at the end
+}
+
 // parse reads the markers and fio JSON the guest printed.
-func parse(out string) (map[string]map[string][]sample, error) {
-	samples := map[string]map[string][]sample{}
+func parse(out string) (results, error) {
+	r := results{samples: map[string]map[string][]sample{}, rss: map[string][2]int{}}
+	samples := r.samples
 	sc := bufio.NewScanner(strings.NewReader(out))
 	sc.Buffer(make([]byte, 1<<20), 1<<24)
 	var job, target string
@@ -123,7 +138,13 @@ func parse(out string) (map[string]map[string][]sample, error) {
 			}
 			line = line[i:]
 		}
-		switch {
+		switch f := strings.Fields(line); {
+		case strings.HasPrefix(line, "@@DATAPATH ") && len(f) == 3:
+			r.dataPath, r.kernel = f[1], f[2]
+		case strings.HasPrefix(line, "@@RSS ") && len(f) == 4:
+			rss, _ := strconv.Atoi(f[2])
+			hwm, _ := strconv.Atoi(f[3])
+			r.rss[f[1]] = [2]int{rss, hwm}
 		case strings.HasPrefix(line, "@@JOB "):
 			f := strings.Fields(line)
 			job, target = f[2], f[3]
@@ -132,7 +153,7 @@ func parse(out string) (map[string]map[string][]sample, error) {
 			ticks, _ := strconv.ParseFloat(strings.Fields(line)[1], 64)
 			s, err := fioSample(js.String())
 			if err != nil {
-				return nil, fmt.Errorf("%s on %s: %w", job, target, err)
+				return r, fmt.Errorf("%s on %s: %w", job, target, err)
 			}
 			s.cpuTicks = ticks
 			if samples[job] == nil {
@@ -147,7 +168,7 @@ func parse(out string) (map[string]map[string][]sample, error) {
 			}
 		}
 	}
-	return samples, nil
+	return r, nil
 }
 
 func fioSample(text string) (sample, error) {
@@ -170,12 +191,47 @@ func fioSample(text string) (sample, error) {
 	return sample{iops: j.Read.IOPS + j.Write.IOPS, bw: j.Read.BW + j.Write.BW, ios: j.Read.TotalIOs + j.Write.TotalIOs}, nil
 }
 
-func render(samples map[string]map[string][]sample) string {
+// pairs are the comparisons rendered, each a table: a target against its
+// base, in the same run.
+var pairs = []struct{ title, base, target string }{
+	{"front device vs raw virtio disk", "raw", "front"},
+	{"front device in copy mode (attach --copy) vs raw virtio disk", "raw", "copy"},
+	{"front device over null_blk (memory backed) vs raw null_blk", "nullraw", "nullfront"},
+}
+
+func render(r results) string {
 	var b strings.Builder
-	b.WriteString("| job | raw (median) | front (median) | front/raw (medians) | front/raw (sums) | server CPU per I/O |\n")
+	for _, p := range pairs {
+		if _, ok := r.samples["randread"][p.target]; !ok {
+			continue
+		}
+		path := r.dataPath
+		if p.target == "copy" {
+			path = "copy"
+		}
+		fmt.Fprintf(&b, "%s (data path: %s):\n\n", p.title, path)
+		renderPair(&b, r.samples, p.base, p.target)
+		b.WriteString("\n")
+	}
+	if len(r.rss) > 0 {
+		b.WriteString("Server memory at the end of the run (after every job above):\n\n| front device | VmRSS | VmHWM |\n|---|---|---|\n")
+		for _, t := range []string{"front", "copy", "nullfront"} {
+			if m, ok := r.rss[t]; ok {
+				fmt.Fprintf(&b, "| %s | %.1f MiB | %.1f MiB |\n", t, float64(m[0])/1024, float64(m[1])/1024)
+			}
+		}
+	}
+	return b.String()
+}
+
+// renderPair is one table: each job's medians on base and target, their
+// ratio (of medians and of sums over the rounds) and the server's CPU time
+// per I/O on target (a 1M I/O is a MiB).
+func renderPair(b *strings.Builder, samples map[string]map[string][]sample, base, target string) {
+	fmt.Fprintf(b, "| job | %s (median) | %s (median) | %s/%s (medians) | %s/%s (sums) | server CPU per I/O |\n", base, target, target, base, target, base)
 	b.WriteString("|---|---|---|---|---|---|\n")
 	for _, job := range []string{"randread", "randwrite", "seqread", "seqwrite"} {
-		raw, front := samples[job]["raw"], samples[job]["front"]
+		raw, front := samples[job][base], samples[job][target]
 		seq := strings.HasPrefix(job, "seq")
 		val := func(s sample) float64 {
 			if seq {
@@ -209,7 +265,6 @@ func render(samples map[string]map[string][]sample) string {
 		if rs > 0 {
 			sumRatio = fs / rs
 		}
-		fmt.Fprintf(&b, "| %s | %.0f %s | %.0f %s | %.2f | %.2f | %.1f µs |\n", name, mr, unit, mf, unit, ratio, sumRatio, stats.Median(cpu))
+		fmt.Fprintf(b, "| %s | %.0f %s | %.0f %s | %.2f | %.2f | %.1f µs |\n", name, mr, unit, mf, unit, ratio, sumRatio, stats.Median(cpu))
 	}
-	return b.String()
 }

@@ -22,7 +22,6 @@ BIG=/dev/vdd     # 1 TiB sparse disk, attached as minor 1
 FRONT=/dev/ublkb0
 SNAP=/dev/datto0
 
-modprobe ublk_drv
 mkdir -p /var/log /mnt/raw /mnt/front /scratch
 
 now() { /usr/bin/date +%s%N; } # GNU date (busybox date has no %N)
@@ -31,15 +30,23 @@ val() { echo "@@VAL $1 $2 $3"; }
 info_field() { # minor field
 	dbdctl info "$1" | sed -n "s/.*\"$2\": *\(-*[0-9][0-9]*\).*/\1/p" | head -n 1
 }
+# ticks <minor>: its server's CPU time so far (utime + stime, 10 ms ticks).
+ticks() { awk '{print $14+$15}' /proc/$(info_field "$1" server_pid)/stat; }
 # fio_run <group> <job> <variant> <round> fio-args...
+# A write run (group W) through the front device also reports the
+# server's CPU ticks during it (@@VAL cpu_<job>_<variant>).
 fio_run() {
 	tag="$1 $2 $3 $4"
+	cpuname=
+	[ $1 = W ] && [ $3 != raw ] && cpuname=cpu_$2_$3 && c0=$(ticks 0)
+	cround=$4
 	shift 4
 	if ! fio --output-format=json --output=/tmp/fio.json "$@" >/tmp/fio.out 2>&1; then
 		echo "fio failed ($tag):"
 		cat /tmp/fio.out /tmp/fio.json
 		exit 1
 	fi
+	[ -n "$cpuname" ] && val $cpuname $cround $(($(ticks 0) - c0))
 	echo "@@FIO $tag"
 	cat /tmp/fio.json
 	echo

@@ -36,6 +36,7 @@ var (
 	scatMB  = flag.Int("scatmb", 16, "MiB changed in scattered 4 KiB blocks before update-img")
 	record  = flag.String("record", "", "append the tables to this markdown file (e.g. bench/RESULTS.md)")
 	keep    = flag.String("keep", filepath.Join(os.TempDir(), "snapbench-output.txt"), "where to keep the guest's raw output")
+	kernel  = flag.String("kernel", "", "kernel series of the VM rig (default $DBD_KERNEL or "+vm.DefaultKernel+")")
 	from    = flag.String("from", "", "render the tables from a kept guest output instead of running (the other flags must match that run)")
 )
 
@@ -95,6 +96,7 @@ func run() error {
 	fmt.Printf("booting the VM; %d rounds, %d s per fio run (a default run takes about 11 minutes)\n", *rounds, *runtime)
 	t0 := time.Now()
 	res, err := vm.Run(context.Background(), vm.Config{
+		Kernel:    *kernel,
 		MemoryMiB: 3072,
 		Disks:     disks,
 		Files:     map[string]string{"/usr/local/bin/dbdctl": dbdctl, "/usr/local/bin/bench.sh": sh},
@@ -131,8 +133,8 @@ func report(table string) error {
 			return err
 		}
 		defer f.Close()
-		if _, err := fmt.Fprintf(f, "\n## %s — snapshots, incremental tracking, update-img (issue 3)\n\n%s",
-			time.Now().UTC().Format("2006-01-02"), table); err != nil {
+		if _, err := fmt.Fprintf(f, "\n## %s — snapshots, incremental tracking, update-img, kernel %s\n\n%s",
+			time.Now().UTC().Format("2006-01-02"), vm.KernelSeries(*kernel), table); err != nil {
 			return err
 		}
 	}

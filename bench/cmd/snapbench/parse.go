@@ -13,6 +13,7 @@ type fioRun struct {
 	round int
 	iops  float64 // I/O per second, reads and writes together
 	bw    float64 // bytes per second
+	ios   float64 // I/Os completed
 }
 
 // value is one @@VAL marker.
@@ -94,8 +95,9 @@ func fioTotals(text string) (fioRun, error) {
 		Jobs []struct {
 			Error       int `json:"error"`
 			Read, Write struct {
-				IOPS float64 `json:"iops"`
-				BW   float64 `json:"bw_bytes"`
+				IOPS     float64 `json:"iops"`
+				BW       float64 `json:"bw_bytes"`
+				TotalIOs float64 `json:"total_ios"`
 			}
 		} `json:"jobs"`
 	}
@@ -106,5 +108,5 @@ func fioTotals(text string) (fioRun, error) {
 	if j.Error != 0 {
 		return fioRun{}, fmt.Errorf("fio reported error %d", j.Error)
 	}
-	return fioRun{iops: j.Read.IOPS + j.Write.IOPS, bw: j.Read.BW + j.Write.BW}, nil
+	return fioRun{iops: j.Read.IOPS + j.Write.IOPS, bw: j.Read.BW + j.Write.BW, ios: j.Read.TotalIOs + j.Write.TotalIOs}, nil
 }

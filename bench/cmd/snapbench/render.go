@@ -248,6 +248,7 @@ func render(d *data) string {
 	fmt.Fprintf(&b, "\nupdate-img copied %s bytes (%s blocks) in the contiguous case and %s bytes (%s blocks) in the scattered one (medians).\n",
 		num(stats.Median(d.val("upd_contig_bytes").all())), num(stats.Median(d.val("upd_contig_blocks").all())),
 		num(stats.Median(d.val("upd_scatter_bytes").all())), num(stats.Median(d.val("upd_scatter_blocks").all())))
+	renderCPU(&b, d)
 	return b.String()
 }
 
@@ -286,4 +287,45 @@ func rssCell(d *data, cache string) string {
 		s += fmt.Sprintf("; **snapshot failed with error %.0f**", e)
 	}
 	return s
+}
+
+// cpuPerIO is the server's CPU time per I/O, in µs, of each write run of
+// job in variant: its ticks (10 ms) over the I/Os fio completed, run by
+// run in the order both were reported.
+func (d *data) cpuPerIO(job, variant string) []float64 {
+	runs, ticks := d.runs("W", job, variant), d.vals["cpu_"+job+"_"+variant]
+	var out []float64
+	for i := 0; i < len(runs) && i < len(ticks); i++ {
+		if runs[i].ios > 0 {
+			out = append(out, ticks[i].v*1e4/runs[i].ios)
+		}
+	}
+	return out
+}
+
+// renderCPU is the table of the server's CPU time per I/O in each mode
+// against passthrough, from the same runs: steadier under TCG than
+// throughput, so it can show a few percent.
+func renderCPU(b *strings.Builder, d *data) {
+	if len(d.vals) == 0 || len(d.cpuPerIO("randwrite", "pass")) == 0 {
+		return
+	}
+	b.WriteString("\nServer CPU time per I/O during the write runs above (user + system ticks of 10 ms over the I/Os fio completed; a 1M I/O is a MiB), medians of the runs, and each mode against passthrough:\n\n")
+	b.WriteString("| job | passthrough | snapshot, first write | snapshot, rewrite | incremental | first/pass | rewrite/pass | incremental/pass |\n")
+	b.WriteString("| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+	for _, job := range []string{"randwrite", "seqwrite"} {
+		pass := stats.Median(d.cpuPerIO(job, "pass"))
+		cells := []string{map[string]string{"randwrite": "4k random write QD32", "seqwrite": "1M sequential write QD8"}[job], fmt.Sprintf("%.1f µs", pass)}
+		var ratios []string
+		for _, v := range []string{"first", "rewrite", "incr"} {
+			m := stats.Median(d.cpuPerIO(job, v))
+			cells = append(cells, fmt.Sprintf("%.1f µs", m))
+			if pass > 0 {
+				ratios = append(ratios, fmt.Sprintf("%.2f×", m/pass))
+			} else {
+				ratios = append(ratios, "n/a")
+			}
+		}
+		fmt.Fprintf(b, "| %s |\n", strings.Join(append(cells, ratios...), " | "))
+	}
 }
