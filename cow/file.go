@@ -611,6 +611,36 @@ func (f *File) ReadBlock(slot uint64, p []byte) error {
 	return fmt.Errorf("cow file %s: read data slot %d: %w", f.path, slot, unwrapPath(err))
 }
 
+// SlotSource says where data slot slot's BlockSize bytes are: at offset at
+// of descriptor fd, which belongs to f and stays valid while f is open. It
+// is for reads made without f, such as a zero-copy read straight into a
+// request's pages; its checks are ReadBlock's.
+func (f *File) SlotSource(slot uint64) (fd int, at int64, err error) {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return -1, 0, f.closedErr()
+	}
+	if f.hdr.Flags&FlagIndexOnly != 0 {
+		f.mu.Unlock()
+		return -1, 0, modeErr("cow file %s is index-only: it holds no data", f.path)
+	}
+	lo, hi := f.firstSlot(), f.hdr.FPos
+	f.mu.Unlock()
+	if slot < lo || slot >= hi {
+		return -1, 0, fmt.Errorf("cow file %s: slot %d is outside the data slots %d..%d", f.path, slot, lo, hi)
+	}
+	l, ok := f.s.(locator)
+	if !ok {
+		return -1, 0, modeErr("cow file %s: its storage cannot say where slot %d is", f.path, slot)
+	}
+	fd, at, err = l.locate(int64(slot) * BlockSize)
+	if err != nil {
+		return -1, 0, fmt.Errorf("cow file %s: slot %d: %w", f.path, slot, err)
+	}
+	return fd, at, nil
+}
+
 // Expand grows the data store by bytes (rounded up to BlockSize): it
 // preallocates them at the end of the allowed size and only then raises
 // fsize, so no slot is ever handed out beyond allocated space and no

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestCreateLayout(t *testing.T) {
@@ -826,5 +828,48 @@ func TestBoundedMemory(t *testing.T) {
 	}
 	if seen != uint64(len(touched)) {
 		t.Fatalf("ChangedRuns saw %d blocks, want %d", seen, len(touched))
+	}
+}
+
+// SlotSource names where a preserved block's bytes are, for reads made
+// without the File: reading there gives what ReadBlock gives. A slot
+// outside the data store, an index-only file and a closed one are refused.
+func TestSlotSource(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "cow")
+	f, err := Create(path, Options{DeviceSize: 64 * BlockSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := bytes.Repeat([]byte("slot"), 2*BlockSize/4)
+	old[BlockSize] = 'X'
+	if _, err := f.CopyOnWriteRange(10, old); err != nil {
+		t.Fatal(err)
+	}
+	for b := uint64(10); b < 12; b++ {
+		e, err := f.Lookup(b)
+		if err != nil || e <= 1 {
+			t.Fatalf("Lookup(%d) = %d, %v", b, e, err)
+		}
+		fd, at, err := f.SlotSource(e)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := make([]byte, BlockSize)
+		if _, err := unix.Pread(fd, p, at); err != nil || !bytes.Equal(p, old[(b-10)*BlockSize:(b-9)*BlockSize]) {
+			t.Fatalf("block %d read at its slot source differs (%v)", b, err)
+		}
+	}
+	if _, _, err := f.SlotSource(1 << 40); err == nil {
+		t.Error("a slot past the data store was located")
+	}
+	if err := f.TruncateToIndex(); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := f.SlotSource(f.firstSlot()); err == nil {
+		t.Error("an index-only file located a slot")
+	}
+	f.Close(false)
+	if _, _, err := f.SlotSource(f.firstSlot()); err == nil {
+		t.Error("a closed file located a slot")
 	}
 }

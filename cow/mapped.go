@@ -170,6 +170,14 @@ func (m *deviceStorage) pieces(off int64, n int, fn func(phys int64, lo, hi int)
 	return nil
 }
 
+// locate finds the block at off on the device (extents are BlockSize
+// aligned, so a block is never split).
+func (m *deviceStorage) locate(off int64) (int, int64, error) {
+	var at int64
+	err := m.pieces(off, BlockSize, func(phys int64, _, _ int) error { at = phys; return nil })
+	return m.fd, at, err
+}
+
 func aligned(p []byte, phys int64) bool {
 	return phys%BlockSize == 0 && dio.IsAligned(p)
 }

@@ -10,6 +10,10 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/dbdublk/dbdublk/internal/dio"
 )
 
 // TestMappedStorage: a file scattered over a device in shuffled extents
@@ -80,6 +84,20 @@ func TestMappedStorage(t *testing.T) {
 	}
 	if _, err := m.WriteAt([]byte{1}, 48*BlockSize); err == nil {
 		t.Fatal("a write past the mapped size was accepted")
+	}
+	// locate names the device place of every file block.
+	for _, x := range xs {
+		fd, at, err := m.(locator).locate(x.Logical)
+		if err != nil || at != x.Physical {
+			t.Fatalf("locate(%d) = %d, %v; want %d", x.Logical, at, err, x.Physical)
+		}
+		q := dio.AlignedBuf(BlockSize) // fd is the device's O_DIRECT descriptor
+		if _, err := unix.Pread(fd, q, at); err != nil || !bytes.Equal(q, model[x.Logical:x.Logical+BlockSize]) {
+			t.Fatalf("the block located for %d is not the file's (%v)", x.Logical, err)
+		}
+	}
+	if _, _, err := m.(locator).locate(48 * BlockSize); err == nil {
+		t.Fatal("locate past the mapped size succeeded")
 	}
 }
 

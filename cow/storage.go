@@ -40,6 +40,11 @@ type (
 	bulkWriter interface {
 		writeData(p []byte, off int64) (int, error)
 	}
+	// locator says which descriptor and offset hold the block at off,
+	// for reads made without the storage (see File.SlotSource).
+	locator interface {
+		locate(off int64) (fd int, at int64, err error)
+	}
 )
 
 // fileStorage is a COW file through its filesystem. A writable one also
@@ -121,8 +126,9 @@ func (s *fileStorage) Close() error {
 	return s.f.Close()
 }
 
-func (s *fileStorage) allocate(off, n int64) error      { return preallocate(s.f, off, n) }
-func (s *fileStorage) nextData(off int64) (int64, bool) { return nextData(s.f, off) }
+func (s *fileStorage) allocate(off, n int64) error          { return preallocate(s.f, off, n) }
+func (s *fileStorage) locate(off int64) (int, int64, error) { return int(s.f.Fd()), off, nil }
+func (s *fileStorage) nextData(off int64) (int64, bool)     { return nextData(s.f, off) }
 
 // writeData writes whole slots. Large writes go with O_DIRECT when data is
 // aligned for it (no page-cache copy: a 1 MiB copy is a DMA from the

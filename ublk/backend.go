@@ -67,6 +67,29 @@ type ReadFinisher interface {
 	FinishRead(p []byte, off int64) error
 }
 
+// ReadPatch replaces Len bytes at byte At of a read request's data: with
+// the bytes of descriptor FD at Off, or with zeros where FD is PatchZeros.
+type ReadPatch struct {
+	At, Len int
+	FD      int
+	Off     int64
+}
+
+// PatchZeros, as a ReadPatch's FD, fills the range with zeros.
+const PatchZeros = -1
+
+// ReadPatcher is a ReadFinisher that can be served zero copy, where the
+// server never sees a request's data. After the file read into the
+// request's own pages, the queue asks PatchRead which ranges to replace
+// (they must not overlap), reads those into the same pages through its
+// ring, then asks FinishPatchedRead whether the result stands; an error
+// fails the request with its errno. Both run on the queue thread.
+type ReadPatcher interface {
+	ReadFinisher
+	PatchRead(off int64, n int, patches []ReadPatch) ([]ReadPatch, error)
+	FinishPatchedRead(off int64, n int) error
+}
+
 // errnoResult turns a backend outcome into the value committed to the
 // kernel: a byte count, or a negative errno. It is the one place where Go
 // errors meet the kernel's error space.

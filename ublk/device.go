@@ -240,9 +240,11 @@ func Create(ctrl *Control, spec DeviceSpec, backend Backend, logf func(string, .
 	if err := spec.Validate(); err != nil {
 		return nil, err
 	}
-	if _, finishes := backend.(ReadFinisher); finishes && spec.Flags&uapi.FeatAutoBufReg != 0 {
+	_, finishes := backend.(ReadFinisher)
+	_, patches := backend.(ReadPatcher)
+	if finishes && !patches && spec.Flags&uapi.FeatAutoBufReg != 0 {
 		// Its reads are rewritten in server memory, which zero copy has not.
-		return nil, errors.New("a backend that finishes reads is served in copy mode only")
+		return nil, errors.New("a backend that finishes reads but cannot patch them is served in copy mode only")
 	}
 	if logf == nil {
 		logf = func(string, ...any) {}

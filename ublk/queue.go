@@ -20,14 +20,18 @@ const (
 	fixedFile = 1 // the backend's descriptor
 )
 
-// user_data layout: bits 0-15 tag, bits 16-23 kind.
+// user_data layout: bits 0-15 tag, bits 16-23 kind, and for a patch read
+// bits 24-55 its length.
 const (
 	kindUblk   = 0 // FETCH / COMMIT_AND_FETCH on /dev/ublkcN
 	kindTarget = 1 // backend I/O issued on behalf of a tag
 	kindWake   = 2 // the wake eventfd became readable (tag field unused)
+	kindPatch  = 3 // a ReadPatcher's patch read into a tag's pages
 )
 
 func userData(kind, tag int) uint64 { return uint64(kind)<<16 | uint64(tag) }
+
+func kindOf(userData uint64) int { return int(userData>>16) & 0xff }
 
 // Ring sizes per tag: a tag has at most one ublk command and one file
 // operation in flight, plus the wake read; completions get room to spare.
@@ -45,6 +49,13 @@ type tagState struct {
 	busy    bool   // a file operation or an interceptor's wait is in flight
 	hooked  bool   // BeforeWrite admitted this request; AfterWrite is owed
 	token   uint64 // BeforeWrite's token
+
+	// A zero-copy read being patched: patch reads still in flight, the
+	// file read's result, and the first patch failure (a negative errno).
+	patches   []ReadPatch
+	pending   int
+	readRes   int32
+	patchFail int32
 }
 
 // queue serves one hardware queue of a device on one locked OS thread with
@@ -64,10 +75,12 @@ type queue struct {
 	// buffer table at the tag's index (AUTO_BUF_REG) and the file I/O uses
 	// them in place; there are no per-tag buffers (bufs is nil).
 	zeroCopy bool
-	backend Backend
-	hook    WriteInterceptor // nil unless the backend intercepts writes
-	reader  ReadFinisher     // nil unless the backend finishes reads
-	logf    func(string, ...any)
+	backend  Backend
+	hook     WriteInterceptor // nil unless the backend intercepts writes
+	reader   ReadFinisher     // nil unless the backend finishes reads
+	patcher  ReadPatcher      // nil unless the backend patches reads
+	zeroFd   int              // /dev/zero, for PatchZeros (zero copy with a patcher)
+	logf     func(string, ...any)
 
 	// commit hands a tag's result to the kernel (COMMIT_AND_FETCH, which
 	// also fetches the tag's next request). It is a field so that the
@@ -106,6 +119,8 @@ func newQueue(id, depth, bufSize, charFd int, zeroCopy bool, b Backend, logf fun
 	q := &queue{id: id, depth: depth, bufSize: bufSize, charFd: charFd, zeroCopy: zeroCopy, backend: b, logf: logf}
 	q.hook, _ = b.(WriteInterceptor)
 	q.reader, _ = b.(ReadFinisher)
+	q.patcher, _ = b.(ReadPatcher)
+	q.zeroFd = -1
 	q.commit = q.commitAndFetch
 	return q
 }
@@ -182,6 +197,11 @@ func (q *queue) setupRing() error {
 		if err := q.ring.RegisterSparseBuffers(uint32(q.depth)); err != nil {
 			return fmt.Errorf("queue %d: %w", q.id, err)
 		}
+		if q.patcher != nil {
+			if q.zeroFd, err = unix.Open("/dev/zero", unix.O_RDONLY|unix.O_CLOEXEC, 0); err != nil {
+				return fmt.Errorf("queue %d: open /dev/zero: %w", q.id, err)
+			}
+		}
 	} else if q.bufs, err = mapBuffers(q.depth * q.bufSize); err != nil {
 		return fmt.Errorf("queue %d: buffers: %w", q.id, err)
 	}
@@ -227,6 +247,10 @@ func mapBuffers(n int) ([]byte, error) {
 func (q *queue) teardown() {
 	if q.ring != nil {
 		q.ring.Close()
+	}
+	if q.zeroFd >= 0 {
+		unix.Close(q.zeroFd)
+		q.zeroFd = -1
 	}
 	if q.wakeBuf != nil {
 		unix.Close(q.wakeFd)
@@ -293,7 +317,8 @@ func (q *queue) waitAndDispatch() error {
 	n := q.ring.ReapCQEs(q.cqes[:])
 	for i := 0; i < n; i++ {
 		c := &q.cqes[i]
-		if c.UserData>>16 == kindWake {
+		kind := kindOf(c.UserData)
+		if kind == kindWake {
 			q.onWake()
 			continue
 		}
@@ -302,11 +327,13 @@ func (q *queue) waitAndDispatch() error {
 			q.logf("queue %d: completion for unknown tag %d", q.id, tag)
 			continue
 		}
-		switch c.UserData >> 16 {
+		switch kind {
 		case kindUblk:
 			q.onRequest(tag, c.Res)
 		case kindTarget:
 			q.onFileDone(tag, c.Res)
+		case kindPatch:
+			q.onPatchDone(tag, c.Res, int32(c.UserData>>24))
 		}
 	}
 	return nil
@@ -431,11 +458,78 @@ func (q *queue) onFileDone(tag int, res int32) {
 	q.inflight--
 	res = settle(&st.desc, res)
 	if res > 0 && st.desc.Op() == uapi.IOOpRead && q.reader != nil {
-		if err := q.reader.FinishRead(q.buf(tag)[:res], int64(st.desc.StartSector<<9)); err != nil {
-			res = errnoResult(0, err)
+		off := int64(st.desc.StartSector << 9)
+		switch {
+		case q.zeroCopy && q.patchRead(tag, off, res):
+			return // patch reads in flight: onPatchDone completes
+		case q.zeroCopy:
+			if err := q.patcher.FinishPatchedRead(off, int(res)); err != nil {
+				res = errnoResult(0, err)
+			}
+		default:
+			if err := q.reader.FinishRead(q.buf(tag)[:res], off); err != nil {
+				res = errnoResult(0, err)
+			}
 		}
 	}
 	q.complete(tag, res)
+}
+
+// patchRead issues the patch reads of a zero-copy read whose file read
+// returned res bytes at off; false when there is none to issue (a
+// PatchRead failure completes the request here, true).
+func (q *queue) patchRead(tag int, off int64, res int32) bool {
+	st := &q.tags[tag]
+	var err error
+	st.patches, err = q.patcher.PatchRead(off, int(res), st.patches[:0])
+	if err != nil {
+		q.complete(tag, errnoResult(0, err))
+		return true
+	}
+	if len(st.patches) == 0 {
+		return false
+	}
+	st.readRes, st.patchFail, st.pending = res, 0, len(st.patches)
+	for _, p := range st.patches {
+		fd := p.FD
+		if fd == PatchZeros {
+			fd = q.zeroFd
+		}
+		s := q.sqe()
+		uring.PrepReadFixed(s, int32(fd), uint16(tag), uint64(p.At), uint32(p.Len), uint64(p.Off))
+		s.UserData = userData(kindPatch, tag) | uint64(p.Len)<<24
+	}
+	st.busy = true
+	q.inflight += st.pending
+	return true
+}
+
+// onPatchDone settles one patch read of want bytes; the last one ends the
+// request: any short or failed patch fails it (EIO, or the patch's errno),
+// otherwise FinishPatchedRead decides.
+func (q *queue) onPatchDone(tag int, res, want int32) {
+	st := &q.tags[tag]
+	q.inflight--
+	if res != want && st.patchFail == 0 {
+		st.patchFail = -int32(unix.EIO)
+		if res < 0 {
+			st.patchFail = res
+		}
+	}
+	if st.pending--; st.pending > 0 {
+		return
+	}
+	st.busy = false
+	result := st.readRes
+	switch {
+	case st.patchFail != 0:
+		result = st.patchFail
+	default:
+		if err := q.patcher.FinishPatchedRead(int64(st.desc.StartSector<<9), int(result)); err != nil {
+			result = errnoResult(0, err)
+		}
+	}
+	q.complete(tag, result)
 }
 
 // complete ends a request, issued or not: it settles a write interceptor's

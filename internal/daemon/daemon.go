@@ -250,14 +250,20 @@ func (s *Server) acquire(recovering bool, prev state.Record) error {
 	return nil
 }
 
+// dataPathFlags ask for zero copy where the kernel offers it and the
+// server was not told to copy (attach --copy).
+func (s *Server) dataPathFlags() uapi.Feature {
+	if !s.cfg.Copy && ublk.ZeroCopyOffered(uapi.Feature(s.kernelFeatures)) {
+		return ublk.ZeroCopyFlags
+	}
+	return 0
+}
+
 // frontSpec describes the front device of the real device.
 func (s *Server) frontSpec() ublk.DeviceSpec {
 	// A dead server's device waits for the next one, I/O held, and
 	// requests it had taken are sent again (see recover.go).
-	flags := uapi.FeatUserRecovery | uapi.FeatUserRecoveryReissue
-	if !s.cfg.Copy && ublk.ZeroCopyOffered(uapi.Feature(s.kernelFeatures)) {
-		flags |= ublk.ZeroCopyFlags
-	}
+	flags := uapi.FeatUserRecovery | uapi.FeatUserRecoveryReissue | s.dataPathFlags()
 	return ublk.DeviceSpec{
 		ID:                 int(s.cfg.Minor.FrontID()),
 		Queues:             s.cfg.Queues,

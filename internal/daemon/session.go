@@ -136,6 +136,7 @@ func (s *Server) startSnapshotDevice() error {
 		LogicalBlockSize:  s.bdev.LogicalBlockSize,
 		PhysicalBlockSize: s.bdev.PhysicalBlockSize,
 		ReadOnly:          true,
+		Flags:             s.dataPathFlags(),
 	}
 	if err := s.failpoint("snapshot-device"); err != nil {
 		return err

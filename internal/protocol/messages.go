@@ -175,7 +175,7 @@ type DeviceInfo struct {
 	MaxIOBytes     int   `json:"max_io_bytes"`
 	// DataPath is "zero-copy" where the kernel lends each request's pages
 	// to the server's I/O, "copy" where it copies them (before Linux 6.16,
-	// or with attach --copy).
+	// or with attach --copy); the snapshot device asks for the same.
 	DataPath   ublk.DataPath `json:"data_path"`
 	Features   string        `json:"ublk_features"`
 	KernelFeat string        `json:"kernel_ublk_features"`

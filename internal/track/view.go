@@ -11,7 +11,7 @@ import (
 )
 
 var (
-	_ ublk.ReadFinisher     = (*View)(nil)
+	_ ublk.ReadPatcher      = (*View)(nil)
 	_ ublk.WriteInterceptor = (*View)(nil)
 )
 
@@ -46,36 +46,79 @@ func (v *View) BeforeWrite(uapi.IOOp, int64, int64, func(error)) (uint64, ublk.W
 func (v *View) AfterWrite(uint64) {}
 
 // FinishRead turns bytes read from the real device at off into the
-// snapshot's view: every block the COW file holds is overlaid. The index is
-// looked up after the device read: a front write to a block is only issued
-// after its old data is in the COW file and indexed, so a block still
-// unindexed after the read was read before any post-snapshot write reached
-// it.
+// snapshot's view: it applies PatchRead's patches to p (copy mode).
 func (v *View) FinishRead(p []byte, off int64) error {
-	if v.broken() {
-		return syscall.EIO
+	patches, err := v.PatchRead(off, len(p), nil)
+	if err != nil {
+		return err
 	}
-	end := off + int64(len(p))
+	for _, x := range patches {
+		q := p[x.At : x.At+x.Len]
+		if x.FD == ublk.PatchZeros {
+			clear(q)
+			continue
+		}
+		if err := readPatch(x.FD, q, x.Off); err != nil {
+			return syscall.EIO
+		}
+	}
+	return v.FinishPatchedRead(off, len(p))
+}
+
+// readPatch reads a patch into q, through an aligned bounce buffer where
+// q or at does not suit the descriptor's O_DIRECT (the real device's, for
+// a COW file on the volume itself).
+func readPatch(fd int, q []byte, at int64) error {
+	if dio.IsAligned(q) && at%dio.Align == 0 && len(q)%dio.Align == 0 {
+		if err := dio.ReadFull(fd, q, at); err == nil {
+			return nil
+		}
+	}
+	start := at / dio.Align * dio.Align
+	end := (at + int64(len(q)) + dio.Align - 1) / dio.Align * dio.Align
+	b := dio.AlignedBuf(int(end - start))
+	if err := dio.ReadFull(fd, b, start); err != nil {
+		return err
+	}
+	copy(q, b[at-start:])
+	return nil
+}
+
+// PatchRead says what of n bytes read from the real device at off must be
+// replaced for the snapshot's view: every block the COW file holds comes
+// from its slot (adjacent slots in one patch), and the COW file's own
+// extents on the volume read as zeros. The index is looked up after the
+// device read: a front write to a block is only issued after its old data
+// is in the COW file and indexed, so a block still unindexed after the
+// read was read before any post-snapshot write reached it.
+func (v *View) PatchRead(off int64, n int, patches []ublk.ReadPatch) ([]ublk.ReadPatch, error) {
+	if v.broken() {
+		return nil, syscall.EIO
+	}
+	end := off + int64(n)
 	first := uint64(off) / cow.BlockSize
 	last := (uint64(end) + cow.BlockSize - 1) / cow.BlockSize
-	var blk []byte
 	for b := first; b < last; b++ {
 		e, err := v.st.Cow.Lookup(b)
 		if err != nil {
-			return syscall.EIO
+			return nil, syscall.EIO
 		}
 		if e <= 1 {
 			continue
 		}
-		if blk == nil {
-			blk = make([]byte, cow.BlockSize)
-		}
-		if err := v.st.Cow.ReadBlock(e, blk); err != nil {
-			return syscall.EIO
+		fd, at, err := v.st.Cow.SlotSource(e)
+		if err != nil {
+			return nil, syscall.EIO
 		}
 		bstart := int64(b) * cow.BlockSize
 		lo, hi := max(bstart, off), min(bstart+cow.BlockSize, end)
-		copy(p[lo-off:hi-off], blk[lo-bstart:hi-bstart])
+		x := ublk.ReadPatch{At: int(lo - off), Len: int(hi - lo), FD: fd, Off: at + (lo - bstart)}
+		if k := len(patches) - 1; k >= 0 && patches[k].FD == x.FD && patches[k].At+patches[k].Len == x.At &&
+			patches[k].Off+int64(patches[k].Len) == x.Off {
+			patches[k].Len += x.Len
+			continue
+		}
+		patches = append(patches, x)
 	}
 	// A COW file on the volume itself holds live COW data at its extents;
 	// the snapshot shows them as zeros (its filesystem reads the file's
@@ -83,11 +126,36 @@ func (v *View) FinishRead(p []byte, off int64) error {
 	for _, x := range v.st.CowExtents {
 		lo, hi := max(x.Physical, off), min(x.Physical+x.Length, end)
 		if lo < hi {
-			clear(p[lo-off : hi-off])
+			patches = append(cut(patches, int(lo-off), int(hi-off)), ublk.ReadPatch{At: int(lo - off), Len: int(hi - lo), FD: ublk.PatchZeros})
 		}
 	}
-	// A failure before or during the read may mean a block was overwritten
-	// without being preserved: refuse the whole read.
+	return patches, nil
+}
+
+// cut removes bytes [lo, hi) of the request from every patch, so that no
+// two patches overlap (their reads run in any order).
+func cut(patches []ublk.ReadPatch, lo, hi int) []ublk.ReadPatch {
+	out := patches[:0:0]
+	for _, p := range patches {
+		pEnd := p.At + p.Len
+		if pEnd <= lo || p.At >= hi {
+			out = append(out, p)
+			continue
+		}
+		if p.At < lo {
+			out = append(out, ublk.ReadPatch{At: p.At, Len: lo - p.At, FD: p.FD, Off: p.Off})
+		}
+		if pEnd > hi {
+			skip := hi - p.At
+			out = append(out, ublk.ReadPatch{At: hi, Len: pEnd - hi, FD: p.FD, Off: p.Off + int64(skip)})
+		}
+	}
+	return out
+}
+
+// FinishPatchedRead refuses the read if the snapshot failed before or
+// during it: a block may have been overwritten without being preserved.
+func (v *View) FinishPatchedRead(int64, int) error {
 	if v.broken() {
 		return syscall.EIO
 	}
