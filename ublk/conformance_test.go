@@ -320,3 +320,52 @@ func TestAdmissionsSettle(t *testing.T) {
 		t.Fatal("a mode change waits for requests that have completed")
 	}
 }
+
+// A queue's copy-mode buffers stay within ResidentBudget however many tags
+// carry large writes: a buffer over budget is given back once its write
+// reached the file, and a read's buffer before the read fills it, and
+// neither loses data. (A read's data stays resident until its tag's next
+// request: the kernel copies it out during the commit.)
+func TestBuffersStayWithinBudget(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "dev")
+	const tags, size = 64, 1 << 20
+	if err := os.WriteFile(path, make([]byte, tags*size), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	p, err := ublk.NewRequestPath(fileDevice{fd}, tags, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	desc := func(op uapi.IOOp, tag int) uapi.IODesc {
+		return uapi.IODesc{OpFlags: uint32(op), NrSectors: size >> 9, StartSector: uint64(tag) * size >> 9}
+	}
+	limit := ublk.ResidentBudget + size // the budget, and the request over it
+	for round := 0; round < 3; round++ {
+		want := make([]byte, tags*size)
+		rand.Read(want)
+		var writes, reads []ublk.Request
+		for tag := 0; tag < tags; tag++ {
+			writes = append(writes, ublk.Request{Desc: desc(uapi.IOOpWrite, tag), Data: want[tag*size : (tag+1)*size]})
+			reads = append(reads, ublk.Request{Desc: desc(uapi.IOOpRead, tag)})
+		}
+		for _, r := range p.Do(writes...) {
+			if r.Res != size {
+				t.Fatalf("write: res %d", r.Res)
+			}
+		}
+		if got := p.ResidentBufferBytes(); got > limit {
+			t.Fatalf("round %d: after %d MiB of writes, %d MiB of buffers resident; budget %d MiB", round, tags, got>>20, ublk.ResidentBudget>>20)
+		}
+		for tag, r := range p.Do(reads...) {
+			if r.Res != size || !bytes.Equal(r.Data, want[tag*size:(tag+1)*size]) {
+				t.Fatalf("round %d: read of tag %d: res %d, data differs: %v", round, tag, r.Res, !bytes.Equal(r.Data, want[tag*size:(tag+1)*size]))
+			}
+		}
+	}
+}
