@@ -740,7 +740,7 @@ func TestPatchReadZerosCowExtents(t *testing.T) {
 	}
 	view := trk.View(trk.Current())
 	write(t, trk, bytes.Repeat([]byte{0x77}, 3*cow.BlockSize), 6*cow.BlockSize) // blocks 6-8 preserved
-	const off, n = 4*cow.BlockSize + 512, 5*cow.BlockSize
+	const off, n = 4*cow.BlockSize + 512, 5 * cow.BlockSize
 	want := append([]byte(nil), orig[off:off+n]...)
 	clear(want[5*cow.BlockSize-off : 7*cow.BlockSize-off])
 
