@@ -72,6 +72,9 @@ var manSections = []struct {
 	{"ROOT VOLUME", []string{
 		`attach --at-boot <device> <minor> makes the initramfs attach the root volume (a partition or disk) at every boot from the next one on and mount its front device as /. The initramfs reads the minor's record from the boot record on the device and resumes its tracking; the server runs as @dbdctl, which systemd spares, and follows the switch to the real root. At shutdown, once / is read-only, the system-shutdown hook closes the COW file clean and refuses later writes, so the next boot resumes the tracking without a full backup. The COW file of such a volume must be on the volume itself (/.datto).`,
 	}},
+	{"KERNEL", []string{
+		`ublk needs Linux 6.4 or later built with CONFIG_BLK_DEV_UBLK; dbdctl loads ublk_drv when it is not loaded, and on a kernel without it (Debian 12's own 6.1, say) says so: install a kernel that has it, such as Debian 12's backports kernel. From Linux 6.16 the front and snapshot devices run zero copy (the kernel lends each request's pages to the server's disk I/O; info shows "data_path": "zero-copy"); before, or with attach --copy, data is copied through the server.`,
+	}},
 	{"FILES", []string{
 		`/var/lib/dbdctl/<minor>.json - what each minor was doing, so reload-all brings it back at boot.`,
 		`/.dbdctl-boot<minor> - the root volume's boot record: its record, where the initramfs reads it before / is mounted (immutable).`,
