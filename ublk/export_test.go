@@ -1,11 +1,7 @@
 package ublk
 
 import (
-	"os"
 	"runtime"
-	"unsafe"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/ublk/uapi"
 )
@@ -93,25 +89,6 @@ func (p *RequestPath) Do(reqs ...Request) []Result {
 	p.batch <- reqs
 	return <-p.out
 }
-
-// ResidentBufferBytes is how much of the queue's copy-mode buffers is
-// resident in memory (mincore).
-func (p *RequestPath) ResidentBufferBytes() int {
-	page := os.Getpagesize()
-	vec := make([]byte, (len(p.q.bufs)+page-1)/page)
-	_, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&p.q.bufs[0])), uintptr(len(p.q.bufs)), uintptr(unsafe.Pointer(&vec[0])))
-	if errno != 0 {
-		panic(errno)
-	}
-	n := 0
-	for _, v := range vec {
-		n += int(v & 1)
-	}
-	return n * page
-}
-
-// ResidentBudget is how much of its buffers a queue keeps resident.
-const ResidentBudget = residentBudget
 
 // Stats are the queue's counters.
 func (p *RequestPath) Stats() QueueStats { return p.q.stats.snapshot() }

@@ -50,10 +50,6 @@ type tagState struct {
 	hooked  bool   // BeforeWrite admitted this request; AfterWrite is owed
 	token   uint64 // BeforeWrite's token
 
-	// resident is how many bytes of the tag's copy-mode buffer may be
-	// resident (touched since it was last given back).
-	resident int
-
 	// A zero-copy read being patched: patch reads still in flight, the
 	// file read's result, and the first patch failure (a negative errno).
 	patches   []ReadPatch
@@ -100,7 +96,6 @@ type queue struct {
 
 	aborted  int
 	inflight int // file operations (and interceptor waits) in flight
-	resident int // sum of the tags' resident bytes (copy mode)
 	stats    queueCounters
 
 	// Deferred admissions: a WriteInterceptor that answered WritePending
@@ -230,40 +225,6 @@ func (q *queue) setupRing() error {
 		q.armWake()
 	}
 	return nil
-}
-
-// Copy mode's buffers are depth × max I/O per queue (128 MiB by default),
-// resident only where touched. A queue keeps at most residentBudget of them
-// resident: past it, a tag's buffer is given back (MADV_DONTNEED) while its
-// contents are dead, after a write reached the file or before a read fills
-// it. Below the budget nothing is given back, so a working set of tags
-// that fits costs no page faults.
-const (
-	residentBudget = 16 << 20
-	releaseMin     = 64 << 10 // smaller buffers are not worth a syscall
-)
-
-// touch notes that n bytes of tag's buffer are in use.
-func (q *queue) touch(tag, n int) {
-	if st := &q.tags[tag]; n > st.resident {
-		q.resident += n - st.resident
-		st.resident = n
-	}
-}
-
-// release gives tag's buffer pages back when the queue is over budget.
-// Its contents must be dead.
-func (q *queue) release(tag int) {
-	st := &q.tags[tag]
-	if q.resident <= residentBudget || st.resident < releaseMin {
-		return
-	}
-	page := os.Getpagesize()
-	n := (st.resident + page - 1) / page * page
-	if unix.Madvise(q.buf(tag)[:n], unix.MADV_DONTNEED) == nil {
-		q.resident -= st.resident
-		st.resident = 0
-	}
 }
 
 // mapBuffers maps n bytes for the per-tag buffers of copy mode, off the Go
@@ -402,9 +363,6 @@ func (q *queue) onRequest(tag int, res int32) {
 func (q *queue) start(tag int) {
 	st := &q.tags[tag]
 	d := &st.desc
-	if !q.zeroCopy && d.Op() == uapi.IOOpWrite {
-		q.touch(tag, int(bytesOf(d))) // the kernel copied the data in
-	}
 	if q.hook != nil && modifies(d.Op()) {
 		token, action, err := q.hook.BeforeWrite(d.Op(), int64(d.StartSector<<9), int64(bytesOf(d)), q.resumers[tag])
 		if err != nil {
@@ -434,10 +392,6 @@ func (q *queue) issue(tag int) {
 	if op.opcode == noFileOp {
 		q.complete(tag, op.immediate)
 		return
-	}
-	if !q.zeroCopy && op.opcode == uapi.OpRead {
-		q.release(tag) // what it holds is an earlier request's
-		q.touch(tag, int(op.n))
 	}
 	s := q.sqe()
 	switch op.opcode {
@@ -582,9 +536,6 @@ func (q *queue) onPatchDone(tag int, res, want int32) {
 // admission, counts the request and commits its result.
 func (q *queue) complete(tag int, res int32) {
 	st := &q.tags[tag]
-	if !q.zeroCopy && st.desc.Op() == uapi.IOOpWrite {
-		q.release(tag) // the data is in the file, or never will be
-	}
 	if st.hooked {
 		st.hooked = false
 		q.hook.AfterWrite(st.token)
