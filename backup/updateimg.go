@@ -167,6 +167,12 @@ func UpdateImage(snap Snapshot, cowPath, imagePath string, opt Options) (Summary
 		return Summary{}, err
 	}
 	defer ck.Close()
+	return CopyFromDevice(ck, snap, opt)
+}
+
+// CopyFromDevice is Copy of what Check found good, reading the snapshot
+// device at snap.Path.
+func CopyFromDevice(ck *Checked, snap Snapshot, opt Options) (Summary, error) {
 	src, err := OpenDevice(snap.Path)
 	if err != nil {
 		return Summary{}, err

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/dbdublk/dbdublk/backup"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
@@ -278,17 +277,11 @@ func updateImage(cl protocol.Client, snap backup.Snapshot, cowPath, imagePath st
 				opt.Progress(p.Done, p.Total)
 			}
 		})
-		var remote *protocol.RemoteError
-		if !errors.As(err, &remote) || !strings.HasPrefix(remote.Message, "unknown request") {
+		if !protocol.UnknownRequest(err) {
 			return backup.Summary{BlocksChanged: done.BlocksChanged, BytesCopied: done.BytesCopied, Seconds: done.Seconds}, err
 		}
 	}
-	src, err := backup.OpenDevice(snap.Path)
-	if err != nil {
-		return backup.Summary{}, err
-	}
-	defer src.Close()
-	return backup.Copy(ck.Cow, src, ck.Image, snap.Size, opt)
+	return backup.CopyFromDevice(ck, snap, opt)
 }
 
 // Run updates the image.

@@ -2,10 +2,12 @@ package protocol
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"runtime"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -68,6 +70,16 @@ func (c Client) ExpandCowFile(a ExpandCowFile) error { return c.command(OpExpand
 // ReconfigureAutoExpand sets auto-expansion.
 func (c Client) ReconfigureAutoExpand(a AutoExpand) error {
 	return c.command(OpReconfigureAutoExpand, a)
+}
+
+// unknownRequest opens a server's answer to a request it does not know.
+const unknownRequest = "unknown request"
+
+// UnknownRequest reports whether err is a server's refusal of a request it
+// does not know (a server older than the client).
+func UnknownRequest(err error) bool {
+	var remote *RemoteError
+	return errors.As(err, &remote) && strings.HasPrefix(remote.Message, unknownRequest)
 }
 
 // UpdateImage has the snapshot's server copy the blocks cowFile marks as

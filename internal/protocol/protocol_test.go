@@ -150,8 +150,14 @@ func TestUpdateImagePassesFiles(t *testing.T) {
 	}
 	// A handler's error comes back as the request's.
 	h.err = errors.New("snapshot changed")
-	if _, err := protocol.For(4).UpdateImage(args, cowFile, image, nil); err == nil || !strings.Contains(err.Error(), "snapshot changed") {
-		t.Errorf("failing UpdateImage = %v", err)
+	_, err = protocol.For(4).UpdateImage(args, cowFile, image, nil)
+	if err == nil || !strings.Contains(err.Error(), "snapshot changed") || protocol.UnknownRequest(err) {
+		t.Errorf("failing UpdateImage = %v (unknown request: %v)", err, protocol.UnknownRequest(err))
+	}
+	// A server older than the request says so, and the client can tell.
+	answerOnce(t, 17, `{"error":"unknown request \"update-img\"","code":"invalid"}`+"\n")
+	if _, err := protocol.For(17).UpdateImage(args, cowFile, image, nil); !protocol.UnknownRequest(err) {
+		t.Errorf("UpdateImage to an older server = %v, want an unknown-request refusal", err)
 	}
 }
 

@@ -221,7 +221,7 @@ func (s *Server) dispatch(req request, files []*os.File, progress func(Progress)
 			return err
 		})
 	}
-	return Errorf(ErrInvalid, "unknown request %q", req.Op)
+	return Errorf(ErrInvalid, unknownRequest+" %q", req.Op)
 }
 
 // call decodes req's arguments into an A and passes them to fn.
