@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"runtime"
@@ -32,9 +33,20 @@ type Client struct {
 func For(m dattobd.Minor) Client { return Client{Minor: m} }
 
 // Info returns the device's state. It fails with ErrNotAttached when no
-// server answers for the minor.
+// server answers for the minor. A server that dies while answering (killed,
+// and its supervisor starting the next one) is asked again until
+// InfoTimeout: info only reads, so asking twice is harmless, and a script
+// polling info across a server's restart should not see a failure.
 func (c Client) Info() (DeviceInfo, error) {
+	deadline := time.Now().Add(InfoTimeout)
 	resp, err := c.do(OpInfo, nil, InfoTimeout)
+	for dropped := droppedAnswer(err); dropped && time.Now().Before(deadline); {
+		time.Sleep(infoRetryPause)
+		resp, err = c.do(OpInfo, nil, time.Until(deadline))
+		// Between the old server's death and the new one's socket the
+		// dial fails: still the same restart.
+		dropped = droppedAnswer(err) || errors.Is(err, ErrNotAttached)
+	}
 	if err != nil {
 		return DeviceInfo{}, err
 	}
@@ -70,6 +82,16 @@ func (c Client) ExpandCowFile(a ExpandCowFile) error { return c.command(OpExpand
 // ReconfigureAutoExpand sets auto-expansion.
 func (c Client) ReconfigureAutoExpand(a AutoExpand) error {
 	return c.command(OpReconfigureAutoExpand, a)
+}
+
+// infoRetryPause spaces Info's tries after a dropped answer.
+const infoRetryPause = 50 * time.Millisecond
+
+// droppedAnswer reports whether err is a connection that closed before the
+// server's answer: its process died mid-request. A garbled answer is not.
+func droppedAnswer(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, unix.ECONNRESET) || errors.Is(err, unix.EPIPE)
 }
 
 // unknownRequest opens a server's answer to a request it does not know.

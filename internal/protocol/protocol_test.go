@@ -502,3 +502,39 @@ func TestCloseKeepsAnotherSocket(t *testing.T) {
 	}
 	s2.Close()
 }
+
+// A server killed while answering info, and the next one its supervisor
+// starts a moment later, give the client the new server's answer, not an
+// error: info only reads.
+func TestInfoAcrossServerRestart(t *testing.T) {
+	useRunDir(t)
+	dying, err := net.Listen("unix", protocol.SocketPath(12))
+	if err != nil {
+		t.Fatal(err)
+	}
+	type answer struct {
+		info protocol.DeviceInfo
+		err  error
+	}
+	asked := make(chan answer, 1)
+	go func() {
+		info, err := protocol.For(12).Info()
+		asked <- answer{info, err}
+	}()
+	c, err := dying.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bufio.NewReader(c).ReadString('\n')
+	c.Close() // killed before its answer
+	dying.Close()
+	time.Sleep(200 * time.Millisecond) // no socket while the next server starts
+	serve(t, &fakeHandler{minor: 12})
+	a := <-asked
+	if a.err != nil {
+		t.Fatalf("Info across a server's restart: %v", a.err)
+	}
+	if a.info.Minor != 12 {
+		t.Errorf("Info answered for minor %d, want 12", a.info.Minor)
+	}
+}
