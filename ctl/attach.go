@@ -14,8 +14,8 @@ import (
 // ServerFlags tune the front device's queues.
 type ServerFlags struct {
 	Queues int  `help:"Hardware queues (the kernel caps this at the CPU count)." default:"${queues}"`
-	Depth  int  `help:"Requests in flight per queue." default:"${depth}"`
-	MaxIO  int  `name:"max-io" help:"Largest request in bytes; also each request buffer's size in copy mode." default:"${maxio}"`
+	Depth  int  `help:"Requests in flight per queue (default ${depth} with zero copy, ${copydepth} in copy mode)."`
+	MaxIO  int  `name:"max-io" help:"Largest request in bytes (default ${maxio} with zero copy, ${copymaxio} in copy mode, where it is also each request buffer's size)."`
 	Copy   bool `help:"Serve in ublk's copy mode even where the kernel offers zero copy (Linux >= 6.16), where each request's data is copied through the server."`
 }
 

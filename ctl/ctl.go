@@ -22,6 +22,7 @@ import (
 	"github.com/alecthomas/kong"
 
 	"github.com/dbdublk/dbdublk/backup"
+	"github.com/dbdublk/dbdublk/internal/daemon"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/ublk"
@@ -134,10 +135,12 @@ func newParser(cli *CLI, options ...kong.Option) (*kong.Kong, error) {
 		kong.ConfigureHelp(kong.HelpOptions{Compact: true}),
 		kong.Vars{
 			// Defaults shown in help come from the packages that own them.
-			"queues":  strconv.Itoa(ublk.DefaultQueues),
-			"depth":   strconv.Itoa(ublk.DefaultDepth),
-			"maxio":   strconv.Itoa(ublk.DefaultMaxIOBytes),
-			"workers": strconv.Itoa(backup.DefaultWorkers),
+			"queues":    strconv.Itoa(ublk.DefaultQueues),
+			"depth":     strconv.Itoa(ublk.DefaultDepth),
+			"maxio":     strconv.Itoa(ublk.DefaultMaxIOBytes),
+			"copydepth": strconv.Itoa(daemon.CopyModeDepth),
+			"copymaxio": strconv.Itoa(daemon.CopyModeMaxIO),
+			"workers":   strconv.Itoa(backup.DefaultWorkers),
 		},
 	}, options...)...)
 }

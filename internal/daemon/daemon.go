@@ -37,8 +37,8 @@ type Config struct {
 	BlockDevice string
 	Minor       dattobd.Minor
 	Queues      int // 0 = ublk.DefaultQueues
-	Depth       int // 0 = ublk.DefaultDepth
-	MaxIOBytes  int // 0 = ublk.DefaultMaxIOBytes
+	Depth       int // 0: ublk.DefaultDepth, CopyModeDepth in copy mode
+	MaxIOBytes  int // 0: ublk.DefaultMaxIOBytes, CopyModeMaxIO in copy mode
 	// Copy serves the front device in ublk's copy mode even where the
 	// kernel offers zero copy.
 	Copy bool
@@ -259,6 +259,36 @@ func (s *Server) dataPathFlags() uapi.Feature {
 	return 0
 }
 
+// The queue shape of a copy-mode device the user did not shape. Each tag
+// owns a buffer of the largest request's size that the kernel copies
+// through, resident once requests have cycled through the tags (the
+// kernel hands tags out in turn), so queues x depth x max I/O is the
+// server's buffer memory: 2 x 64 x 256 KiB = 32 MiB here, against 256 MiB
+// with ublk's defaults. Larger requests are split by the kernel; zero copy
+// has no buffers and keeps the defaults.
+const (
+	CopyModeDepth = 64
+	CopyModeMaxIO = 256 << 10
+)
+
+// queueDepth is the front device's queue depth: the user's, or the
+// default of the data path.
+func (s *Server) queueDepth() int {
+	if s.cfg.Depth == 0 && s.dataPathFlags() == 0 {
+		return CopyModeDepth
+	}
+	return s.cfg.Depth // 0: ublk's default
+}
+
+// maxIO is the largest request of the front and snapshot devices: the
+// user's, or the default of the data path.
+func (s *Server) maxIO() int {
+	if s.cfg.MaxIOBytes == 0 && s.dataPathFlags() == 0 {
+		return CopyModeMaxIO
+	}
+	return s.cfg.MaxIOBytes // 0: ublk's default
+}
+
 // frontSpec describes the front device of the real device.
 func (s *Server) frontSpec() ublk.DeviceSpec {
 	// A dead server's device waits for the next one, I/O held, and
@@ -267,8 +297,8 @@ func (s *Server) frontSpec() ublk.DeviceSpec {
 	return ublk.DeviceSpec{
 		ID:                 int(s.cfg.Minor.FrontID()),
 		Queues:             s.cfg.Queues,
-		Depth:              s.cfg.Depth,
-		MaxIOBytes:         s.cfg.MaxIOBytes,
+		Depth:              s.queueDepth(),
+		MaxIOBytes:         s.maxIO(),
 		Size:               s.bdev.Size(),
 		LogicalBlockSize:   s.bdev.LogicalBlockSize,
 		PhysicalBlockSize:  s.bdev.PhysicalBlockSize,

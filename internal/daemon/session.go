@@ -131,7 +131,7 @@ func (s *Server) startSnapshotDevice() error {
 		ID:                int(s.cfg.Minor.SnapshotID()),
 		Queues:            s.cfg.Queues,
 		Depth:             snapshotDepth,
-		MaxIOBytes:        s.cfg.MaxIOBytes,
+		MaxIOBytes:        s.maxIO(),
 		Size:              s.bdev.Size(),
 		LogicalBlockSize:  s.bdev.LogicalBlockSize,
 		PhysicalBlockSize: s.bdev.PhysicalBlockSize,

@@ -157,6 +157,7 @@ type infoDevice struct {
 	Size        int64    `json:"size"`
 	Queues      int      `json:"queues"`
 	QueueDepth  int      `json:"queue_depth"`
+	MaxIOBytes  int      `json:"max_io_bytes"`
 	DevFeatures string   `json:"ublk_features"`
 	KernelFeat  string   `json:"kernel_ublk_features"`
 	DataPath    string   `json:"data_path"`
