@@ -2,10 +2,13 @@
 // (the slowest path of issue 3): it boots the VM, runs fio on the front
 // device with a snapshot open, and prints the server's CPU profile.
 //
-//	go run ./bench/cmd/cowprof [4k] [pass]
+//	go run ./bench/cmd/cowprof [4k] [pass] [upd|scatter]
 //
 // 4k: random 4 KiB writes at QD32 (default: sequential 1 MiB at QD8);
-// pass: no snapshot, the passthrough baseline of the same job.
+// pass: no snapshot, the passthrough baseline of the same job;
+// upd, scatter: update-img after 128 MiB changed in one run, or 16 MiB in
+// scattered 4 KiB blocks, beside raw reads and writes of as many bytes
+// ($UPDARGS: extra update-img flags, e.g. "--workers 32").
 package main
 
 import (
@@ -20,6 +23,36 @@ import (
 
 	"github.com/dbdublk/dbdublk/tests/vm"
 )
+
+// updScript profiles update-img instead: UPDMB MiB changed (SCAT=1: in
+// scattered 4 KiB blocks) between two snapshots, then update-img into an
+// allocated image, beside a raw O_DIRECT read of as many bytes and a raw
+// O_DIRECT write of them to the image's disk.
+const updScript = `
+set -e
+modprobe ublk_drv
+mkdir -p /scratch && mkfs.ext4 -q -F /dev/vdb && mount /dev/vdb /scratch
+dd if=/dev/zero of=/scratch/image.raw bs=1M count=1024 conv=fsync 2>/dev/null
+DBDCTL_CPUPROFILE=/scratch/cpu.prof dbdctl attach /dev/vda 1 >/dev/null
+dbdctl setup-snapshot /dev/vda /scratch/cow0 1 >/dev/null
+dbdctl transition-to-incremental 1 >/dev/null
+if [ "$SCAT" = 1 ]; then
+	fio --name=change --filename=/dev/ublkb1 --direct=1 --ioengine=io_uring --rw=randwrite --bs=4k --iodepth=32 --size=900M --io_size=${UPDMB}M >/dev/null
+else
+	fio --name=change --filename=/dev/ublkb1 --direct=1 --ioengine=io_uring --rw=write --bs=1M --iodepth=8 --offset=64M --io_size=${UPDMB}M --size=${UPDMB}M >/dev/null
+fi
+dbdctl transition-to-snapshot /scratch/cow1 1 >/dev/null
+dbdctl update-img $UPDARGS /dev/datto1 /scratch/cow0 /scratch/image.raw 2>&1 | tail -1
+echo "dd copy (1 MiB at a time, O_DIRECT, fsync): $(dd if=/dev/vda of=/scratch/image.raw bs=1M count=$UPDMB iflag=direct oflag=direct conv=notrunc,fsync 2>&1 | tail -1)"
+fio --name=rawread --filename=/dev/vda --readonly --direct=1 --ioengine=io_uring --rw=read --bs=1M --iodepth=8 --size=${UPDMB}M --output-format=terse --terse-version=3 | awk -F';' '{print "raw read KB/s", $7}'
+fio --name=rawwrite --filename=/scratch/image.raw --direct=1 --ioengine=io_uring --rw=write --bs=1M --iodepth=8 --size=${UPDMB}M --end_fsync=1 --output-format=terse --terse-version=3 | awk -F';' '{print "raw image write KB/s", $48}'
+dbdctl destroy 1 >/dev/null
+dbdctl detach 1 >/dev/null
+sleep 1
+echo @@PROF
+base64 /scratch/cpu.prof
+echo @@END
+`
 
 const script = `
 set -e
@@ -38,13 +71,26 @@ echo @@END
 
 func main() {
 	rw, bs, qd, pass := "write", "1M", "8", 0
+	upd, scat := false, 0
 	for _, a := range os.Args[1:] {
 		switch a {
 		case "4k":
 			rw, bs, qd = "randwrite", "4k", "32"
 		case "pass": // no snapshot: the passthrough baseline
 			pass = 1
+		case "upd": // update-img after 128 MiB changed in one run
+			upd = true
+		case "scatter": // update-img after 16 MiB changed in 4 KiB blocks
+			upd, scat = true, 1
 		}
+	}
+	run := fmt.Sprintf("RW=%s BS=%s QD=%s PASS=%d\n%s", rw, bs, qd, pass, script)
+	if upd {
+		mb := 128
+		if scat == 1 {
+			mb = 16
+		}
+		run = fmt.Sprintf("UPDMB=%d SCAT=%d UPDARGS='%s'\n%s", mb, scat, os.Getenv("UPDARGS"), updScript)
 	}
 	work, _ := os.MkdirTemp("", "cowprof-")
 	defer os.RemoveAll(work)
@@ -59,9 +105,9 @@ func main() {
 			{Path: filepath.Join(work, "scratch.img"), Size: 2 << 30},
 		},
 		Files:    map[string]string{"/usr/local/bin/dbdctl": dbdctl},
-		Programs: []string{"fio", "mkfs.ext4", "mke2fs", "base64"},
+		Programs: []string{"fio", "mkfs.ext4", "mke2fs", "base64", "dd"},
 		Modules:  []string{"ublk_drv", "ext4"},
-		Script:   fmt.Sprintf("RW=%s BS=%s QD=%s PASS=%d\n%s", rw, bs, qd, pass, script),
+		Script:   run,
 		Timeout:  10 * time.Minute,
 	})
 	if err != nil || res.ExitCode != 0 {

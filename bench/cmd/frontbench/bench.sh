@@ -10,17 +10,18 @@
 set -e
 ROUNDS=${ROUNDS:-3}
 RUNTIME=${RUNTIME:-5}
-dbdctl attach /dev/vdb 0 >/dev/null
+ATTACH=${ATTACH:-} # extra attach flags (frontbench -attach)
+dbdctl attach $ATTACH /dev/vdb 0 >/dev/null
 field() { dbdctl info "$1" | sed -n "s/.*\"$2\": *\"*\([^\",]*\)\"*,*$/\1/p"; }
 datapath=$(field 0 data_path)
 echo "@@DATAPATH $datapath $(uname -r)"
 targets="raw front"
 if [ "$datapath" = zero-copy ]; then
-	dbdctl attach --copy /dev/vdc 1 >/dev/null
+	dbdctl attach $ATTACH --copy /dev/vdc 1 >/dev/null
 	targets="$targets copy"
 fi
 modprobe null_blk nr_devices=2 gb=1 bs=512 memory_backed=1 queue_mode=2 hw_queue_depth=128 submit_queues=2
-dbdctl attach /dev/nullb1 2 >/dev/null
+dbdctl attach $ATTACH /dev/nullb1 2 >/dev/null
 targets="$targets nullraw nullfront"
 dev_of() {
 	case $1 in

@@ -36,6 +36,7 @@ var (
 	runtime = flag.Int("runtime", 5, "seconds per fio run")
 	record  = flag.String("record", "", "append the table to this markdown file (e.g. bench/RESULTS.md)")
 	kernel  = flag.String("kernel", "", "kernel series of the VM rig (default $DBD_KERNEL or "+vm.DefaultKernel+")")
+	attach  = flag.String("attach", "", "extra flags for every attach (e.g. \"--depth 64 --max-io 262144\"), to compare settings")
 )
 
 func main() {
@@ -84,7 +85,7 @@ func run() error {
 		Files:     map[string]string{"/usr/local/bin/dbdctl": dbdctl, "/usr/local/bin/bench.sh": sh},
 		Programs:  []string{"fio"},
 		Modules:   []string{"ublk_drv", "null_blk"},
-		Script:    fmt.Sprintf("mkdir -p /var/log\nROUNDS=%d RUNTIME=%d /bin/sh /usr/local/bin/bench.sh", *rounds, *runtime),
+		Script:    fmt.Sprintf("mkdir -p /var/log\nROUNDS=%d RUNTIME=%d ATTACH='%s' /bin/sh /usr/local/bin/bench.sh", *rounds, *runtime, *attach),
 		Timeout:   60 * time.Minute,
 		Logf:      func(f string, a ...any) { fmt.Printf("[vm] "+f+"\n", a...) },
 	})

@@ -78,6 +78,8 @@ done
 sync
 # The backup image update-img writes into: allocated, of the snapshot's size.
 quiet dd if=/dev/zero of=/scratch/image.raw bs=1M count=$(($(blockdev --getsize64 $DEV) / 1048576)) conv=fsync
+# Beside it, a file as allocated, for the raw write of as many bytes.
+quiet dd if=/dev/zero of=/scratch/write.raw bs=1M count=$((UPDMB + 64)) conv=fsync
 quiet dbdctl attach $BIG 1
 
 wargs() {
@@ -191,6 +193,11 @@ while [ $r -le $ROUNDS ]; do
 		mib=$(((bytes + 1048575) / 1048576))
 		fio_run U seqread raw-$kind $r --name=rawread --filename=$RAW --readonly $common \
 			--rw=read --bs=1M --iodepth=8 --size=${mib}M --loops=3
+		# ... and written to the image's disk as update-img writes them
+		# (O_DIRECT into an allocated file, then fsync): a copy cannot
+		# outrun either side.
+		fio_run U seqwrite img-$kind $r --name=imgwrite --filename=/scratch/write.raw $common \
+			--rw=write --bs=1M --iodepth=8 --size=${mib}M --end_fsync=1
 		t0=$(now)
 		quiet dd if=$RAW of=/dev/null bs=1M count=$mib iflag=direct
 		val dd_${kind}_us $r $(us_since $t0)

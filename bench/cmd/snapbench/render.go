@@ -194,6 +194,10 @@ func render(d *data) string {
 		row(fmt.Sprintf("update-img throughput vs raw sequential read of the same bytes (fio 1M QD8), %s", what),
 			fmt.Sprintf("%.2f (%.0f vs %.0f MB/s)%s", c1.ratio, stats.Median(upd.all()), stats.Median(fioRaw.all()), c1.rounds()),
 			target, met, "—")
+		imgWrite := d.fioVals("U", "seqwrite", "img-"+kind)
+		c4 := compare(upd, imgWrite)
+		row(fmt.Sprintf("… the same against a raw write of as many bytes to the image's disk (fio 1M QD8 `O_DIRECT` into an allocated file, fsync), %s", what),
+			fmt.Sprintf("%.2f (%.0f MB/s)%s", c4.ratio, stats.Median(imgWrite.all()), c4.rounds()), "—", "—", "—")
 		row(fmt.Sprintf("… the same against `dd bs=1M iflag=direct` (one request at a time), %s", what),
 			fmt.Sprintf("%.2f (%.0f MB/s)%s", c2.ratio, stats.Median(ddRaw.all()), c2.rounds()), "—", "—", "—")
 		ddBuf := d.rate("dd_"+kind+"_bytes", "ddbuf_"+kind+"_us", 1)
