@@ -22,7 +22,6 @@ import (
 	"github.com/alecthomas/kong"
 
 	"github.com/dbdublk/dbdublk/backup"
-	"github.com/dbdublk/dbdublk/internal/daemon"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/protocol"
 	"github.com/dbdublk/dbdublk/ublk"
@@ -138,8 +137,8 @@ func newParser(cli *CLI, options ...kong.Option) (*kong.Kong, error) {
 			"queues":    strconv.Itoa(ublk.DefaultQueues),
 			"depth":     strconv.Itoa(ublk.DefaultDepth),
 			"maxio":     strconv.Itoa(ublk.DefaultMaxIOBytes),
-			"copydepth": strconv.Itoa(daemon.CopyModeDepth),
-			"copymaxio": strconv.Itoa(daemon.CopyModeMaxIO),
+			"copydepth": strconv.Itoa(ublk.CopyDepth),
+			"copymaxio": strconv.Itoa(ublk.CopyMaxIOBytes),
 			"workers":   strconv.Itoa(backup.DefaultWorkers),
 		},
 	}, options...)...)

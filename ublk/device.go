@@ -43,6 +43,18 @@ const (
 	DefaultMaxIOBytes = 1 << 20
 )
 
+// A smaller shape for copy mode, for servers that bound their memory. In
+// copy mode each tag owns a buffer of MaxIOBytes that the kernel copies
+// through, resident once requests have cycled through the tags (the
+// kernel hands tags out in turn), so Queues x Depth x MaxIOBytes is the
+// server's buffer memory: 2 x 64 x 256 KiB = 32 MiB, against 256 MiB with
+// the defaults. The kernel splits larger requests. Zero copy has no
+// buffers and needs no smaller shape.
+const (
+	CopyDepth      = 64
+	CopyMaxIOBytes = 256 << 10
+)
+
 // Validate fills defaults and rejects impossible specs.
 func (s *DeviceSpec) Validate() error {
 	if s.Queues == 0 {

@@ -37,8 +37,8 @@ type Config struct {
 	BlockDevice string
 	Minor       dattobd.Minor
 	Queues      int // 0 = ublk.DefaultQueues
-	Depth       int // 0: ublk.DefaultDepth, CopyModeDepth in copy mode
-	MaxIOBytes  int // 0: ublk.DefaultMaxIOBytes, CopyModeMaxIO in copy mode
+	Depth       int // 0: ublk.DefaultDepth, ublk.CopyDepth in copy mode
+	MaxIOBytes  int // 0: ublk.DefaultMaxIOBytes, ublk.CopyMaxIOBytes in copy mode
 	// Copy serves the front device in ublk's copy mode even where the
 	// kernel offers zero copy.
 	Copy bool
@@ -259,23 +259,12 @@ func (s *Server) dataPathFlags() uapi.Feature {
 	return 0
 }
 
-// The queue shape of a copy-mode device the user did not shape. Each tag
-// owns a buffer of the largest request's size that the kernel copies
-// through, resident once requests have cycled through the tags (the
-// kernel hands tags out in turn), so queues x depth x max I/O is the
-// server's buffer memory: 2 x 64 x 256 KiB = 32 MiB here, against 256 MiB
-// with ublk's defaults. Larger requests are split by the kernel; zero copy
-// has no buffers and keeps the defaults.
-const (
-	CopyModeDepth = 64
-	CopyModeMaxIO = 256 << 10
-)
-
 // queueDepth is the front device's queue depth: the user's, or the
-// default of the data path.
+// default of the data path (copy mode's smaller one bounds the server's
+// buffers).
 func (s *Server) queueDepth() int {
 	if s.cfg.Depth == 0 && s.dataPathFlags() == 0 {
-		return CopyModeDepth
+		return ublk.CopyDepth
 	}
 	return s.cfg.Depth // 0: ublk's default
 }
@@ -284,7 +273,7 @@ func (s *Server) queueDepth() int {
 // user's, or the default of the data path.
 func (s *Server) maxIO() int {
 	if s.cfg.MaxIOBytes == 0 && s.dataPathFlags() == 0 {
-		return CopyModeMaxIO
+		return ublk.CopyMaxIOBytes
 	}
 	return s.cfg.MaxIOBytes // 0: ublk's default
 }

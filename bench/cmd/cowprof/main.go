@@ -43,7 +43,6 @@ else
 fi
 dbdctl transition-to-snapshot /scratch/cow1 1 >/dev/null
 dbdctl update-img $UPDARGS /dev/datto1 /scratch/cow0 /scratch/image.raw 2>&1 | tail -1
-echo "dd copy (1 MiB at a time, O_DIRECT, fsync): $(dd if=/dev/vda of=/scratch/image.raw bs=1M count=$UPDMB iflag=direct oflag=direct conv=notrunc,fsync 2>&1 | tail -1)"
 fio --name=rawread --filename=/dev/vda --readonly --direct=1 --ioengine=io_uring --rw=read --bs=1M --iodepth=8 --size=${UPDMB}M --output-format=terse --terse-version=3 | awk -F';' '{print "raw read KB/s", $7}'
 fio --name=rawwrite --filename=/scratch/image.raw --direct=1 --ioengine=io_uring --rw=write --bs=1M --iodepth=8 --size=${UPDMB}M --end_fsync=1 --output-format=terse --terse-version=3 | awk -F';' '{print "raw image write KB/s", $48}'
 dbdctl destroy 1 >/dev/null
@@ -105,7 +104,7 @@ func main() {
 			{Path: filepath.Join(work, "scratch.img"), Size: 2 << 30},
 		},
 		Files:    map[string]string{"/usr/local/bin/dbdctl": dbdctl},
-		Programs: []string{"fio", "mkfs.ext4", "mke2fs", "base64", "dd"},
+		Programs: []string{"fio", "mkfs.ext4", "mke2fs", "base64"},
 		Modules:  []string{"ublk_drv", "ext4"},
 		Script:   run,
 		Timeout:  10 * time.Minute,
