@@ -7,7 +7,10 @@
 # isolate to initrd-switch-root.target: it runs in a transient service of
 # its own that stopping never kills (KillMode=none, IgnoreOnIsolate); its
 # argv[0] ('@dbdctl') spares it at the switch to the real root and at
-# shutdown. Its standard output is the front device to mount.
+# shutdown. Its standard output is the front device to mount; what it says
+# besides goes to the journal. sysroot.mount then mounts the front device,
+# and systemd-fsck-root.service checks it instead of the device beneath,
+# which the server holds.
 type getarg >/dev/null 2>&1 || . /lib/dracut-lib.sh
 
 # This file is sourced: dracut's own variables (root) stay as they are.
@@ -27,7 +30,7 @@ if [ -b "$rootdev" ]; then
 		systemd-run --quiet --unit=dbdctl-boot --setenv=DBDCTL_LOG_DIR=/run/dbdctl/log \
 			--property=Type=oneshot --property=RemainAfterExit=yes --property=DefaultDependencies=no \
 			--property=KillMode=none --property=IgnoreOnIsolate=yes \
-			--property=StandardOutput=file:/run/dbdctl/boot-front \
+			--property=StandardOutput=file:/run/dbdctl/boot-front --property=StandardError=journal \
 			/usr/sbin/dbdctl boot-attach "$rootdev"
 	else
 		DBDCTL_LOG_DIR=/run/dbdctl/log /usr/sbin/dbdctl boot-attach "$rootdev" >/run/dbdctl/boot-front
@@ -37,6 +40,9 @@ if [ -b "$rootdev" ]; then
 	if [ "$status" -eq 0 ] && [ -n "$front" ]; then
 		mkdir -p /run/systemd/system/sysroot.mount.d
 		printf '[Mount]\nWhat=%s\n' "$front" >/run/systemd/system/sysroot.mount.d/dbdctl.conf
+		mkdir -p /run/systemd/system/systemd-fsck-root.service.d
+		printf '[Service]\nExecStart=\nExecStart=/usr/lib/systemd/systemd-fsck %s\n' "$front" \
+			>/run/systemd/system/systemd-fsck-root.service.d/dbdctl.conf
 		systemctl daemon-reload 2>/dev/null
 		# Without systemd, dracut's mount hook mounts $root.
 		command -v systemd-run >/dev/null 2>&1 || root="block:$front"
