@@ -146,7 +146,12 @@ func (c *BootAttachCmd) Run(env *Env) error {
 			fmt.Fprintf(env.Stderr, "dbdctl: the boot record on %s is minor %d's, not %d's\n", c.Root, rec.Minor, r.Minor)
 			continue
 		}
-		rec.BlockDevice = c.Root
+		// The volume keeps the name it was attached by (/dev/vg/root)
+		// when that names the device the initramfs found (/dev/dm-0 to
+		// dracut), so info and the state file name it as the user did.
+		if !blockdev.Same(rec.BlockDevice, c.Root) {
+			rec.BlockDevice = c.Root
+		}
 		front, err := bootAttach(env, rec)
 		if err != nil {
 			return err
