@@ -27,9 +27,9 @@ test: (setup "test")
 demo: (setup "demo")
 	go run ./tests/demo
 
-# The crash and fault tests at soak length (~2 h): 50 kills under load and 50 power cuts, a 100+100-kill storm, 200 replay points.
+# The crash and fault tests at soak length (~2 h): 50 kills under load and 50 power cuts, a 100+100-kill storm, 200 replay points, and the root volume on every initramfs and layout pair.
 soak: (setup "test")
-	DBD_CRASH_ITERS=50 DBD_STORM_KILLS=100 DBD_REPLAY_POINTS=200 go test -count=1 -timeout 4h ./tests/
+	DBD_CRASH_ITERS=50 DBD_STORM_KILLS=100 DBD_REPLAY_POINTS=200 DBD_ROOT_MATRIX=1 go test -count=1 -timeout 4h ./tests/
 
 # All benchmarks inside the VM: frontbench, then snapbench.
 bench: frontbench snapbench

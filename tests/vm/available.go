@@ -64,33 +64,26 @@ func Require(t testing.TB) {
 	t.Skipf("VM tests unavailable: %v", err)
 }
 
-var (
-	machineOnce sync.Once
-	machineErr  error
-)
-
-// MachineAvailable reports whether Machines can run here: qemu, debugfs
-// and mke2fs, and the root image (built if not cached yet, which needs
-// root, mmdebstrap and sfdisk).
-func MachineAvailable() error {
-	machineOnce.Do(func() {
-		for _, tool := range []struct{ bin, pkg string }{{qemuBinary, "qemu-system-x86"}, {"debugfs", "e2fsprogs"}, {"mke2fs", "e2fsprogs"}} {
-			if _, err := exec.LookPath(tool.bin); err != nil {
-				machineErr = fmt.Errorf("vm: %s not found (Debian package %s)", tool.bin, tool.pkg)
-				return
-			}
+// MachineAvailable reports whether Machines whose initramfs k builds can
+// run here: qemu, debugfs and mke2fs, and the root image (built if not
+// cached yet, which needs root, mmdebstrap and sfdisk).
+func MachineAvailable(k Initramfs) error {
+	for _, tool := range []struct{ bin, pkg string }{{qemuBinary, "qemu-system-x86"}, {"debugfs", "e2fsprogs"}, {"mke2fs", "e2fsprogs"}} {
+		if _, err := exec.LookPath(tool.bin); err != nil {
+			return fmt.Errorf("vm: %s not found (Debian package %s)", tool.bin, tool.pkg)
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), rootBuildTimeout)
-		defer cancel()
-		_, machineErr = EnsureRootImage(ctx)
-	})
-	return machineErr
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), rootBuildTimeout)
+	defer cancel()
+	_, err := EnsureRootImage(ctx, k)
+	return err
 }
 
-// RequireMachine is Require for tests that boot a Machine.
-func RequireMachine(t testing.TB) {
+// RequireMachine is Require for tests that boot a Machine whose initramfs
+// k builds.
+func RequireMachine(t testing.TB, k Initramfs) {
 	t.Helper()
-	err := MachineAvailable()
+	err := MachineAvailable(k)
 	if err == nil {
 		return
 	}

@@ -73,28 +73,32 @@
 // # Machines
 //
 // A Machine is the other kind of guest: a real Debian system (trixie,
-// systemd, udev, initramfs-tools, the same cloud kernel) on a disk of its
-// own, for tests that install a package the way a user would (dpkg -i,
-// update-initramfs), reboot, cut the power and boot again:
+// systemd, udev, the same cloud kernel) on a disk of its own, for tests
+// that install a package the way a user would (dpkg -i, then the
+// initramfs rebuilt), reboot, cut the power and boot again. Its initramfs
+// is built by initramfs-tools (Debian's own) or by dracut (the RHEL,
+// Fedora and SUSE family's, host-only as there); both images have LVM:
 //
-//	m, err := vm.NewMachine(ctx, t.TempDir())  // copies the cached root image
+//	m, err := vm.NewMachine(ctx, t.TempDir(), vm.InitramfsTools) // copies the cached root image
 //	res, err := m.Boot(ctx, vm.BootConfig{
 //		Files:  map[string]string{"/dbdctl.deb": deb}, // /mnt/files/dbdctl.deb
 //		Script: "dpkg -i /mnt/files/dbdctl.deb && systemctl reboot",
 //		Logf:   t.Logf,
 //	})
 //
-// Tests call RequireMachine(t) first. EnsureRootImage builds the image once
-// (about a minute, as root) with mmdebstrap from the host's mirror into
-// <cache>/rootfs-trixie-1280m: a sparse 1.25 GiB GPT disk with one partition holding
-// ext4 with a fixed UUID, made by sfdisk and mke2fs -d without loop devices.
-// cmd/fetch-rootimage pre-builds it.
+// Tests call RequireMachine(t, kind) first. EnsureRootImage builds each
+// image once (about a minute, as root) with mmdebstrap from the host's
+// mirror into <cache>/rootfs-trixie-<kind>-1280m-<hash of its packages>:
+// a sparse 1.25 GiB GPT disk with one partition holding ext4 with a fixed
+// UUID, made by sfdisk and mke2fs -d without loop devices.
+// cmd/fetch-rootimage pre-builds both.
 //
 // Each boot reads /boot/vmlinuz-<release> and /boot/initrd.img-<release>
 // out of the machine's disk with debugfs, as a boot loader would (so an
 // initramfs regenerated in the guest is the one booted next, and like GRUB
-// it does not replay the file system journal), and boots them with root=UUID
-// on the kernel command line. vda is the root disk, vdb a read-only files
+// it does not replay the file system journal), and boots them with
+// root=Machine.Root (the image's UUID= unless a test moved /) on the kernel
+// command line. vda is the root disk, vdb a read-only files
 // disk made per boot (BootConfig.Files and the script), BootConfig.Disks
 // follow from vdc. dbd-step.service, ordered after multi-user.target, mounts
 // vdb on /mnt/files and runs the script with the same results port, markers

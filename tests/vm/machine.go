@@ -21,6 +21,12 @@ type Machine struct {
 	Dir   string     // holds Disk and a directory per boot
 	Disk  string     // the root disk, /dev/vda in the guest; root on /dev/vda1
 	Image *RootImage // the image Disk was copied from
+	// Root is the kernel's root= for every later boot, as a boot loader's
+	// configuration would give it; NewMachine sets the image's
+	// UUID=<FSUUID>. A test that moves / elsewhere (onto a logical
+	// volume) changes it. The kernel and initramfs are still read from
+	// the root disk's partition 1 (/boot there).
+	Root  string
 	boots int
 }
 
@@ -45,23 +51,24 @@ type BootConfig struct {
 // about 15 s.
 const machineBootDeadline = 3 * time.Minute
 
-// machineCmdline boots the root file system by UUID, read-only first so
+// machineCmdline boots the root file system (root=), read-only first so
 // that systemd checks it, as Debian's boot loaders do. quiet keeps the
 // kernel at warnings and worse (loglevel=5 after it) and systemd at failed
 // units and slow jobs. The rest is kernelCmdline's reasoning.
-const machineCmdline = "root=UUID=%s ro console=ttyS0 panic=-1 quiet loglevel=5 nosoftlockup"
+const machineCmdline = "root=%s ro console=ttyS0 panic=-1 quiet loglevel=5 nosoftlockup"
 
-// NewMachine copies the cached root image (building it first if needed)
-// into dir, which is created if missing, and returns a Machine for it.
-func NewMachine(ctx context.Context, dir string) (*Machine, error) {
-	img, err := EnsureRootImage(ctx)
+// NewMachine copies the cached root image whose initramfs k builds
+// (building it first if needed) into dir, which is created if missing,
+// and returns a Machine for it.
+func NewMachine(ctx context.Context, dir string, k Initramfs) (*Machine, error) {
+	img, err := EnsureRootImage(ctx, k)
 	if err != nil {
 		return nil, err
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
-	m := &Machine{Dir: dir, Disk: filepath.Join(dir, "disk.img"), Image: img}
+	m := &Machine{Dir: dir, Disk: filepath.Join(dir, "disk.img"), Image: img, Root: "UUID=" + img.FSUUID}
 	if _, err := os.Stat(m.Disk); err == nil {
 		return nil, fmt.Errorf("vm: %s already exists", m.Disk)
 	}
@@ -120,7 +127,7 @@ func (m *Machine) Boot(ctx context.Context, cfg BootConfig) (*Result, error) {
 	}
 	consoleLog := filepath.Join(dir, "console.log")
 	resultsLog := filepath.Join(dir, "results.log")
-	cmdline := fmt.Sprintf(machineCmdline, m.Image.FSUUID)
+	cmdline := fmt.Sprintf(machineCmdline, m.Root)
 	return bootWithRetries(ctx, &bootPlan{
 		args: func(b []diskBackend) []string {
 			args := qemuBaseArgs(cfg.CPUs, cfg.MemoryMiB, vmlinuz, initrd, cmdline, consoleLog, resultsLog)

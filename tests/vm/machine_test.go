@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -25,6 +26,27 @@ func TestBootConfigDefaults(t *testing.T) {
 	}
 }
 
+// TestRootImageKinds: each initramfs builder has its own cached image,
+// named by its packages, and only the two dbdctl ships hooks for exist.
+func TestRootImageKinds(t *testing.T) {
+	tools, dracut := rootImageName(InitramfsTools), rootImageName(Dracut)
+	if tools == dracut || !strings.Contains(tools, "initramfs-tools") || !strings.Contains(dracut, "dracut") {
+		t.Errorf("image names %q and %q do not tell the builders apart", tools, dracut)
+	}
+	for _, k := range []Initramfs{InitramfsTools, Dracut} {
+		p := rootPackages(k)
+		if p[0] != string(k) || !slices.Contains(p, "lvm2") {
+			t.Errorf("%s image packages %v: want the builder first, and lvm2", k, p)
+		}
+	}
+	if slices.Contains(rootPackages(Dracut), string(InitramfsTools)) {
+		t.Error("the dracut image would install initramfs-tools too")
+	}
+	if _, err := EnsureRootImage(context.Background(), "mkinitcpio"); err == nil || !strings.Contains(err.Error(), "mkinitcpio") {
+		t.Errorf("EnsureRootImage(mkinitcpio) = %v, want an error naming it", err)
+	}
+}
+
 // TestMachine boots one disk three times: a clean reboot, a power cut
 // without sync, and a boot that must find the file system replayed. It
 // takes about three minutes and TestRootVolume (package tests) uses every
@@ -34,11 +56,11 @@ func TestMachine(t *testing.T) {
 	if os.Getenv("DBD_VM_SELFTEST") == "" {
 		t.Skip("the rig's own machine test: set DBD_VM_SELFTEST=1 (TestRootVolume covers machines in just test)")
 	}
-	RequireMachine(t)
+	RequireMachine(t, InitramfsTools)
 	ctx := context.Background()
 	dir := t.TempDir()
 	t0 := time.Now()
-	m, err := NewMachine(ctx, filepath.Join(dir, "m"))
+	m, err := NewMachine(ctx, filepath.Join(dir, "m"), InitramfsTools)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,6 +3,7 @@ package vm
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -18,9 +19,10 @@ import (
 // RootImage is a cached Debian system on a partitioned disk image, booted
 // by a Machine with the kernel and initramfs found in its own /boot.
 type RootImage struct {
-	Disk    string // raw GPT disk image; never booted itself, Machines boot copies
-	Release string // uname -r of the installed kernel, e.g. "6.12.117+deb13-cloud-amd64"
-	FSUUID  string // UUID of the ext4 root file system on partition 1 (/dev/vda1)
+	Initramfs Initramfs // the tool the system builds its initramfs with
+	Disk      string    // raw GPT disk image; never booted itself, Machines boot copies
+	Release   string    // uname -r of the installed kernel, e.g. "6.12.117+deb13-cloud-amd64"
+	FSUUID    string    // UUID of the ext4 root file system on partition 1 (/dev/vda1)
 }
 
 const (
@@ -47,11 +49,47 @@ const (
 	rootBuildTimeout = 15 * time.Minute
 )
 
+// Initramfs names the tool a root image builds its initramfs with: the
+// two families dbdctl ships a boot hook for.
+type Initramfs string
+
+const (
+	// InitramfsTools is Debian's and Ubuntu's own.
+	InitramfsTools Initramfs = "initramfs-tools"
+	// Dracut is the RHEL, Fedora and SUSE family's, packaged by Debian
+	// too (it replaces initramfs-tools there), with systemd in the
+	// initramfs as on those systems.
+	Dracut Initramfs = "dracut"
+)
+
+// Valid reports whether k is one of the kinds a root image can be built with.
+func (k Initramfs) Valid() bool { return k == InitramfsTools || k == Dracut }
+
+// dracutConf makes dracut build a host-only initramfs, as Fedora and RHEL
+// do by default: a generic one takes minutes to build under TCG. The
+// image's first initramfs is built generic all the same, in mmdebstrap's
+// chroot, whose host is not the guest.
+const dracutConf = "# Written by github.com/dbdublk/dbdublk/tests/vm: the default of Fedora and RHEL.\nhostonly=\"yes\"\n"
+
 // rootPackages are installed on top of mmdebstrap's minbase variant: what
-// boots a Debian system the usual way (kernel, initramfs-tools, systemd,
-// udev) and what tests run there (mkfs, mount, ps).
-var rootPackages = []string{
-	"systemd-sysv", "udev", "initramfs-tools", "e2fsprogs", "kmod",
+// boots a Debian system the usual way (kernel, the initramfs builder,
+// systemd, udev) and what tests run there (mkfs, mount, ps), with LVM
+// (the initramfs then activates a root logical volume) for the tests that
+// move / onto one.
+func rootPackages(k Initramfs) []string {
+	return append([]string{string(k)}, rootBasePackages...)
+}
+
+// rootImageName is the cache entry of the image k builds: suite, packages
+// and size are in it, so a cached image of another content or layout is
+// not taken for this one.
+func rootImageName(k Initramfs) string {
+	sum := sha256.Sum256([]byte(strings.Join(rootPackages(k), ",")))
+	return fmt.Sprintf("rootfs-%s-%s-%dm-%x", rootSuite, k, rootImageSize>>20, sum[:4])
+}
+
+var rootBasePackages = []string{
+	"systemd-sysv", "udev", "e2fsprogs", "kmod", "lvm2",
 	"util-linux", "procps", "linux-image-cloud-amd64",
 	// Debian systems have a system bus; without it systemctl reboot and
 	// poweroff complain that they cannot reach logind.
@@ -78,17 +116,19 @@ var rootMaskedUnits = []string{
 // handled by publishing the result with an atomic rename.
 var rootImageMu sync.Mutex
 
-// EnsureRootImage returns the cached root image, building it on first use
-// (about a minute; needs root, mmdebstrap, sfdisk and mke2fs). Delete
-// <CacheDir()>/rootfs-trixie-<size>m to pick up newer Debian packages.
-func EnsureRootImage(ctx context.Context) (*RootImage, error) {
+// EnsureRootImage returns the cached root image whose initramfs is built
+// by k, building it on first use (about a minute; needs root, mmdebstrap,
+// sfdisk and mke2fs). Delete <CacheDir()>/rootfs-trixie-* to pick up newer
+// Debian packages.
+func EnsureRootImage(ctx context.Context, k Initramfs) (*RootImage, error) {
+	if !k.Valid() {
+		return nil, fmt.Errorf("vm: no root image is built with %q: want %s or %s", k, InitramfsTools, Dracut)
+	}
 	cache, err := CacheDir()
 	if err != nil {
 		return nil, err
 	}
-	// The size is in the name: a cached image of another layout is not
-	// this one.
-	dir := filepath.Join(cache, fmt.Sprintf("rootfs-%s-%dm", rootSuite, rootImageSize>>20))
+	dir := filepath.Join(cache, rootImageName(k))
 
 	rootImageMu.Lock()
 	defer rootImageMu.Unlock()
@@ -99,7 +139,7 @@ func EnsureRootImage(ctx context.Context) (*RootImage, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := buildRootImage(ctx, staging); err != nil {
+	if err := buildRootImage(ctx, staging, k); err != nil {
 		os.RemoveAll(staging)
 		return nil, err
 	}
@@ -111,9 +151,10 @@ func EnsureRootImage(ctx context.Context) (*RootImage, error) {
 
 // rootImageInfo is the metadata file's content.
 type rootImageInfo struct {
-	Suite   string `json:"suite"`
-	Release string `json:"release"`
-	FSUUID  string `json:"fsuuid"`
+	Suite     string    `json:"suite"`
+	Initramfs Initramfs `json:"initramfs,omitempty"` // empty in images made before dracut ones: initramfs-tools
+	Release   string    `json:"release"`
+	FSUUID    string    `json:"fsuuid"`
 }
 
 // loadRootImage reads a published cache entry.
@@ -126,7 +167,10 @@ func loadRootImage(dir string) (*RootImage, error) {
 	if err := json.Unmarshal(b, &info); err != nil {
 		return nil, fmt.Errorf("vm: %s: %w", filepath.Join(dir, rootImageMeta), err)
 	}
-	img := &RootImage{Disk: filepath.Join(dir, "disk.img"), Release: info.Release, FSUUID: info.FSUUID}
+	if info.Initramfs == "" {
+		info.Initramfs = InitramfsTools
+	}
+	img := &RootImage{Initramfs: info.Initramfs, Disk: filepath.Join(dir, "disk.img"), Release: info.Release, FSUUID: info.FSUUID}
 	if _, err := os.Stat(img.Disk); err != nil {
 		return nil, err
 	}
@@ -135,7 +179,7 @@ func loadRootImage(dir string) (*RootImage, error) {
 
 // buildRootImage installs Debian into a directory tree, adapts it for the
 // rig and turns it into dir/disk.img, laid out as loadRootImage expects.
-func buildRootImage(ctx context.Context, dir string) error {
+func buildRootImage(ctx context.Context, dir string, k Initramfs) error {
 	if os.Geteuid() != 0 {
 		return errors.New("vm: building the root image needs root (mmdebstrap --mode=root)")
 	}
@@ -151,7 +195,7 @@ func buildRootImage(ctx context.Context, dir string) error {
 	tree := filepath.Join(dir, "tree")
 	defer os.RemoveAll(tree)
 	cmd := exec.CommandContext(ctx, "mmdebstrap", "--mode=root", "--variant=minbase",
-		"--include="+strings.Join(rootPackages, ","), rootSuite, tree, mirror)
+		"--include="+strings.Join(rootPackages(k), ","), rootSuite, tree, mirror)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("vm: mmdebstrap %s from %s: %w\n%s", rootSuite, mirror, err, tail(string(out), 3000))
 	}
@@ -163,13 +207,13 @@ func buildRootImage(ctx context.Context, dir string) error {
 	if _, err := os.Stat(filepath.Join(tree, "boot", "initrd.img-"+release)); err != nil {
 		return fmt.Errorf("vm: root image has no initramfs for %s: %w", release, err)
 	}
-	if err := customizeRootTree(tree); err != nil {
+	if err := customizeRootTree(tree, k); err != nil {
 		return err
 	}
 	if err := makeRootDisk(ctx, filepath.Join(dir, "disk.img"), tree); err != nil {
 		return err
 	}
-	b, err := json.MarshalIndent(rootImageInfo{Suite: rootSuite, Release: release, FSUUID: rootFSUUID}, "", "\t")
+	b, err := json.MarshalIndent(rootImageInfo{Suite: rootSuite, Initramfs: k, Release: release, FSUUID: rootFSUUID}, "", "\t")
 	if err != nil {
 		return err
 	}
@@ -179,7 +223,7 @@ func buildRootImage(ctx context.Context, dir string) error {
 // customizeRootTree makes the installed tree a bootable, quiet guest: file
 // system table, names, a root login without password on the serial
 // console, the step service, and no units that wait for what is absent.
-func customizeRootTree(tree string) error {
+func customizeRootTree(tree string, k Initramfs) error {
 	id := make([]byte, 16)
 	if _, err := rand.Read(id); err != nil {
 		return err
@@ -192,6 +236,9 @@ func customizeRootTree(tree string) error {
 		// would run preset-all and prompt on the console.
 		"etc/machine-id":                 hex.EncodeToString(id) + "\n",
 		"etc/systemd/system/" + stepUnit: stepUnitText(),
+	}
+	if k == Dracut {
+		files["etc/dracut.conf.d/50-hostonly.conf"] = dracutConf
 	}
 	for p, content := range files {
 		if err := os.WriteFile(filepath.Join(tree, p), []byte(content), 0o644); err != nil {
