@@ -362,6 +362,11 @@ func checkEndedInPlace(t *testing.T, res *vm.Result) {
 	if strings.Contains(res.Console, "dbdctl.shutdown failed") || !strings.Contains(res.Console, "ended in place") {
 		t.Fatalf("the system-shutdown hook did not end the root volume in place:\n%s", tailLines(res.Console, 30))
 	}
+	// systemd warns on the console of every boot about a unit it
+	// deprecates: the boot server's must not be one.
+	if i := strings.Index(res.Console, "dbdctl-boot.service"); i >= 0 && strings.Contains(res.Console, "Support for KillMode=none is deprecated") {
+		t.Fatalf("systemd warns about the boot server's unit:\n%s", res.Console[i:min(len(res.Console), i+400)])
+	}
 }
 
 // buildDeb builds the .deb as `just package` does.

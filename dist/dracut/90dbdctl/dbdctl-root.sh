@@ -5,9 +5,11 @@
 #
 # In a systemd initrd the server must outlive this hook's service and the
 # isolate to initrd-switch-root.target: it runs in a transient service of
-# its own that stopping never kills (KillMode=none, IgnoreOnIsolate); its
-# argv[0] ('@dbdctl') spares it at the switch to the real root and at
-# shutdown. Its standard output is the front device to mount; what it says
+# its own that the isolate leaves alone (IgnoreOnIsolate) and that stopping
+# never kills: KillMode=process kills only the main process, boot-attach,
+# long gone by then (KillMode=none, which systemd deprecates, would say the
+# same). Its argv[0] ('@dbdctl') spares it at the switch to the real root
+# and at shutdown. Its standard output is the front device to mount; what it says
 # besides goes to the journal. sysroot.mount then mounts the front device,
 # and systemd-fsck-root.service checks it instead of the device beneath,
 # which the server holds.
@@ -29,7 +31,7 @@ if [ -b "$rootdev" ]; then
 	if command -v systemd-run >/dev/null 2>&1; then
 		systemd-run --quiet --unit=dbdctl-boot --setenv=DBDCTL_LOG_DIR=/run/dbdctl/log \
 			--property=Type=oneshot --property=RemainAfterExit=yes --property=DefaultDependencies=no \
-			--property=KillMode=none --property=IgnoreOnIsolate=yes \
+			--property=KillMode=process --property=IgnoreOnIsolate=yes \
 			--property=StandardOutput=file:/run/dbdctl/boot-front --property=StandardError=journal \
 			/usr/sbin/dbdctl boot-attach "$rootdev"
 	else
