@@ -68,6 +68,22 @@ func Require(t testing.TB) {
 // run here: qemu, debugfs and mke2fs, and the root image (built if not
 // cached yet, which needs root, mmdebstrap and sfdisk).
 func MachineAvailable(k Initramfs) error {
+	machineMu.Lock()
+	defer machineMu.Unlock()
+	if err, done := machineErr[k]; done {
+		return err // a failed build is not tried again by every test
+	}
+	err := machineAvailable(k)
+	machineErr[k] = err
+	return err
+}
+
+var (
+	machineMu  sync.Mutex
+	machineErr = map[Initramfs]error{}
+)
+
+func machineAvailable(k Initramfs) error {
 	for _, tool := range []struct{ bin, pkg string }{{qemuBinary, "qemu-system-x86"}, {"debugfs", "e2fsprogs"}, {"mke2fs", "e2fsprogs"}} {
 		if _, err := exec.LookPath(tool.bin); err != nil {
 			return fmt.Errorf("vm: %s not found (Debian package %s)", tool.bin, tool.pkg)
