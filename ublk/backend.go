@@ -36,6 +36,9 @@ const (
 	// other error), so slow preparation such as copy-on-write never blocks
 	// the queue thread.
 	WritePending
+	// WriteStaged defers the request until the I/O of a Stage has run on
+	// the queue's ring (a Stager's answer only).
+	WriteStaged
 )
 
 // ErrSkipWrite, passed to a pending write's resume, completes the request
@@ -56,6 +59,51 @@ type WriteInterceptor interface {
 	BeforeWrite(op uapi.IOOp, off, n int64, resume func(error)) (token uint64, action WriteAction, err error)
 	AfterWrite(token uint64)
 }
+
+// StageIO is one file operation of a Stage: a read into Buf, or a write of
+// Buf, at byte Off of descriptor FD. Buf must stay valid and untouched
+// until the stage's Done is called.
+type StageIO struct {
+	Write bool
+	FD    int
+	Off   int64
+	Buf   []byte
+}
+
+// Stage is I/O a write waits for, run on the queue's own ring: no thread
+// hop and no blocking call, as the copy-on-write of a first write needs
+// (read the old blocks, store them, record where). The queue issues IO in
+// order, each operation linked to the one before it (it starts only once
+// the previous one has transferred all its bytes). Then it calls Done on
+// its thread with nil, or with the first failure (a short transfer is
+// EIO, an operation cancelled by an earlier failure is not reported).
+// Done either sets IO again for another round (more) or gives the write's
+// verdict as a WritePending resume would: nil issues it, ErrSkipWrite
+// completes it untouched, ErrResumeLater means the interceptor calls the
+// write's resume itself later, any other error fails it.
+type Stage struct {
+	IO   []StageIO
+	Done func(err error) (more bool, verdict error)
+}
+
+// ErrResumeLater, as a Stage's verdict, leaves the write pending until the
+// interceptor calls its resume (work that must not run on the queue
+// thread, such as making a failure durable).
+var ErrResumeLater = errors.New("write resumed later")
+
+// Stager is a WriteInterceptor whose preparation of a write can run as a
+// Stage on the queue's ring. The queue calls BeforeWriteStaged instead of
+// BeforeWrite; besides BeforeWrite's answers it may answer WriteStaged
+// after setting s (the tag's own Stage, reused from one request to the
+// next; at most MaxStageIO operations a round).
+type Stager interface {
+	WriteInterceptor
+	BeforeWriteStaged(op uapi.IOOp, off, n int64, resume func(error), s *Stage) (token uint64, action WriteAction, err error)
+}
+
+// MaxStageIO is the most operations a Stage may have in one round: the
+// chain must fit the ring's submission queue whole.
+const MaxStageIO = 8
 
 // ReadFinisher is a Backend whose reads need a last step on the data
 // before it goes to the kernel (a snapshot overlays preserved blocks and

@@ -32,7 +32,9 @@
 //     (WriteInterceptor.BeforeWrite, ReadFinisher.FinishRead) runs on that
 //     thread and must never wait for another request of the device: the
 //     thread that would complete it is the one waiting. Slow work goes to
-//     other goroutines and comes back through WritePending and resume.
+//     other goroutines and comes back through WritePending and resume; I/O
+//     a write must wait for can run on the queue's own ring as a Stage
+//     (Stager), with no thread hop at all.
 //   - No I/O on your own device: a server that reads or writes its own
 //     /dev/ublkb<id> (or a filesystem mounted from it) from a queue thread,
 //     or from anything a queue thread waits for, deadlocks. Queue threads

@@ -27,6 +27,7 @@ const (
 	kindTarget = 1 // backend I/O issued on behalf of a tag
 	kindWake   = 2 // the wake eventfd became readable (tag field unused)
 	kindPatch  = 3 // a ReadPatcher's patch read into a tag's pages
+	kindStage  = 4 // an operation of a Stager's Stage (bits 24-55: its length)
 )
 
 func userData(kind, tag int) uint64 { return uint64(kind)<<16 | uint64(tag) }
@@ -56,6 +57,12 @@ type tagState struct {
 	pending   int
 	readRes   int32
 	patchFail int32
+
+	// A write's Stage: its operations still in flight and the first
+	// failure (an errno; ECANCELED only until a real one arrives).
+	stage        Stage
+	stagePending int
+	stageFail    unix.Errno
 }
 
 // queue serves one hardware queue of a device on one locked OS thread with
@@ -63,7 +70,9 @@ type tagState struct {
 // so a request is one ring round trip for the kernel and one for the disk.
 //
 // A request's life: FETCH completes (onRequest) → a WriteInterceptor admits
-// it (start) → prepare picks its file operation (issue) → the operation
+// it (start), at once, after its resume (onWake) or after a Stager's stage
+// has run on this ring (issueStage, onStageDone) → prepare picks its file
+// operation (issue) → the operation
 // completes (onFileDone) → settle and, for reads, a ReadFinisher give the
 // result → complete counts it and commits it with COMMIT_AND_FETCH.
 type queue struct {
@@ -77,6 +86,7 @@ type queue struct {
 	zeroCopy bool
 	backend  Backend
 	hook     WriteInterceptor // nil unless the backend intercepts writes
+	stager   Stager           // nil unless the backend stages writes on the ring
 	reader   ReadFinisher     // nil unless the backend finishes reads
 	patcher  ReadPatcher      // nil unless the backend patches reads
 	zeroFd   int              // /dev/zero, for PatchZeros (zero copy with a patcher)
@@ -118,6 +128,7 @@ type resumed struct {
 func newQueue(id, depth, bufSize, charFd int, zeroCopy bool, b Backend, logf func(string, ...any)) *queue {
 	q := &queue{id: id, depth: depth, bufSize: bufSize, charFd: charFd, zeroCopy: zeroCopy, backend: b, logf: logf}
 	q.hook, _ = b.(WriteInterceptor)
+	q.stager, _ = b.(Stager)
 	q.reader, _ = b.(ReadFinisher)
 	q.patcher, _ = b.(ReadPatcher)
 	q.zeroFd = -1
@@ -186,7 +197,7 @@ func (q *queue) setup() error {
 func (q *queue) setupRing() error {
 	var err error
 	q.ring, err = uring.New(uring.Options{
-		Entries:   uint32(sqEntriesPerTag * q.depth),
+		Entries:   uint32(sqEntriesPerTag*q.depth + MaxStageIO),
 		CQEntries: uint32(cqEntriesPerTag * q.depth),
 		Flags:     uapi.SetupCoopTaskrun | uapi.SetupSingleIssuer | uapi.SetupDeferTaskrun | uapi.SetupSubmitAll,
 	})
@@ -334,6 +345,8 @@ func (q *queue) waitAndDispatch() error {
 			q.onFileDone(tag, c.Res)
 		case kindPatch:
 			q.onPatchDone(tag, c.Res, int32(c.UserData>>24))
+		case kindStage:
+			q.onStageDone(tag, c.Res, int32(c.UserData>>24))
 		}
 	}
 	return nil
@@ -364,7 +377,14 @@ func (q *queue) start(tag int) {
 	st := &q.tags[tag]
 	d := &st.desc
 	if q.hook != nil && modifies(d.Op()) {
-		token, action, err := q.hook.BeforeWrite(d.Op(), int64(d.StartSector<<9), int64(bytesOf(d)), q.resumers[tag])
+		var token uint64
+		var action WriteAction
+		var err error
+		if q.stager != nil {
+			token, action, err = q.stager.BeforeWriteStaged(d.Op(), int64(d.StartSector<<9), int64(bytesOf(d)), q.resumers[tag], &st.stage)
+		} else {
+			token, action, err = q.hook.BeforeWrite(d.Op(), int64(d.StartSector<<9), int64(bytesOf(d)), q.resumers[tag])
+		}
 		if err != nil {
 			q.complete(tag, errnoResult(0, err))
 			return
@@ -380,9 +400,93 @@ func (q *queue) start(tag int) {
 			st.busy = true
 			q.inflight++
 			return
+		case WriteStaged:
+			q.issueStage(tag)
+			return
 		}
 	}
 	q.issue(tag)
+}
+
+// issueStage queues the operations of a tag's Stage as one linked chain.
+func (q *queue) issueStage(tag int) {
+	st := &q.tags[tag]
+	ops := st.stage.IO
+	st.stageFail, st.stagePending = 0, len(ops)
+	if len(ops) == 0 || len(ops) > MaxStageIO {
+		if len(ops) > 0 {
+			st.stageFail = unix.EINVAL
+		}
+		st.stagePending = 1 // settled right here
+		st.busy = true
+		q.inflight++
+		q.onStageDone(tag, 0, 0)
+		return
+	}
+	if q.ring.SQSpace() < uint32(len(ops)) {
+		if _, err := q.ring.Submit(); err != nil {
+			q.logf("queue %d: submit: %v", q.id, err)
+		}
+	}
+	for i, o := range ops {
+		s := q.sqe()
+		if o.Write {
+			uring.PrepWrite(s, int32(o.FD), unsafe.Pointer(&o.Buf[0]), uint32(len(o.Buf)), uint64(o.Off), 0)
+		} else {
+			uring.PrepRead(s, int32(o.FD), unsafe.Pointer(&o.Buf[0]), uint32(len(o.Buf)), uint64(o.Off))
+		}
+		if i < len(ops)-1 {
+			s.Flags |= uapi.SQEIOLink
+		}
+		s.UserData = userData(kindStage, tag) | uint64(len(o.Buf))<<24
+	}
+	st.busy = true
+	q.inflight += len(ops)
+}
+
+// onStageDone settles one operation of a Stage that wanted want bytes; the
+// last one hands the outcome to the Stage's Done.
+func (q *queue) onStageDone(tag int, res, want int32) {
+	st := &q.tags[tag]
+	q.inflight--
+	if res != want && (st.stageFail == 0 || st.stageFail == unix.ECANCELED) {
+		st.stageFail = unix.EIO
+		if res < 0 {
+			st.stageFail = unix.Errno(-res)
+		}
+	}
+	if st.stagePending--; st.stagePending > 0 {
+		return
+	}
+	st.busy = false
+	var err error
+	if st.stageFail != 0 {
+		err = st.stageFail
+	}
+	more, verdict := st.stage.Done(err)
+	if more {
+		q.issueStage(tag)
+		return
+	}
+	q.resolve(tag, verdict)
+}
+
+// resolve ends the wait of a deferred write with its verdict: nil issues
+// it, ErrSkipWrite completes it untouched, ErrResumeLater waits for its
+// resume, anything else fails it.
+func (q *queue) resolve(tag int, verdict error) {
+	st := &q.tags[tag]
+	switch {
+	case verdict == nil:
+		q.issue(tag)
+	case errors.Is(verdict, ErrSkipWrite):
+		q.complete(tag, skipped(&st.desc))
+	case errors.Is(verdict, ErrResumeLater):
+		st.busy = true
+		q.inflight++
+	default:
+		q.complete(tag, errnoResult(0, verdict))
+	}
 }
 
 // issue queues the file operation of an admitted request.
@@ -433,17 +537,9 @@ func (q *queue) onWake() {
 	q.resumed = q.spare[:0]
 	q.resumeMu.Unlock()
 	for _, r := range batch {
-		st := &q.tags[r.tag]
-		st.busy = false
+		q.tags[r.tag].busy = false
 		q.inflight--
-		switch {
-		case r.err == nil:
-			q.issue(r.tag)
-		case errors.Is(r.err, ErrSkipWrite):
-			q.complete(r.tag, skipped(&st.desc))
-		default:
-			q.complete(r.tag, errnoResult(0, r.err))
-		}
+		q.resolve(r.tag, r.err)
 	}
 	q.spare = batch[:0]
 	if q.aborted < q.depth || q.inflight > 0 {

@@ -262,6 +262,16 @@ func (r *Ring) NextSQE() *uapi.SQE {
 	return (*uapi.SQE)(p)
 }
 
+// SQSpace returns how many SQEs NextSQE can hand out before the next
+// Submit: a chain of linked SQEs must fit whole, since a Submit in its
+// middle would end the chain there.
+func (r *Ring) SQSpace() uint32 {
+	if r.sqes == nil {
+		return 0
+	}
+	return r.sqCount - (r.sqeTail - r.sqHead.Load())
+}
+
 // Submit publishes the prepared SQEs and submits them with io_uring_enter.
 // It returns how many SQEs the kernel consumed during the call. It also
 // flushes parked CQEs when the kernel reports CQ overflow (or pending task

@@ -3,6 +3,8 @@ package ublk
 import (
 	"runtime"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/dbdublk/dbdublk/ublk/uapi"
 )
 
@@ -10,8 +12,9 @@ import (
 // kernel: start, issue, onFileDone, complete, with the backend's file I/O on
 // a real io_uring) with only the ublk commands replaced: requests are handed
 // to the queue as FETCH would hand them, and the results it would commit are
-// returned. Like a queue, it runs on one locked OS thread. For the tests of
-// backends on machines without a ublk driver.
+// returned. Like a queue, it runs on one locked OS thread. It is for the
+// tests of backends (this package's and their own) on machines without a
+// ublk driver; a server never uses it.
 type RequestPath struct {
 	q     *queue
 	batch chan []Request
@@ -62,7 +65,9 @@ func (p *RequestPath) run() {
 	for reqs := range p.batch {
 		results := make([]Result, len(reqs))
 		pending := len(reqs)
+		committed := make([]bool, len(reqs))
 		p.q.commit = func(tag int, res int32) {
+			committed[tag] = true
 			results[tag].Res = res
 			if res > 0 && p.q.tags[tag].desc.Op() == uapi.IOOpRead {
 				results[tag].Data = append([]byte(nil), p.q.buf(tag)[:res]...)
@@ -76,7 +81,15 @@ func (p *RequestPath) run() {
 		}
 		for pending > 0 {
 			if err := p.q.waitAndDispatch(); err != nil {
-				panic(err)
+				// The ring itself failed: what is still pending will
+				// never complete; report it as the kernel would see it.
+				p.q.logf("%v", err)
+				for i := range results {
+					if !committed[i] {
+						results[i].Res = -int32(unix.EIO)
+					}
+				}
+				break
 			}
 		}
 		p.out <- results
