@@ -2,7 +2,9 @@ package cow
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"slices"
 )
 
 // CopyOnWriteRange preserves the pre-snapshot data of the blocks
@@ -28,76 +30,243 @@ func (f *File) CopyOnWriteRange(first uint64, old []byte) (int, error) {
 		return 0, nil
 	}
 	f.mu.Lock()
-	if err := f.writable(); err != nil {
-		f.mu.Unlock()
-		return 0, err
-	}
-	if f.hdr.Flags&FlagIndexOnly != 0 {
-		f.mu.Unlock()
-		return 0, modeErr("cow file %s is index-only: it has no data store to copy block %d into", f.path, first)
-	}
-	if err := f.usable(first + n - 1); err != nil {
-		f.mu.Unlock()
-		return 0, err
-	}
-	var mine []uint64         // blocks this call copies, in order
-	var busy []uint64         // blocks another call is copying
-	var waits []chan struct{} // and what to wait on for them
-	for b := first; b < first+n; b++ {
-		e, err := f.entry(b)
-		if err != nil {
-			f.mu.Unlock()
-			return 0, err
-		}
-		if e != 0 {
-			continue
-		}
-		if ch, ok := f.inflight[b]; ok {
-			busy = append(busy, b)
-			waits = append(waits, ch)
-			continue
-		}
-		mine = append(mine, b)
-	}
-	k := uint64(len(mine))
-	var slot uint64
-	var ch chan struct{}
-	if k > 0 {
-		if f.hdr.FPos+k > f.hdr.FSize/BlockSize {
-			err := full("cow file %s max size exceeded (%d+%d/%d)", f.path, f.hdr.FPos*BlockSize, k*BlockSize, f.hdr.FSize)
-			f.mu.Unlock()
-			return 0, err
-		}
-		slot = f.hdr.FPos
-		f.hdr.FPos += k
-		ch = make(chan struct{})
-		for _, b := range mine {
-			f.inflight[b] = ch
-		}
-	}
+	r, err := f.reserve(first, n, true)
 	f.mu.Unlock()
-
+	if err != nil {
+		return 0, err
+	}
+	k := uint64(len(r.mine))
 	if k > 0 {
 		var err error
-		data := gather(old, first, mine)
-		if _, werr := f.writeData(data, int64(slot)*BlockSize); werr != nil {
-			err = fmt.Errorf("cow file %s: write data slots %d..%d: %w", f.path, slot, slot+k-1, unwrapPath(werr))
+		data := gather(old, first, r.mine)
+		if _, werr := f.writeData(data, int64(r.slot)*BlockSize); werr != nil {
+			err = fmt.Errorf("cow file %s: write data slots %d..%d: %w", f.path, r.slot, r.slot+k-1, unwrapPath(werr))
 		}
-		if err = f.finishRange(mine, slot, ch, err); err != nil {
+		if err = f.finishRange(r.mine, r.slot, r.ch, err); err != nil {
 			return 0, err
 		}
 	}
-	for i, w := range waits {
+	for i, w := range r.waits {
 		<-w
-		e, err := f.Lookup(busy[i])
+		e, err := f.Lookup(r.busy[i])
 		if err != nil {
 			return int(k), err
 		}
 		if e == 0 {
-			return int(k), fmt.Errorf("cow file %s: a concurrent copy of block %d failed", f.path, busy[i])
+			return int(k), fmt.Errorf("cow file %s: a concurrent copy of block %d failed", f.path, r.busy[i])
 		}
 	}
 	return int(k), nil
+}
+
+// reservation is what reserve set aside for one range copy: the blocks it
+// copies (mine, ascending) into consecutive slots from slot, marked in
+// flight under ch; and the blocks another copy holds, with what to wait
+// on for them.
+type reservation struct {
+	mine  []uint64
+	slot  uint64
+	ch    chan struct{}
+	busy  []uint64
+	waits []chan struct{}
+}
+
+// reserve finds, among blocks first..first+n-1, those not yet preserved
+// and gives them slots, marking them in flight. A block another copy has
+// in flight is busy: with wait it is listed for the caller to wait on,
+// without it reserve reserves nothing and returns ErrCopyBusy. A block in
+// flight counts as busy even once its entry is set, until its copy
+// finishes (see RangeCopy). Caller holds mu.
+func (f *File) reserve(first, n uint64, wait bool) (reservation, error) {
+	var r reservation
+	if err := f.writable(); err != nil {
+		return r, err
+	}
+	if f.hdr.Flags&FlagIndexOnly != 0 {
+		return r, modeErr("cow file %s is index-only: it has no data store to copy block %d into", f.path, first)
+	}
+	if err := f.usable(first + n - 1); err != nil {
+		return r, err
+	}
+	for b := first; b < first+n; b++ {
+		if ch, ok := f.inflight[b]; ok {
+			if !wait {
+				return reservation{}, ErrCopyBusy
+			}
+			r.busy = append(r.busy, b)
+			r.waits = append(r.waits, ch)
+			continue
+		}
+		e, err := f.entry(b)
+		if err != nil {
+			return reservation{}, err
+		}
+		if e == 0 {
+			r.mine = append(r.mine, b)
+		}
+	}
+	k := uint64(len(r.mine))
+	if k == 0 {
+		return r, nil
+	}
+	if f.hdr.FPos+k > f.hdr.FSize/BlockSize {
+		return reservation{}, full("cow file %s max size exceeded (%d+%d/%d)", f.path, f.hdr.FPos*BlockSize, k*BlockSize, f.hdr.FSize)
+	}
+	r.slot = f.hdr.FPos
+	f.hdr.FPos += k
+	r.ch = make(chan struct{})
+	for _, b := range r.mine {
+		f.inflight[b] = r.ch
+	}
+	return r, nil
+}
+
+// ErrCopyBusy is BeginRange's error when another copy has a block of the
+// range in flight: nothing was reserved; CopyOnWriteRange waits for it.
+var ErrCopyBusy = errors.New("blocks of the range are being copied by another call")
+
+// RangeCopy is a range copy whose I/O the caller runs itself, without
+// blocking (on a ublk queue's ring), in the order CopyOnWriteRange keeps:
+//
+//  1. BeginRange reserves slots for the blocks not yet preserved;
+//  2. the caller reads their old data and writes it at DataTarget;
+//  3. Publish sets their index entries and returns the index bytes to
+//     write through, so that a server that dies keeps them (as
+//     CopyOnWriteRange does);
+//  4. once those writes are done, Finish releases the blocks.
+//
+// Until Finish the blocks stay in flight: other copies wait for them and
+// AllPreserved does not report them, so no write of them reaches the
+// device before their entries are written through. Finish must always be
+// called, with the first failure if there was one.
+type RangeCopy struct {
+	f         *File
+	first     uint64
+	r         reservation
+	published bool
+	entries   []byte // the index bytes Publish returns, back to back
+	index     []IndexWrite
+}
+
+// IndexWrite is one write of index entries through the file: Buf at byte
+// Off of descriptor FD.
+type IndexWrite struct {
+	FD  int
+	Off int64
+	Buf []byte
+}
+
+// Stageable reports whether the file's copies can run as a RangeCopy: its
+// storage must write index entries byte for byte through a descriptor.
+// A COW file on the device itself cannot (its O_DIRECT index writes read,
+// modify and write whole blocks, which concurrent copies would undo).
+func (f *File) Stageable() bool {
+	_, ok := f.s.(*fileStorage)
+	return ok && !f.readOnly
+}
+
+// BeginRange starts a RangeCopy of blocks first..first+n-1. It returns
+// ErrCopyBusy when another copy has one of them in flight, ErrFull when
+// the store has too few free slots, and refuses a file that is not
+// Stageable; in all those cases nothing is reserved. A copy with no
+// Blocks (all preserved) needs only Finish.
+func (f *File) BeginRange(first, n uint64) (*RangeCopy, error) {
+	if !f.Stageable() {
+		return nil, modeErr("cow file %s: its copies cannot run outside it", f.path)
+	}
+	if n == 0 {
+		return &RangeCopy{f: f, first: first}, nil
+	}
+	f.mu.Lock()
+	r, err := f.reserve(first, n, false)
+	f.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	return &RangeCopy{f: f, first: first, r: r}, nil
+}
+
+// Blocks are the blocks this copy preserves, ascending: their old data,
+// back to back, is what goes to DataTarget.
+func (c *RangeCopy) Blocks() []uint64 { return c.r.mine }
+
+// DataTarget says where the copied data goes: len(Blocks())*BlockSize
+// bytes at byte off of descriptor fd. Large copies go to the file's
+// O_DIRECT descriptor (their buffer must then be aligned for it), small
+// ones through the page cache, as CopyOnWriteRange writes them.
+func (c *RangeCopy) DataTarget() (fd int, off int64) {
+	s := c.f.s.(*fileStorage)
+	off = int64(c.r.slot) * BlockSize
+	if s.direct != nil && len(c.r.mine)*BlockSize >= directMin {
+		return int(s.direct.Fd()), off
+	}
+	return int(s.f.Fd()), off
+}
+
+// Publish sets the entries of the copied blocks, whose data is written,
+// and returns the writes that put them through to the file (one per run
+// of adjacent blocks in one index section). The returned buffers belong to
+// c until Finish.
+func (c *RangeCopy) Publish() ([]IndexWrite, error) {
+	f := c.f
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	c.published = true
+	c.entries = slices.Grow(c.entries[:0], 8*len(c.r.mine))[:8*len(c.r.mine)]
+	c.index = c.index[:0]
+	fd := int(f.s.(*fileStorage).f.Fd())
+	blocks := c.r.mine
+	for i := 0; i < len(blocks); {
+		j := i
+		for ; j < len(blocks) && (j == i || blocks[j] == blocks[j-1]+1 && blocks[j]/SectionEntries == blocks[i]/SectionEntries); j++ {
+			old, err := f.setEntry(blocks[j], c.r.slot+uint64(j))
+			if err != nil {
+				// Entries set stay valid (their data is written); the
+				// rest stay 0 and their slots are not reused.
+				return nil, err
+			}
+			f.countChange(old)
+			binary.LittleEndian.PutUint64(c.entries[8*j:], c.r.slot+uint64(j))
+		}
+		c.index = append(c.index, IndexWrite{FD: fd, Off: sectionOffset(blocks[i]/SectionEntries) + int64(blocks[i]%SectionEntries)*8, Buf: c.entries[8*i : 8*j]})
+		i = j
+	}
+	return c.index, nil
+}
+
+// Finish ends the copy: err is the first failure of its I/O, nil when the
+// data and the index writes all completed. A copy that failed before
+// Publish gives its slots back when nothing was reserved after them; its
+// blocks stay unpreserved. Either way its blocks are released to the
+// copies waiting for them. Finish returns err, described.
+func (c *RangeCopy) Finish(err error) error {
+	if len(c.r.mine) == 0 {
+		return err
+	}
+	k := uint64(len(c.r.mine))
+	if err != nil {
+		err = fmt.Errorf("cow file %s: copy of blocks %d..%d to slots %d..%d: %w", c.f.path, c.r.mine[0], c.r.mine[k-1], c.r.slot, c.r.slot+k-1, err)
+	}
+	f := c.f
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err != nil && !c.published && f.hdr.FPos == c.r.slot+k {
+		f.hdr.FPos = c.r.slot
+	}
+	f.release(c.r.mine, c.r.ch)
+	return err
+}
+
+// release takes blocks out of flight and wakes their waiters. Caller holds
+// mu.
+func (f *File) release(blocks []uint64, ch chan struct{}) {
+	for _, b := range blocks {
+		delete(f.inflight, b)
+	}
+	close(ch)
+	if len(f.inflight) == 0 {
+		f.idle.Broadcast()
+	}
 }
 
 // writeData writes whole data slots, through the storage's bulk path
@@ -150,13 +319,7 @@ func (f *File) finishRange(blocks []uint64, slot uint64, ch chan struct{}, err e
 	} else if f.hdr.FPos == slot+k {
 		f.hdr.FPos = slot // nothing was allocated after us: give the slots back
 	}
-	for _, b := range blocks {
-		delete(f.inflight, b)
-	}
-	close(ch)
-	if len(f.inflight) == 0 {
-		f.idle.Broadcast()
-	}
+	f.release(blocks, ch)
 	return err
 }
 
@@ -172,6 +335,9 @@ func (f *File) AllPreserved(first, last uint64) (bool, error) {
 		return false, err
 	}
 	for b := first; b < last; b++ {
+		if _, ok := f.inflight[b]; ok {
+			return false, nil // its entry may not be written through yet
+		}
 		e, err := f.entry(b)
 		if err != nil {
 			return false, err

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // blocksOf returns the concatenated pattern(who, b) of blocks first..first+n-1.
@@ -283,4 +285,107 @@ func TestResumeSnapshotAfterServerDeath(t *testing.T) {
 	for b, data := range want {
 		mustData(t, g, b, data)
 	}
+}
+
+// TestRangeCopyStaysInFlightUntilFinish: a RangeCopy's blocks count as not
+// preserved from BeginRange to Finish, even once Publish has set their
+// entries (which are not yet written through): AllPreserved says no,
+// BeginRange refuses them and CopyOnWriteRange waits; after Finish they
+// are preserved with the copy's data.
+func TestRangeCopyStaysInFlightUntilFinish(t *testing.T) {
+	path := tempPath(t)
+	f := mustCreate(t, path, Options{DeviceSize: 64 << 20})
+	defer f.Close(false)
+	if n, err := f.CopyOnWriteRange(21, pattern(9, 21)); n != 1 || err != nil {
+		t.Fatal(n, err)
+	}
+	c, err := f.BeginRange(20, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	finished := false
+	defer func() { // before Close, which waits for copies in flight
+		if !finished {
+			c.Finish(errors.New("test failed"))
+		}
+	}()
+	if got := c.Blocks(); len(got) != 3 || got[0] != 20 || got[1] != 22 || got[2] != 23 {
+		t.Fatalf("blocks %v, want [20 22 23]", got)
+	}
+	fd, off := c.DataTarget()
+	data := append(append(pattern(1, 20), pattern(1, 22)...), pattern(1, 23)...)
+	if _, err := unix.Pwrite(fd, data, off); err != nil {
+		t.Fatal(err)
+	}
+	index, err := c.Publish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(index) != 2 {
+		t.Fatalf("%d index writes, want 2 (blocks 20, then 22..23)", len(index))
+	}
+	if ok, _ := f.AllPreserved(22, 24); ok {
+		t.Fatal("AllPreserved before Finish: a write could reach the device before its entry is written through")
+	}
+	if _, err := f.BeginRange(23, 1); !errors.Is(err, ErrCopyBusy) {
+		t.Fatalf("BeginRange of a block in flight: %v, want ErrCopyBusy", err)
+	}
+	copied := make(chan error, 1)
+	go func() { _, err := f.CopyOnWriteRange(22, blocksOf(2, 22, 2)); copied <- err }()
+	select {
+	case err := <-copied:
+		t.Fatalf("CopyOnWriteRange of blocks in flight returned (%v) before Finish", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	for _, w := range index {
+		if _, err := unix.Pwrite(w.FD, w.Buf, w.Off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	finished = true
+	if err := c.Finish(nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-copied; err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := f.AllPreserved(20, 24); !ok || err != nil {
+		t.Fatalf("AllPreserved after Finish = %v, %v", ok, err)
+	}
+	for _, b := range []uint64{20, 22, 23} {
+		mustData(t, f, b, pattern(1, b))
+	}
+	mustData(t, f, 21, pattern(9, 21))
+	raw := readRaw(t, path)
+	for _, b := range []uint64{20, 22, 23} {
+		if e, _ := f.Lookup(b); raw.u64(HeaderSize+int(b)*8) != e {
+			t.Fatalf("block %d: entry %d not written through to the file", b, e)
+		}
+	}
+}
+
+// TestRangeCopyFailureGivesSlotsBack: a copy that fails before Publish
+// leaves its blocks unpreserved, gives its slots back and releases them.
+func TestRangeCopyFailureGivesSlotsBack(t *testing.T) {
+	f := mustCreate(t, tempPath(t), Options{DeviceSize: 64 << 20})
+	defer f.Close(false)
+	fpos := f.Header().FPos
+	c, err := f.BeginRange(5, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Finish(unix.EIO); !errors.Is(err, unix.EIO) {
+		t.Fatalf("Finish = %v, want EIO", err)
+	}
+	if got := f.Header().FPos; got != fpos {
+		t.Fatalf("fpos %d, want %d given back", got, fpos)
+	}
+	if e, _ := f.Lookup(5); e != 0 {
+		t.Fatalf("block 5 entry %d after a failed copy", e)
+	}
+	c, err = f.BeginRange(5, 2)
+	if err != nil || len(c.Blocks()) != 2 {
+		t.Fatalf("BeginRange after the failure: %v", err)
+	}
+	c.Finish(unix.EIO)
 }
