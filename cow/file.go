@@ -71,6 +71,7 @@ type File struct {
 	failure        *Failure                 // the failure record, once tracking has failed (failure.go)
 	failureDurable bool                     // failure is on disk (fsynced)
 	ino            uint64                   // inode of a file moved to its device (MoveToDevice)
+	indexScratch   []byte                   // aligned copy of index blocks for a device write (under mu)
 }
 
 func newFile(path string, s Storage, readOnly bool, hdr Header, blocks uint64, dataOffset int64, cacheBytes int64) *File {

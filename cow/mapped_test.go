@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -428,4 +429,59 @@ func TestCheckMapping(t *testing.T) {
 			t.Errorf("%s: mapping %v accepted", name, xs)
 		}
 	}
+}
+
+// TestMappedIndexWriteReadsNothing: on the device, an entry is written
+// through as the whole index block from memory, with no read of the block
+// first (a read-modify-write would double the I/O of every first write),
+// and the block written holds the entries set before it too.
+func TestMappedIndexWriteReadsNothing(t *testing.T) {
+	path, dev, f := fakeVolume(t, Options{DeviceSize: 64 << 20, FileSize: 2 << 20})
+	defer f.Close(false)
+	if _, err := f.MoveToDevice(dev); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := f.CopyOnWriteRange(0, pattern(1, 0)); n != 1 || err != nil { // loads the index section
+		t.Fatal(n, err)
+	}
+	idle := readSyscalls(t)
+	idle = readSyscalls(t) - idle // what reading the counter itself costs
+	before := readSyscalls(t)
+	if n, err := f.CopyOnWriteRange(1, pattern(1, 1)); n != 1 || err != nil {
+		t.Fatal(n, err)
+	}
+	if extra := readSyscalls(t) - before - idle; extra != 0 {
+		t.Fatalf("a first write read %d times: the index block was read back to be modified", extra)
+	}
+	if err := f.Close(true); err != nil {
+		t.Fatal(err)
+	}
+	s, err := DeviceStorage(dev, f.s.(*deviceStorage).extents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, _, err := Open(path, s, ReloadSnapshot, 64<<20, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close(false)
+	mustData(t, g, 0, pattern(1, 0))
+	mustData(t, g, 1, pattern(1, 1))
+}
+
+// readSyscalls is the process's count of read system calls.
+func readSyscalls(t *testing.T) int64 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/io")
+	if err != nil {
+		t.Skipf("no /proc/self/io: %v", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "syscr: "); ok {
+			n, _ := strconv.ParseInt(v, 10, 64)
+			return n
+		}
+	}
+	t.Skip("no syscr in /proc/self/io")
+	return 0
 }

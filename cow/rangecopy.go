@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+
+	"github.com/dbdublk/dbdublk/internal/dio"
 )
 
 // CopyOnWriteRange preserves the pre-snapshot data of the blocks
@@ -403,7 +405,20 @@ func (f *File) writeEntriesThrough(blocks []uint64) error {
 		}
 		lo := (blocks[i] % SectionEntries) * 8
 		hi := (blocks[j-1]%SectionEntries)*8 + 8
-		if _, err := f.s.WriteAt(s.b[lo:hi], sectionOffset(s.idx)+int64(lo)); err != nil {
+		p := s.b[lo:hi]
+		if _, ok := f.s.(*deviceStorage); ok {
+			// The device is written in whole blocks: write the blocks of
+			// the section that hold the entries, from memory, where the
+			// section is exact (under mu, as every index write), rather
+			// than have the storage read them back to modify them.
+			lo, hi = lo/BlockSize*BlockSize, (hi+BlockSize-1)/BlockSize*BlockSize
+			if f.indexScratch == nil {
+				f.indexScratch = dio.AlignedBuf(SectionBytes)
+			}
+			p = f.indexScratch[:hi-lo]
+			copy(p, s.b[lo:hi])
+		}
+		if _, err := f.s.WriteAt(p, sectionOffset(s.idx)+int64(lo)); err != nil {
 			return fmt.Errorf("cow file %s: write index entries: %w", f.path, unwrapPath(err))
 		}
 		i = j
