@@ -82,7 +82,7 @@ type Tracker struct {
 	autoExpand struct{ stepBytes, reserveBytes int64 }
 }
 
-var _ ublk.WriteInterceptor = (*Tracker)(nil)
+var _ ublk.Stager = (*Tracker)(nil)
 
 // New returns a Tracker of dev in passthrough mode.
 func New(dev Device, logf func(string, ...any)) *Tracker {
@@ -453,6 +453,14 @@ func (t *Tracker) admit() *State {
 // deferred (WritePending) until its old blocks are preserved; a write into
 // an unrecorded region in incremental mode until its intent is on disk.
 func (t *Tracker) BeforeWrite(op uapi.IOOp, off, n int64, resume func(error)) (uint64, ublk.WriteAction, error) {
+	return t.BeforeWriteStaged(op, off, n, resume, nil)
+}
+
+// BeforeWriteStaged is BeforeWrite for a queue that runs stages (s not
+// nil): a first write in snapshot mode is then prepared as I/O on the
+// queue's ring where it can be (see stagedCopy), and on the workers
+// otherwise.
+func (t *Tracker) BeforeWriteStaged(op uapi.IOOp, off, n int64, resume func(error), s *ublk.Stage) (uint64, ublk.WriteAction, error) {
 	st := t.admit()
 	if n <= 0 {
 		return st.epoch, ublk.WriteProceed, nil
@@ -489,6 +497,11 @@ func (t *Tracker) BeforeWrite(op uapi.IOOp, off, n int64, resume func(error)) (u
 		}
 		if t.preserved(st, first, last) {
 			return st.epoch, ublk.WriteProceed, nil
+		}
+		if s != nil {
+			if action, ok := t.stage(st, first, last, resume, s); ok {
+				return st.epoch, action, nil
+			}
 		}
 		t.deferWrite(job{st: st, op: op, first: first, last: last, resume: resume})
 		return st.epoch, ublk.WritePending, nil

@@ -1,0 +1,170 @@
+package track
+
+import (
+	"fmt"
+	"math/bits"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/dbdublk/dbdublk/cow"
+	"github.com/dbdublk/dbdublk/internal/dio"
+	"github.com/dbdublk/dbdublk/ublk"
+)
+
+// A first write in snapshot mode is prepared on the queue's own ring when
+// it can be (stagedCopy): the old blocks are read and stored, and their
+// index entries written through, as linked I/O on the ring, with no hop to
+// the copy-on-write workers and no blocking call on any thread. The
+// workers remain the path for what the ring cannot do without waiting:
+// blocks another copy has in flight, a full store (auto-expansion), a COW
+// file on the device itself, and failures, which must be made durable off
+// the queue thread.
+
+// stagedCopy is one first write's copy-on-write as a ublk.Stage.
+type stagedCopy struct {
+	t           *Tracker
+	st          *State
+	rc          *cow.RangeCopy
+	buf         *[]byte
+	first, last uint64
+	resume      func(error)
+	stage       *ublk.Stage
+	published   bool
+}
+
+// stage prepares the copy-on-write of blocks [first, last) as s and
+// answers WriteStaged, or WriteProceed when every block is preserved
+// already; ok is false when the write must take the workers' path.
+func (t *Tracker) stage(st *State, first, last uint64, resume func(error), s *ublk.Stage) (action ublk.WriteAction, ok bool) {
+	if last-first > maxBulkBlocks || !st.Cow.Stageable() {
+		return 0, false
+	}
+	rc, err := st.Cow.BeginRange(first, last-first)
+	if err != nil {
+		return 0, false // busy, full or failing: the workers wait, expand or fail
+	}
+	blocks := rc.Blocks()
+	if len(blocks) == 0 {
+		rc.Finish(nil)
+		if st.Bits != nil {
+			st.Bits.SetRange(first, last-first)
+		}
+		return ublk.WriteProceed, true
+	}
+	buf := getStaging(len(blocks) * cow.BlockSize)
+	if buf == nil {
+		rc.Finish(errStagingBudget)
+		return 0, false
+	}
+	data := (*buf)[:len(blocks)*cow.BlockSize]
+	io := s.IO[:0]
+	for i := 0; i < len(blocks); {
+		j := i + 1
+		for j < len(blocks) && blocks[j] == blocks[j-1]+1 {
+			j++
+		}
+		if len(io) == ublk.MaxStageIO-1 { // one more read, and the data write, would not fit
+			putStaging(buf)
+			rc.Finish(errStagingScattered)
+			return 0, false
+		}
+		part := data[i*cow.BlockSize : j*cow.BlockSize]
+		off := int64(blocks[i]) * cow.BlockSize
+		n := min(int64(len(part)), t.Size()-off)
+		clear(part[max(n, 0):]) // past the device's end reads as zeros
+		if n > 0 {
+			io = append(io, ublk.StageIO{FD: t.FD(), Off: off, Buf: part[:n]})
+		}
+		i = j
+	}
+	fd, at := rc.DataTarget()
+	io = append(io, ublk.StageIO{Write: true, FD: fd, Off: at, Buf: data})
+	c := &stagedCopy{t: t, st: st, rc: rc, buf: buf, first: first, last: last, resume: resume, stage: s}
+	s.IO, s.Done = io, c.done
+	return ublk.WriteStaged, true
+}
+
+// done advances the copy when a round of its I/O has run: after the data,
+// publish the entries and write them through; after those, release the
+// blocks and let the write go.
+func (c *stagedCopy) done(err error) (more bool, verdict error) {
+	if err == nil && !c.published {
+		c.published = true
+		index, perr := c.rc.Publish()
+		if perr == nil {
+			io := c.stage.IO[:0]
+			for _, w := range index {
+				io = append(io, ublk.StageIO{Write: true, FD: w.FD, Off: w.Off, Buf: w.Buf})
+			}
+			if len(io) <= ublk.MaxStageIO {
+				c.stage.IO = io
+				return true, nil
+			}
+			// Runs of the range's blocks, split at most once more at a
+			// section's end: never more than a round holds.
+			perr = fmt.Errorf("%d index writes for one copy", len(io))
+		}
+		err = perr
+	}
+	ferr := c.rc.Finish(err)
+	putStaging(c.buf)
+	c.buf = nil
+	if ferr != nil {
+		// The snapshot fails closed and the write then proceeds, as on
+		// the workers' path; the failure is made durable off this thread
+		// first (it writes files, which may live on this very device).
+		go func() {
+			c.t.Fail(syscall.EIO, ferr)
+			c.resume(nil)
+		}()
+		return false, ublk.ErrResumeLater
+	}
+	if c.st.Bits != nil {
+		c.st.Bits.SetRange(c.first, c.last-c.first)
+	}
+	return false, nil
+}
+
+var (
+	errStagingBudget    = fmt.Errorf("staging memory budget reached")
+	errStagingScattered = fmt.Errorf("too many runs of unpreserved blocks for one ring chain")
+)
+
+// stagingBudget bounds the memory of staged copies in flight, beside the
+// workers' own buffers, so that the server's memory does not grow with
+// the queues' depth; a copy over it takes the workers' path.
+const stagingBudget = 16 << 20
+
+// staging holds the aligned buffers of staged copies, in power-of-two size
+// classes from one block to maxBulkBlocks.
+var staging struct {
+	inUse atomic.Int64
+	pools [stagingClasses]sync.Pool
+}
+
+const stagingClasses = 9 // 4 KiB .. 1 MiB
+
+func stagingClass(n int) int { return bits.Len(uint((n - 1) / cow.BlockSize)) }
+
+// getStaging returns an aligned buffer of at least n bytes (n at most
+// maxBulkBlocks blocks), or nil when the budget is spent.
+func getStaging(n int) *[]byte {
+	class := stagingClass(n)
+	size := cow.BlockSize << class
+	if staging.inUse.Add(int64(size)) > stagingBudget {
+		staging.inUse.Add(-int64(size))
+		return nil
+	}
+	if b, ok := staging.pools[class].Get().(*[]byte); ok {
+		return b
+	}
+	b := dio.AlignedBuf(size)
+	return &b
+}
+
+func putStaging(b *[]byte) {
+	size := len(*b)
+	staging.inUse.Add(-int64(size))
+	staging.pools[stagingClass(size)].Put(b)
+}
