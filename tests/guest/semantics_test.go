@@ -37,8 +37,11 @@ func TestSnapshotSemantics(t *testing.T) {
 		}
 	})
 	t.Run("4 KiB granularity", func(t *testing.T) {
-		// A 512-byte write inside block 20 must preserve the whole block.
-		sh(t, fmt.Sprintf(`dd if=/dev/urandom of=%s bs=512 seek=%d count=1 oflag=direct 2>/dev/null`, front, 20*8+3))
+		// A 512-byte write inside block 20 lands (read back) and must
+		// preserve the whole block.
+		sh(t, fmt.Sprintf(`dd if=/dev/urandom of=/tmp/sector bs=512 count=1 2>/dev/null
+			dd if=/tmp/sector of=%[1]s bs=512 seek=%[2]d count=1 oflag=direct 2>/dev/null
+			dd if=%[1]s bs=512 skip=%[2]d count=1 iflag=direct 2>/dev/null | cmp - /tmp/sector`, front, 20*8+3))
 		if got := blockSum(t, snap, 20, 1); got != orig[20] {
 			t.Errorf("snapshot block 20 changed after a 512-byte write into it")
 		}
