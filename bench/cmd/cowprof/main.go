@@ -2,13 +2,21 @@
 // (the slowest path of issue 3): it boots the VM, runs fio on the front
 // device with a snapshot open, and prints the server's CPU profile.
 //
-//	go run ./bench/cmd/cowprof [4k] [pass] [upd|scatter]
+//	go run ./bench/cmd/cowprof [4k] [pass] [upd|scatter] [fs] [xfs] [perf]
 //
 // 4k: random 4 KiB writes at QD32 (default: sequential 1 MiB at QD8);
 // pass: no snapshot, the passthrough baseline of the same job;
 // upd, scatter: update-img after 128 MiB changed in one run, or 16 MiB in
 // scattered 4 KiB blocks, beside raw reads and writes of as many bytes
-// ($UPDARGS: extra update-img flags, e.g. "--workers 32").
+// ($UPDARGS: extra update-img flags, e.g. "--workers 32");
+// fs: the job writes a file in ext4 on the front device (as snapbench
+// does) instead of the device itself;
+// xfs: the COW file in xfs (which takes buffered writes from io_uring
+// without blocking) instead of ext4 (whose buffered writes io_uring hands
+// to its io-wq workers);
+// perf: also profile the whole guest, kernel included, with the host's
+// perf (the Go profile sees only the server's own threads, not the
+// kernel's io-wq workers that run its buffered writes).
 package main
 
 import (
@@ -56,10 +64,35 @@ echo @@END
 const script = `
 set -e
 modprobe ublk_drv
-mkdir -p /scratch && mkfs.ext4 -q -F /dev/vdb && mount /dev/vdb /scratch
+mkdir -p /scratch
+if [ "$COWFS" = xfs ]; then
+	modprobe xfs && mkfs.xfs -q -f /dev/vdb && mount /dev/vdb /scratch
+else
+	mkfs.ext4 -q -F /dev/vdb && mount /dev/vdb /scratch
+fi
 DBDCTL_CPUPROFILE=/scratch/cpu.prof dbdctl attach /dev/vda 1 >/dev/null
-[ "$PASS" = 1 ] || dbdctl setup-snapshot /dev/vda /scratch/cow 1 >/dev/null
-fio --name=first --filename=/dev/ublkb1 --direct=1 --ioengine=io_uring --rw=$RW --bs=$BS --iodepth=$QD --size=900M --runtime=8 --output-format=terse --terse-version=3 | awk -F';' '{print "write KB/s", $48, "IOPS", $49}'
+target=/dev/ublkb1
+if [ "$ONFS" = 1 ]; then # a file in ext4 on the front device, written once before
+	mkfs.ext4 -q -F /dev/ublkb1 && mkdir -p /mnt/front && mount /dev/ublkb1 /mnt/front
+	target=/mnt/front/bench.dat
+	fio --name=prep --filename=$target --size=900M --rw=write --bs=1M --direct=1 --ioengine=io_uring --iodepth=8 >/dev/null
+fi
+cowsize=
+[ "$ONFS" = 1 ] && cowsize="-f 1000" # the whole file's first writes fit
+[ "$PASS" = 1 ] || dbdctl setup-snapshot $cowsize /dev/vda /scratch/cow 1 >/dev/null
+$PERFREC fio --name=first --filename=$target --direct=1 --ioengine=io_uring --rw=$RW --bs=$BS --iodepth=$QD --size=900M --runtime=8 --output-format=terse --terse-version=3 | awk -F';' '{print "write KB/s", $48, "IOPS", $49}'
+if [ -n "$PERFREC" ]; then
+	echo "kernel and user profile of the whole guest during the fio run (perf, cpu-clock):"
+	rep() { perf report -i /scratch/perf.data --stdio "$@" 2>/dev/null | grep -v '^#' | grep -v '^$'; }
+	echo "by thread (iou-wrk-*: io_uring's io-wq workers; swapper: idle):"
+	rep --sort comm | head -15
+	echo "the server's threads, by symbol:"
+	rep --comms dbdctl --sort sym | head -30
+	echo "io-wq workers, by symbol:"
+	wrk=$(rep --sort comm | awk '$2 ~ /^iou-wrk/ {l = l (l ? "," : "") $2} END {print l}')
+	[ -z "$wrk" ] || rep --comms "$wrk" --sort sym | head -20
+fi
+[ "$ONFS" = 1 ] && umount /mnt/front
 [ "$PASS" = 1 ] || dbdctl destroy 1 >/dev/null
 dbdctl detach 1 >/dev/null
 sleep 1
@@ -70,7 +103,7 @@ echo @@END
 
 func main() {
 	rw, bs, qd, pass := "write", "1M", "8", 0
-	upd, scat := false, 0
+	upd, scat, perf, cowfs, onfs := false, 0, "", "ext4", 0
 	for _, a := range os.Args[1:] {
 		switch a {
 		case "4k":
@@ -81,15 +114,25 @@ func main() {
 			upd = true
 		case "scatter": // update-img after 16 MiB changed in 4 KiB blocks
 			upd, scat = true, 1
+		case "fs": // on a file in ext4 on the front device, as snapbench writes
+			onfs = 1
+		case "xfs": // the COW file in xfs instead of ext4
+			cowfs = "xfs"
+		case "perf": // the whole guest's profile too, kernel included
+			perf = "perf record -a -q -o /scratch/perf.data --"
 		}
 	}
-	run := fmt.Sprintf("RW=%s BS=%s QD=%s PASS=%d\n%s", rw, bs, qd, pass, script)
+	run := fmt.Sprintf("RW=%s BS=%s QD=%s PASS=%d PERFREC='%s' COWFS=%s ONFS=%d\n%s", rw, bs, qd, pass, perf, cowfs, onfs, script)
 	if upd {
 		mb := 128
 		if scat == 1 {
 			mb = 16
 		}
 		run = fmt.Sprintf("UPDMB=%d SCAT=%d UPDARGS='%s'\n%s", mb, scat, os.Getenv("UPDARGS"), updScript)
+	}
+	programs := []string{"fio", "mkfs.ext4", "mke2fs", "mkfs.xfs", "base64"}
+	if perf != "" {
+		programs = append(programs, "perf")
 	}
 	work, _ := os.MkdirTemp("", "cowprof-")
 	defer os.RemoveAll(work)
@@ -104,8 +147,8 @@ func main() {
 			{Path: filepath.Join(work, "scratch.img"), Size: 2 << 30},
 		},
 		Files:    map[string]string{"/usr/local/bin/dbdctl": dbdctl},
-		Programs: []string{"fio", "mkfs.ext4", "mke2fs", "base64"},
-		Modules:  []string{"ublk_drv", "ext4"},
+		Programs: programs,
+		Modules:  []string{"ublk_drv", "ext4", "xfs"},
 		Script:   run,
 		Timeout:  10 * time.Minute,
 	})
