@@ -45,7 +45,7 @@ func TestGuest(t *testing.T) {
 // (its blocks read as zeros: the patch reads of the snapshot device).
 // Live insertion and the ext4+xfs backup loop serve the same devices and
 // stay with TestGuest (about 5 minutes each under TCG).
-const zeroCopyTests = "^(TestNoUblkDriver|TestDataPath|TestExt4OnFrontDevice|TestFioVerify|TestDiscardAndWriteZeroes|TestInfo|TestServerKilled|TestKillUnderLoad|TestSnapshotSemantics|TestCowOnVolume)$"
+const zeroCopyTests = "^(TestNoUblkDriver|TestDataPath|TestUnalignedDirectIO|TestExt4OnFrontDevice|TestFioVerify|TestDiscardAndWriteZeroes|TestInfo|TestServerKilled|TestKillUnderLoad|TestSnapshotSemantics|TestCowOnVolume)$"
 
 // TestGuestZeroCopy is the kernel matrix's second column: Debian's 7.3
 // kernel, whose ublk serves the front device zero copy (AUTO_BUF_REG), on

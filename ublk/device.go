@@ -34,6 +34,14 @@ type DeviceSpec struct {
 	// VolatileCache advertises a write-back cache, so the kernel sends FLUSH
 	// and FUA (the backend must make them durable).
 	VolatileCache bool
+	// DMAAlignment, when non-zero, is the memory alignment (a mask, e.g.
+	// 511) the device asks of a request's buffers, as the device it serves
+	// does. Zero keeps ublk's own, 4 bytes: with zero copy, a request's
+	// pages go to the backend's O_DIRECT I/O as they are, and a backend
+	// that needs more refuses them only once the request is on the way,
+	// as an I/O error, where the real device would have refused the
+	// O_DIRECT call itself. Kernels before 6.15 ignore it.
+	DMAAlignment int
 }
 
 // Defaults used by Validate for zero fields.
@@ -89,6 +97,8 @@ func (s *DeviceSpec) Validate() error {
 			s.PhysicalBlockSize, s.LogicalBlockSize)
 	case s.Size <= 0 || s.Size%int64(s.LogicalBlockSize) != 0:
 		return fmt.Errorf("size %d must be a positive multiple of the logical block size %d", s.Size, s.LogicalBlockSize)
+	case s.DMAAlignment < 0 || s.DMAAlignment >= page || s.DMAAlignment&(s.DMAAlignment+1) != 0:
+		return fmt.Errorf("DMA alignment mask %d must be one less than a power of two below %d", s.DMAAlignment, page)
 	}
 	return nil
 }
@@ -111,6 +121,10 @@ func (s *DeviceSpec) params() uapi.Params {
 	}
 	if s.ReadOnly {
 		p.Basic.Attrs |= uapi.AttrReadOnly
+	}
+	if s.DMAAlignment > 0 {
+		p.Types |= uapi.ParamTypeDMA
+		p.DMA.Alignment = uint32(s.DMAAlignment)
 	}
 	if s.VolatileCache {
 		p.Basic.Attrs |= uapi.AttrVolatileCache | uapi.AttrFUA
@@ -204,6 +218,9 @@ func Recover(ctrl *Control, id uint32, backendSize int64, backend Backend, logf 
 		ReadOnly:          p.Basic.Attrs&uapi.AttrReadOnly != 0,
 		Flags:             info.Flags,
 		VolatileCache:     p.Basic.Attrs&uapi.AttrVolatileCache != 0,
+	}
+	if p.Types&uapi.ParamTypeDMA != 0 {
+		spec.DMAAlignment = int(p.DMA.Alignment)
 	}
 	if spec.Size != backendSize {
 		return nil, fmt.Errorf("ublk device %d has %d bytes, the device to serve has %d", id, spec.Size, backendSize)

@@ -109,6 +109,12 @@ func TestValidate(t *testing.T) {
 			s.LogicalBlockSize, s.PhysicalBlockSize = 4096, 4096
 			s.Size = 10*4096 + 512
 		}, "size 41472 must be a positive multiple of the logical block size 4096"},
+
+		{"dma alignment 511", func(s *DeviceSpec) { s.DMAAlignment = 511 }, ""},
+		{"dma alignment 3", func(s *DeviceSpec) { s.DMAAlignment = 3 }, ""},
+		{"dma alignment not a mask", func(s *DeviceSpec) { s.DMAAlignment = 512 }, "DMA alignment mask 512"},
+		{"dma alignment a page", func(s *DeviceSpec) { s.DMAAlignment = page - 1 + page }, "DMA alignment mask"},
+		{"dma alignment negative", func(s *DeviceSpec) { s.DMAAlignment = -1 }, "DMA alignment mask"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -233,5 +239,20 @@ func TestParamsDiscard(t *testing.T) {
 				t.Errorf("max_discard_segments = %d with discard sectors", p.Discard.MaxDiscardSegments)
 			}
 		})
+	}
+}
+
+// The device asks of buffers the alignment of the device it serves, as a
+// DMA parameter block, and only when told to: ublk's default (4 bytes) is
+// the kernel's when it is absent.
+func TestParamsDMAAlignment(t *testing.T) {
+	s := validSpec(t, DeviceSpec{Size: 1 << 30, DMAAlignment: 511})
+	p := s.params()
+	if p.Types&uapi.ParamTypeDMA == 0 || p.DMA.Alignment != 511 {
+		t.Errorf("Types = %#x, DMA = %+v; want the DMA type with alignment 511", p.Types, p.DMA)
+	}
+	s = validSpec(t, DeviceSpec{Size: 1 << 30})
+	if p := s.params(); p.Types&uapi.ParamTypeDMA != 0 || p.DMA.Alignment != 0 {
+		t.Errorf("no alignment asked: Types = %#x, DMA = %+v", p.Types, p.DMA)
 	}
 }

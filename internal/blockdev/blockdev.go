@@ -25,8 +25,11 @@ type Device struct {
 	LogicalBlockSize   int
 	PhysicalBlockSize  int
 	DiscardGranularity int // 0 when the device cannot discard
-	size               int64
-	fd                 int
+	// DMAAlignment is the memory alignment its O_DIRECT I/O needs, a mask
+	// (sysfs queue/dma_alignment, e.g. 511); 0 where sysfs does not say.
+	DMAAlignment int
+	size         int64
+	fd           int
 }
 
 // ErrBusy is Open's error for a device held open exclusively elsewhere
@@ -108,6 +111,7 @@ func (d *Device) probe() error {
 	if _, err := os.Stat(q + "queue"); err != nil {
 		q += "../"
 	}
+	d.DMAAlignment = int(readSysInt(q + "queue/dma_alignment"))
 	if readSysInt(q+"queue/discard_max_bytes") > 0 {
 		d.DiscardGranularity = int(max(readSysInt(q+"queue/discard_granularity"), int64(lbs)))
 	}

@@ -292,6 +292,7 @@ func (s *Server) frontSpec() ublk.DeviceSpec {
 		LogicalBlockSize:   s.bdev.LogicalBlockSize,
 		PhysicalBlockSize:  s.bdev.PhysicalBlockSize,
 		DiscardGranularity: s.bdev.DiscardGranularity,
+		DMAAlignment:       s.bdev.DMAAlignment,
 		WriteZeroes:        true,
 		VolatileCache:      true,
 		Flags:              flags,

@@ -135,6 +135,7 @@ func (s *Server) startSnapshotDevice() error {
 		Size:              s.bdev.Size(),
 		LogicalBlockSize:  s.bdev.LogicalBlockSize,
 		PhysicalBlockSize: s.bdev.PhysicalBlockSize,
+		DMAAlignment:      s.bdev.DMAAlignment,
 		ReadOnly:          true,
 		Flags:             s.dataPathFlags(),
 	}

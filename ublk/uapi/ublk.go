@@ -192,6 +192,7 @@ const (
 	ParamTypeDiscard = 1 << 1
 	ParamTypeDevt    = 1 << 2
 	ParamTypeZoned   = 1 << 3
+	ParamTypeDMA     = 1 << 4 // 6.15+; older kernels mask it off
 )
 
 // Basic attributes (UBLK_ATTR_*).
@@ -344,9 +345,16 @@ type ParamZoned struct {
 	Reserved             [20]byte // reserved
 }
 
-// Params is struct ublk_params as of 6.12 (112 bytes). Newer kernels append
-// members; the kernel copies min(len, its sizeof), so the 6.12 prefix is
-// valid everywhere.
+// ParamDMA is struct ublk_param_dma_align (8 bytes, 6.15+).
+type ParamDMA struct {
+	_         structs.HostLayout
+	Alignment uint32  // alignment: a mask, e.g. 511 for 512-byte alignment
+	_         [4]byte // pad
+}
+
+// Params is struct ublk_params up to dma (6.15+; 120 bytes). 6.12's ends
+// after zoned (112 bytes); a kernel copies min(len, its sizeof) and masks
+// the types it does not know, so this prefix is valid everywhere.
 type Params struct {
 	_       structs.HostLayout
 	Len     uint32       // len
@@ -355,6 +363,7 @@ type Params struct {
 	Discard ParamDiscard // discard
 	Devt    ParamDevt    // devt (read-only)
 	Zoned   ParamZoned   // zoned
+	DMA     ParamDMA     // dma
 	_       [4]byte      // tail padding to 8-byte alignment
 }
 

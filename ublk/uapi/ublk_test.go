@@ -49,12 +49,14 @@ func TestUblkLayout(t *testing.T) {
 	check("io_cmd.addr", unsafe.Offsetof(io.Addr), 8)
 
 	var p Params
-	check("sizeof(ublk_params) on 6.12", unsafe.Sizeof(p), 112)
+	check("sizeof(ublk_params) up to dma", unsafe.Sizeof(p), 120)
 	check("params.types", unsafe.Offsetof(p.Types), 4)
 	check("params.basic", unsafe.Offsetof(p.Basic), 8)
 	check("params.discard", unsafe.Offsetof(p.Discard), 40)
 	check("params.devt", unsafe.Offsetof(p.Devt), 60)
 	check("params.zoned", unsafe.Offsetof(p.Zoned), 76)
+	check("params.dma", unsafe.Offsetof(p.DMA), 108)
+	check("sizeof(ublk_param_dma_align)", unsafe.Sizeof(p.DMA), 8)
 	check("sizeof(ublk_param_basic)", unsafe.Sizeof(p.Basic), 32)
 	check("basic.logical_bs_shift", unsafe.Offsetof(p.Basic.LogicalBSShift), 4)
 	check("basic.max_sectors", unsafe.Offsetof(p.Basic.MaxSectors), 8)
