@@ -52,12 +52,7 @@ func onDisk(t *testing.T, c *cow.File, block uint64) (entry uint64, data []byte)
 // already preserved block (two runs to read).
 func TestStagedFirstWrites(t *testing.T) {
 	const blocks = cow.SectionEntries + 512
-	dev, orig := fakeDevice(t, blocks)
-	trk := newTracker(t, dev)
-	c := newCow(t, dev.Size(), 0)
-	if err := trk.Swap(dattobd.Snapshot, c, nil, nil); err != nil {
-		t.Fatal(err)
-	}
+	dev, orig, trk, c := inSnapshot(t, blocks)
 	view := trk.View(trk.Current())
 	front := requestPath(t, trk)
 	const (

@@ -99,17 +99,25 @@ func newCow(t *testing.T, size int64, fileSize int64) *cow.File {
 	return c
 }
 
-// TestSnapshotReadsRaceWrites: readers of the snapshot racing writers of
-// the same blocks always see the pre-snapshot data, at any offset and
-// length (sub-block writes included).
-func TestSnapshotReadsRaceWrites(t *testing.T) {
-	const blocks = 256
+// inSnapshot is a tracker over a fake device of blocks blocks (its
+// original contents returned) in snapshot mode with a fresh COW file.
+func inSnapshot(t *testing.T, blocks int) (*fileDevice, []byte, *Tracker, *cow.File) {
+	t.Helper()
 	dev, orig := fakeDevice(t, blocks)
 	trk := newTracker(t, dev)
 	c := newCow(t, dev.Size(), 0)
 	if err := trk.Swap(dattobd.Snapshot, c, nil, nil); err != nil {
 		t.Fatal(err)
 	}
+	return dev, orig, trk, c
+}
+
+// TestSnapshotReadsRaceWrites: readers of the snapshot racing writers of
+// the same blocks always see the pre-snapshot data, at any offset and
+// length (sub-block writes included).
+func TestSnapshotReadsRaceWrites(t *testing.T) {
+	const blocks = 256
+	dev, orig, trk, _ := inSnapshot(t, blocks)
 	view := trk.View(trk.Current())
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
@@ -322,12 +330,7 @@ func TestFullCowFailsClosed(t *testing.T) {
 // TestDiscardInSnapshotMode: a discard over blocks the snapshot still reads
 // from the device is dropped; over preserved blocks it is forwarded.
 func TestDiscardInSnapshotMode(t *testing.T) {
-	dev, _ := fakeDevice(t, 32)
-	trk := newTracker(t, dev)
-	c := newCow(t, dev.Size(), 0)
-	if err := trk.Swap(dattobd.Snapshot, c, nil, nil); err != nil {
-		t.Fatal(err)
-	}
+	_, _, trk, _ := inSnapshot(t, 32)
 	tok, action, _ := trk.BeforeWrite(uapi.IOOpDiscard, 0, 8*cow.BlockSize, nil)
 	trk.AfterWrite(tok)
 	if action != ublk.WriteSkip {
@@ -569,12 +572,7 @@ func TestDeferNeverBlocks(t *testing.T) {
 // completion (preserved, written), and only then does the read look the
 // block up. It must still return the pre-snapshot data.
 func TestSnapshotReadWriteRaceDeterministic(t *testing.T) {
-	dev, orig := fakeDevice(t, 16)
-	trk := newTracker(t, dev)
-	c := newCow(t, dev.Size(), 0)
-	if err := trk.Swap(dattobd.Snapshot, c, nil, nil); err != nil {
-		t.Fatal(err)
-	}
+	_, orig, trk, _ := inSnapshot(t, 16)
 	view := trk.View(trk.Current())
 	const off, n = 4 * cow.BlockSize, 2 * cow.BlockSize
 	buf := make([]byte, n)
