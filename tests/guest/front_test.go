@@ -9,9 +9,10 @@ import (
 	"syscall"
 	"testing"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/dbdublk/dbdublk/internal/dio"
 )
 
 // TestNoUblkDriver: attach loads ublk_drv itself where it is not loaded,
@@ -381,9 +382,8 @@ func TestUnalignedDirectIO(t *testing.T) {
 // aligned, 252 bytes before a page's end: two segments, as a C program's
 // malloc'd buffer can be.
 func unalignedBuf() []byte {
-	mem := make([]byte, 3*4096)
-	page := (4096 - int(uintptr(unsafe.Pointer(&mem[0]))%4096)) % 4096
-	at := page + 4096 - 252
+	mem := dio.AlignedBuf(2 * dio.Align)
+	at := dio.Align - 252
 	return mem[at : at+512]
 }
 

@@ -130,7 +130,12 @@ func main() {
 		}
 		run = fmt.Sprintf("UPDMB=%d SCAT=%d UPDARGS='%s'\n%s", mb, scat, os.Getenv("UPDARGS"), updScript)
 	}
-	programs := []string{"fio", "mkfs.ext4", "mke2fs", "mkfs.xfs", "base64"}
+	// Optional tools only when asked for: `just setup bench` installs fio
+	// alone; xfs wants xfsprogs and perf linux-perf on the host.
+	programs := []string{"fio", "mkfs.ext4", "mke2fs", "base64"}
+	if cowfs == "xfs" {
+		programs = append(programs, "mkfs.xfs")
+	}
 	if perf != "" {
 		programs = append(programs, "perf")
 	}
