@@ -156,23 +156,51 @@ func (f *File) shrink() error {
 // entry reads the index entry of block. Caller holds mu and has checked
 // the range.
 func (f *File) entry(block uint64) (uint64, error) {
-	s, err := f.section(block / SectionEntries)
-	if err != nil {
-		return 0, err
-	}
-	return binary.LittleEndian.Uint64(s.b[(block%SectionEntries)*8:]), nil
+	c := entryCursor{f: f}
+	return c.entry(block)
 }
 
 // setEntry sets the index entry of block and returns its previous value.
 // Caller holds mu.
 func (f *File) setEntry(block, v uint64) (uint64, error) {
-	s, err := f.section(block / SectionEntries)
-	if err != nil {
+	c := entryCursor{f: f}
+	return c.setEntry(block, v)
+}
+
+// entryCursor reads and sets the entries of blocks visited in ascending
+// order, looking their section up once per section instead of once per
+// block. It is valid while the caller holds mu and calls nothing that
+// shrinks the cache.
+type entryCursor struct {
+	f *File
+	s *section
+}
+
+func (c *entryCursor) load(block uint64) error {
+	if c.s != nil && c.s.idx == block/SectionEntries {
+		return nil
+	}
+	s, err := c.f.section(block / SectionEntries)
+	c.s = s
+	return err
+}
+
+// entry is File.entry through the cursor.
+func (c *entryCursor) entry(block uint64) (uint64, error) {
+	if err := c.load(block); err != nil {
 		return 0, err
 	}
-	p := s.b[(block%SectionEntries)*8:]
+	return binary.LittleEndian.Uint64(c.s.b[(block%SectionEntries)*8:]), nil
+}
+
+// setEntry is File.setEntry through the cursor.
+func (c *entryCursor) setEntry(block, v uint64) (uint64, error) {
+	if err := c.load(block); err != nil {
+		return 0, err
+	}
+	p := c.s.b[(block%SectionEntries)*8:]
 	old := binary.LittleEndian.Uint64(p)
 	binary.LittleEndian.PutUint64(p, v)
-	s.dirty = true
+	c.s.dirty = true
 	return old, nil
 }

@@ -65,20 +65,20 @@ type File struct {
 	extentKnown    bool
 	closed         bool
 	cache          indexCache
-	inflight       map[uint64]chan struct{} // blocks whose CopyOnWriteRange is doing data I/O
-	idle           sync.Cond                // broadcast when inflight becomes empty
-	intent         intentState              // write-intent logging (incremental mode)
-	failure        *Failure                 // the failure record, once tracking has failed (failure.go)
-	failureDurable bool                     // failure is on disk (fsynced)
-	ino            uint64                   // inode of a file moved to its device (MoveToDevice)
-	indexScratch   []byte                   // aligned copy of index blocks for a device write (under mu)
+	inflight       flights     // blocks whose range copy is doing its I/O
+	overlap        []flight    // reserve's scratch: the flights a range meets
+	idle           sync.Cond   // broadcast when inflight becomes empty
+	intent         intentState // write-intent logging (incremental mode)
+	failure        *Failure    // the failure record, once tracking has failed (failure.go)
+	failureDurable bool        // failure is on disk (fsynced)
+	ino            uint64      // inode of a file moved to its device (MoveToDevice)
+	indexScratch   []byte      // aligned copy of index blocks for a device write (under mu)
 }
 
 func newFile(path string, s Storage, readOnly bool, hdr Header, blocks uint64, dataOffset int64, cacheBytes int64) *File {
 	f := &File{
 		path: path, s: s, readOnly: readOnly, hdr: hdr, blocks: blocks,
 		dataOffset: dataOffset, indexEnd: dataOffset, extentKnown: true,
-		inflight: make(map[uint64]chan struct{}),
 	}
 	f.idle.L = &f.mu
 	f.cache.init(limitSections(cacheBytes))
@@ -720,7 +720,7 @@ func (f *File) TruncateToIndex() error {
 	}
 	if f.hdr.Flags&FlagIndexOnly == 0 {
 		f.hdr.Flags |= FlagIndexOnly
-		for len(f.inflight) > 0 {
+		for !f.inflight.empty() {
 			f.idle.Wait()
 		}
 		f.hdr.FSize = uint64(f.dataOffset)
@@ -797,7 +797,7 @@ func (f *File) Close(clean bool) error {
 		f.mu.Unlock()
 		return f.s.Close()
 	}
-	for len(f.inflight) > 0 {
+	for !f.inflight.empty() {
 		f.idle.Wait()
 	}
 	err := f.flushSections()

@@ -29,11 +29,11 @@ func useSparse(t *testing.T) {
 	t.Cleanup(func() { preallocate = old })
 }
 
-func tempPath(t *testing.T) string {
+func tempPath(t testing.TB) string {
 	return filepath.Join(t.TempDir(), "cow")
 }
 
-func mustCreate(t *testing.T, path string, opt Options) *File {
+func mustCreate(t testing.TB, path string, opt Options) *File {
 	t.Helper()
 	f, err := Create(path, opt)
 	if err != nil {

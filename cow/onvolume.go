@@ -34,7 +34,7 @@ func (f *File) MoveToDevice(device string) ([]Extent, error) {
 	case err != nil:
 	case !isFile:
 		err = modeErr("cow file %s is not a file on its filesystem: it cannot move to %s", f.path, device)
-	case f.hdr.NrChangedBlocks != 0 || f.hdr.FPos != uint64(f.dataOffset)/BlockSize || len(f.inflight) > 0:
+	case f.hdr.NrChangedBlocks != 0 || f.hdr.FPos != uint64(f.dataOffset)/BlockSize || !f.inflight.empty():
 		err = modeErr("cow file %s is not new: only a file nothing was recorded in yet can move to %s", f.path, device)
 	}
 	dataOff, size := f.dataOffset, int64(f.hdr.FSize)

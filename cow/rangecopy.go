@@ -90,8 +90,11 @@ func (f *File) reserve(first, n uint64, wait bool) (reservation, error) {
 	if err := f.usable(first + n - 1); err != nil {
 		return r, err
 	}
+	f.overlap = f.inflight.overlapping(first, first+n, f.overlap)
+	busy := flightCursor{runs: f.overlap}
+	entries := entryCursor{f: f}
 	for b := first; b < first+n; b++ {
-		if ch, ok := f.inflight[b]; ok {
+		if ch, ok := busy.at(b); ok {
 			if !wait {
 				return reservation{}, ErrCopyBusy
 			}
@@ -99,11 +102,14 @@ func (f *File) reserve(first, n uint64, wait bool) (reservation, error) {
 			r.waits = append(r.waits, ch)
 			continue
 		}
-		e, err := f.entry(b)
+		e, err := entries.entry(b)
 		if err != nil {
 			return reservation{}, err
 		}
 		if e == 0 {
+			if r.mine == nil {
+				r.mine = make([]uint64, 0, first+n-b)
+			}
 			r.mine = append(r.mine, b)
 		}
 	}
@@ -117,9 +123,7 @@ func (f *File) reserve(first, n uint64, wait bool) (reservation, error) {
 	r.slot = f.hdr.FPos
 	f.hdr.FPos += k
 	r.ch = make(chan struct{})
-	for _, b := range r.mine {
-		f.inflight[b] = r.ch
-	}
+	f.inflight.add(r.mine, r.ch)
 	return r, nil
 }
 
@@ -218,10 +222,11 @@ func (c *RangeCopy) Publish() ([]IndexWrite, error) {
 	c.index = c.index[:0]
 	fd := int(f.s.(*fileStorage).f.Fd())
 	blocks := c.r.mine
+	set := entryCursor{f: f}
 	for i := 0; i < len(blocks); {
 		j := i
 		for ; j < len(blocks) && (j == i || blocks[j] == blocks[j-1]+1 && blocks[j]/SectionEntries == blocks[i]/SectionEntries); j++ {
-			old, err := f.setEntry(blocks[j], c.r.slot+uint64(j))
+			old, err := set.setEntry(blocks[j], c.r.slot+uint64(j))
 			if err != nil {
 				// Entries set stay valid (their data is written); the
 				// rest stay 0 and their slots are not reused.
@@ -255,18 +260,16 @@ func (c *RangeCopy) Finish(err error) error {
 	if err != nil && !c.published && f.hdr.FPos == c.r.slot+k {
 		f.hdr.FPos = c.r.slot
 	}
-	f.release(c.r.mine, c.r.ch)
+	f.release(c.r.ch)
 	return err
 }
 
 // release takes blocks out of flight and wakes their waiters. Caller holds
 // mu.
-func (f *File) release(blocks []uint64, ch chan struct{}) {
-	for _, b := range blocks {
-		delete(f.inflight, b)
-	}
+func (f *File) release(ch chan struct{}) {
+	f.inflight.remove(ch)
 	close(ch)
-	if len(f.inflight) == 0 {
+	if f.inflight.empty() {
 		f.idle.Broadcast()
 	}
 }
@@ -305,8 +308,9 @@ func (f *File) finishRange(blocks []uint64, slot uint64, ch chan struct{}, err e
 	defer f.mu.Unlock()
 	k := uint64(len(blocks))
 	if err == nil {
+		set := entryCursor{f: f}
 		for i, b := range blocks {
-			old, serr := f.setEntry(b, slot+uint64(i))
+			old, serr := set.setEntry(b, slot+uint64(i))
 			if serr != nil {
 				err = serr
 				// Entries already set stay valid: their data is written.
@@ -321,7 +325,7 @@ func (f *File) finishRange(blocks []uint64, slot uint64, ch chan struct{}, err e
 	} else if f.hdr.FPos == slot+k {
 		f.hdr.FPos = slot // nothing was allocated after us: give the slots back
 	}
-	f.release(blocks, ch)
+	f.release(ch)
 	return err
 }
 
@@ -336,11 +340,12 @@ func (f *File) AllPreserved(first, last uint64) (bool, error) {
 	if err := f.usable(last - 1); err != nil {
 		return false, err
 	}
+	if f.inflight.meets(first, last) {
+		return false, nil // their entries may not be written through yet
+	}
+	entries := entryCursor{f: f}
 	for b := first; b < last; b++ {
-		if _, ok := f.inflight[b]; ok {
-			return false, nil // its entry may not be written through yet
-		}
-		e, err := f.entry(b)
+		e, err := entries.entry(b)
 		if err != nil {
 			return false, err
 		}
