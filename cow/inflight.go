@@ -1,6 +1,9 @@
 package cow
 
-import "slices"
+import (
+	"cmp"
+	"slices"
+)
 
 // flight is a run of adjacent blocks [first, end) that one range copy has
 // in flight; ch closes when the copy finishes. A 1 MiB copy is one flight
@@ -55,15 +58,7 @@ func (fl flights) overlapping(first, end uint64, buf []flight) []flight {
 			buf = append(buf, x)
 		}
 	}
-	slices.SortFunc(buf, func(a, b flight) int {
-		switch {
-		case a.first < b.first:
-			return -1
-		case a.first > b.first:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(buf, func(a, b flight) int { return cmp.Compare(a.first, b.first) })
 	return buf
 }
 
