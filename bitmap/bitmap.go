@@ -41,6 +41,9 @@ func New(nbits uint64) *Bitmap {
 	return &Bitmap{nbits: nbits, words: make([]atomic.Uint64, wordsFor(nbits))}
 }
 
+// Bytes reports the memory b holds (BytesFor of its length).
+func (b *Bitmap) Bytes() uint64 { return BytesFor(b.nbits) }
+
 // clamp limits the range [first, first+count) to [0, nbits) without
 // overflowing and returns the end (exclusive) of the clamped range; end <=
 // first means the range is empty.

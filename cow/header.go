@@ -35,9 +35,11 @@ const (
 	// (COW_VERSION_CHANGED_BLOCKS: the header carries nr_changed_blocks).
 	Version = 1
 
-	// DefaultCacheBytes is the index cache budget when none is given
-	// (dattobd's default, 300 MiB).
-	DefaultCacheBytes = 300 << 20
+	// DefaultCacheBytes is the index memory budget (-c) when none is given.
+	// dattobd's is 300 MiB; ours is smaller so that a server at default
+	// settings stays under 64 MiB whatever the device size (README). A
+	// smaller cache costs only write-backs and re-reads of evicted sections.
+	DefaultCacheBytes = 32 << 20
 	// MinDataBytes is the smallest data store a default-sized file gets:
 	// Options.FileSize = 0 means max(10% of the device, DataOffset+MinDataBytes).
 	MinDataBytes = 1 << 20

@@ -37,7 +37,7 @@ type CLI struct {
 	TransitionToIncremental TransitionToIncrementalCmd `cmd:"" name:"transition-to-incremental" help:"End the snapshot; keep recording changed blocks in its COW file."`
 	TransitionToSnapshot    TransitionToSnapshotCmd    `cmd:"" name:"transition-to-snapshot" help:"Take the next snapshot into a new COW file; the old one lists the changed blocks."`
 	Destroy                 DestroyCmd                 `cmd:"" help:"Stop tracking <minor> and remove its current COW file (the device stays attached)."`
-	Reconfigure             ReconfigureCmd             `cmd:"" help:"Change the index cache limit (-c bytes)."`
+	Reconfigure             ReconfigureCmd             `cmd:"" help:"Change the index memory limit (-c bytes)."`
 	ExpandCowFile           ExpandCowFileCmd           `cmd:"" name:"expand-cow-file" help:"Grow an active snapshot's COW store by <size> MiB."`
 	ReconfigureAutoExpand   ReconfigureAutoExpandCmd   `cmd:"" name:"reconfigure-auto-expand" help:"Grow a full COW store by <step> MiB while -r MiB stay free."`
 	ReloadSnapshot          ReloadSnapshotCmd          `cmd:"" name:"reload-snapshot" help:"Attach a device and resume the snapshot it was detached or stopped with."`

@@ -40,12 +40,12 @@ func TestGuest(t *testing.T) {
 
 // zeroCopyTests are the guest tests TestGuestZeroCopy runs on 7.3: the
 // front device's data path end to end (filesystems, fio's verify, discard,
-// flush), the driver loading, a server killed and recovered mid-I/O, and
+// flush), the driver loading, the memory bound while tracking, a server killed and recovered mid-I/O, and
 // snapshots and update-img over it, with the COW file on the volume too
 // (its blocks read as zeros: the patch reads of the snapshot device).
 // Live insertion and the ext4+xfs backup loop serve the same devices and
 // stay with TestGuest (about 5 minutes each under TCG).
-const zeroCopyTests = "^(TestNoUblkDriver|TestDataPath|TestUnalignedDirectIO|TestExt4OnFrontDevice|TestFioVerify|TestDiscardAndWriteZeroes|TestInfo|TestServerKilled|TestKillUnderLoad|TestSnapshotSemantics|TestCowOnVolume)$"
+const zeroCopyTests = "^(TestNoUblkDriver|TestDataPath|TestUnalignedDirectIO|TestExt4OnFrontDevice|TestFioVerify|TestDiscardAndWriteZeroes|TestInfo|TestServerMemoryWhileTracking|TestServerKilled|TestKillUnderLoad|TestSnapshotSemantics|TestCowOnVolume)$"
 
 // TestGuestZeroCopy is the kernel matrix's second column: Debian's 7.3
 // kernel, whose ublk serves the front device zero copy (AUTO_BUF_REG), on
@@ -79,6 +79,7 @@ func runGuest(t *testing.T, kernel, run string) {
 			{Path: filepath.Join(work, "logged.img"), Size: 64 << 20},
 			{Path: filepath.Join(work, "log.img"), Size: 1 << 30},
 			{Path: filepath.Join(work, "lvm.img"), Size: 1 << 30},
+			{Path: filepath.Join(work, "big.img"), Size: 64 << 30},
 		},
 		Files: map[string]string{
 			"/usr/local/bin/dbdctl":     dbdctl,

@@ -43,7 +43,7 @@ func (s *Server) transition(mode dattobd.Mode, c *cow.File, cacheBytes int64, ex
 	if mode == dattobd.Snapshot {
 		extents = s.withBootRecord(extents)
 	}
-	err = s.trk.Swap(mode, c, track.NewBitmap(c, cacheBytes), extents)
+	err = s.trk.Swap(mode, c, track.BudgetIndex(c, cacheBytes), extents)
 	thaw()
 	return how, err
 }

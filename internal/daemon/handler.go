@@ -75,7 +75,7 @@ func (s *Server) fillTrackingInfo(d *protocol.DeviceInfo) {
 	d.UUID = hex.EncodeToString(h.UUID[:])
 	d.Version = h.Version
 	d.NrChangedBlocks = st.Cow.NrChangedBlocks()
-	d.CacheInUse = st.Cow.CacheBytes()
+	d.CacheInUse = s.trk.IndexMemory()
 	if st.Mode == dattobd.Snapshot {
 		d.Frozen, d.CrashConsistent = s.snap.consistency.frozen, s.snap.consistency.crash
 		if s.snap.dev != nil {

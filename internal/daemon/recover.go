@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/blockdev"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/failpoint"
@@ -137,7 +138,7 @@ func (s *Server) recoverTracking(r state.Record) {
 	}
 	cache := r.CacheBytes
 	if cache <= 0 {
-		cache = DefaultCacheBytes
+		cache = cow.DefaultCacheBytes
 	}
 	rl := Reload{Mode: r.Mode, CowFile: r.CowFile, CacheBytes: cache, FallocMiB: r.FallocMiB,
 		Extents: r.CowExtents, Relative: r.CowRelative, Inode: r.CowInode, resume: true}

@@ -14,7 +14,7 @@ import (
 type Reload struct {
 	Mode       dattobd.Mode // Snapshot or Incremental
 	CowFile    string
-	CacheBytes int64 // 0 = DefaultCacheBytes
+	CacheBytes int64 // 0 = cow.DefaultCacheBytes
 	FallocMiB  int64 // the size transition-to-snapshot reuses; 0 = default
 	// Extents, for a COW file on the volume itself, say where it lies on
 	// the device: it is opened there, without its filesystem.
@@ -44,7 +44,7 @@ func (s *Server) reload(r Reload) error {
 		}
 	}
 	if r.CacheBytes <= 0 {
-		r.CacheBytes = DefaultCacheBytes
+		r.CacheBytes = cow.DefaultCacheBytes
 	}
 	c, err := s.openCow(r)
 	if err != nil {
@@ -64,7 +64,7 @@ func (s *Server) reload(r Reload) error {
 		// the snapshot device shows them as zeros
 		extents = s.withBootRecord(append(append([]cow.Extent(nil), r.Extents...), r.PrevExtents...))
 	}
-	if err := s.trk.Swap(r.Mode, c, track.NewBitmap(c, r.CacheBytes), extents); err != nil {
+	if err := s.trk.Swap(r.Mode, c, track.BudgetIndex(c, r.CacheBytes), extents); err != nil {
 		c.Close(false)
 		return err
 	}

@@ -16,11 +16,8 @@ import (
 	"github.com/dbdublk/dbdublk/ublk"
 )
 
-// Defaults and units follow dattobd: -c is bytes, -f and sizes are MiB.
-const (
-	DefaultCacheBytes = 300 << 20
-	mib               = 1 << 20
-)
+// Units follow dattobd: -c is bytes, -f and sizes are MiB.
+const mib = 1 << 20
 
 // snapshotDepth is the queue depth of a snapshot device: its readers are
 // backup copies, a few large sequential streams.

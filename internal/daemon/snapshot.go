@@ -32,7 +32,7 @@ func (s *Server) setupSnapshot(req protocol.SetupSnapshot) error {
 	}
 	cache := req.CacheBytes
 	if cache <= 0 {
-		cache = DefaultCacheBytes
+		cache = cow.DefaultCacheBytes
 	}
 	if err := s.failpoint("create-cow"); err != nil {
 		return err
@@ -250,7 +250,7 @@ func markNewCowChanged(changeList *cow.File, extents []cow.Extent) error {
 // with every block written meanwhile (preserved into the abandoned
 // snapshot's file c, inode ino if on the volume) marked in it.
 func (s *Server) backToIncremental(prevCow, c *cow.File, ino uint64) {
-	if err := s.trk.Swap(dattobd.Incremental, prevCow, track.NewBitmap(prevCow, s.snap.cacheBytes), nil); err != nil {
+	if err := s.trk.Swap(dattobd.Incremental, prevCow, track.BudgetIndex(prevCow, s.snap.cacheBytes), nil); err != nil {
 		s.trk.Fail(syscall.EIO, fmt.Errorf("undo a snapshot that could not be taken: %w", err))
 		return
 	}
@@ -315,7 +315,7 @@ func (s *Server) reconfigure(req protocol.Reconfigure) error {
 	if !st.Mode.Tracking() {
 		return protocol.Errorf(protocol.ErrWrongMode, "minor %d is not tracking", s.cfg.Minor)
 	}
-	st.Cow.SetCacheLimit(req.CacheBytes)
+	s.trk.SetIndexBudget(req.CacheBytes)
 	s.snap.cacheBytes = req.CacheBytes
 	return nil
 }

@@ -31,7 +31,7 @@ type Device interface {
 type State struct {
 	Mode dattobd.Mode
 	Cow  *cow.File      // nil in passthrough
-	Bits *bitmap.Bitmap // fast filter in front of the index; nil when it would not fit the cache budget
+	Bits *bitmap.Bitmap // fast filter in front of the index; nil when it would not fit the budget (BudgetIndex)
 	// CowExtents are the device ranges of a COW file on the volume itself:
 	// the snapshot shows them as zeros (they hold live COW data).
 	CowExtents []cow.Extent
@@ -249,15 +249,52 @@ func (t *Tracker) hold(gate *State, j job) (opened *State) {
 	return gate.opened
 }
 
-// NewBitmap returns a fast filter in front of c's index (blocks known
-// preserved in snapshot mode, known recorded in incremental mode), or nil
-// when its memory would not fit a quarter of the cache budget (the COW
-// index, which is bounded by the cache, is then the only record).
-func NewBitmap(c *cow.File, cacheBytes int64) *bitmap.Bitmap {
-	if bitmap.BytesFor(c.Blocks()) > uint64(cacheBytes/4) {
+// BudgetIndex divides a tracking session's index memory budget (-c; 0
+// means cow.DefaultCacheBytes) between c's index cache and a fast filter
+// in front of the index (blocks known preserved in snapshot mode, known
+// recorded in incremental mode): the filter when it fits a quarter of the
+// budget, the cache the rest. It sets the cache's limit and returns the
+// filter, or nil when there is none (the index is then the only record).
+// Together they stay within the budget, whatever the device size.
+func BudgetIndex(c *cow.File, budget int64) *bitmap.Bitmap {
+	if budget <= 0 {
+		budget = cow.DefaultCacheBytes
+	}
+	if bitmap.BytesFor(c.Blocks()) > uint64(budget/4) {
+		c.SetCacheLimit(budget)
 		return nil
 	}
-	return bitmap.New(c.Blocks())
+	bits := bitmap.New(c.Blocks())
+	c.SetCacheLimit(budget - int64(bits.Bytes()))
+	return bits
+}
+
+// SetIndexBudget changes the index memory budget of the session in force
+// (reconfigure): the cache gets what the filter, which stays as it is,
+// leaves of it, and at least one section.
+func (t *Tracker) SetIndexBudget(budget int64) {
+	st := t.Current()
+	if st.Cow == nil {
+		return
+	}
+	if st.Bits != nil {
+		budget -= int64(st.Bits.Bytes())
+	}
+	st.Cow.SetCacheLimit(max(budget, 1))
+}
+
+// IndexMemory reports the memory the session in force holds for its
+// index: resident cache sections and the filter.
+func (t *Tracker) IndexMemory() int64 {
+	st := t.Current()
+	if st.Cow == nil {
+		return 0
+	}
+	n := st.Cow.CacheBytes()
+	if st.Bits != nil {
+		n += int64(st.Bits.Bytes())
+	}
+	return n
 }
 
 // job is one write waiting for its blocks to be preserved (snapshot mode)

@@ -260,8 +260,62 @@ func TestInfo(t *testing.T) {
 }
 
 // serverMemoryBound is the resident memory a device's server may hold at
-// default settings outside tracking (README's bound).
+// default settings (README's bound).
 const serverMemoryBound = 64 << 20
+
+// checkServerRSS checks a server's VmRSS against serverMemoryBound, logs
+// it for the report (when: what it ran), and returns its status file.
+func checkServerRSS(t *testing.T, pid int, when string) string {
+	t.Helper()
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rssKB int
+	for _, line := range strings.Split(string(status), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			rssKB, _ = strconv.Atoi(f[1])
+		}
+	}
+	t.Logf("@@MEMORY server VmRSS %d kB, %s", rssKB, when)
+	if rssKB == 0 || rssKB*1024 >= serverMemoryBound {
+		t.Errorf("%s: server VmRSS %d kB, want under %d MiB", when, rssKB, serverMemoryBound>>20)
+	}
+	return string(status)
+}
+
+// diskBig is a sparse disk whose COW index (128 MiB) is four times the
+// memory bound.
+const diskBig = "/dev/vdk" // 64 GiB
+
+// defaultIndexBudget is -c when none is given (cow.DefaultCacheBytes).
+const defaultIndexBudget = 32 << 20
+
+// TestServerMemoryWhileTracking: the bound holds in snapshot mode at
+// default settings however large the index is. 4 KiB first writes
+// scattered over a 64 GiB device touch some 2600 of its 4096 index
+// sections (81 MiB of them; dattobd's default budget, 300 MiB, would keep
+// them all); the index's cache and filter stay within the default budget,
+// and the server under the bound.
+func TestServerMemoryWhileTracking(t *testing.T) {
+	front, m, dir := tracked(t, diskBig, 12, "memory")
+	must(t, dbdctl, "setup-snapshot", "-f", "512", diskBig, dir+"/cow", m)
+	must(t, "fio", "--name=scatter", "--filename="+front, "--rw=randwrite", "--bs=4k", "--iodepth=32",
+		"--ioengine=io_uring", "--direct=1", "--io_size=16M", "--norandommap", "--randrepeat=0")
+	d := info(t, m).Devices[0]
+	if d.MaxCache != defaultIndexBudget {
+		t.Errorf("max_cache %d at default settings, want %d", d.MaxCache, defaultIndexBudget)
+	}
+	// Full to within one section: the writes reached far more sections
+	// than the budget holds, so the budget is what bounds the index.
+	if d.CacheInUse > d.MaxCache || d.CacheInUse < d.MaxCache-2*32<<10 {
+		t.Errorf("index holds %d bytes after scattered first writes, want the budget %d (less at most a section)", d.CacheInUse, d.MaxCache)
+	}
+	if d.NrChanged < 4000 {
+		t.Errorf("%d blocks copied, want the 4096 scattered first writes (few repeats)", d.NrChanged)
+	}
+	checkServerRSS(t, d.ServerPID, fmt.Sprintf("%s: snapshot mode, default -c, after 4096 scattered 4 KiB first writes over %d GiB", d.DataPath, sizeOf(t, diskBig)>>30))
+}
 
 // checkShape checks the queue shape a device got without --depth or
 // --max-io: ublk's defaults with zero copy, the smaller copy-mode ones
@@ -282,21 +336,8 @@ func checkShape(t *testing.T, dev infoDevice) {
 // copy has no such buffers at all.
 func checkServerMemory(t *testing.T, pid int, dataPath string, queueBytes int) {
 	t.Helper()
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var rssKB int
-	for _, line := range strings.Split(string(status), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
-			rssKB, _ = strconv.Atoi(f[1])
-		}
-	}
-	t.Logf("@@MEMORY %s: server VmRSS %d kB after 1 MiB requests through every tag", dataPath, rssKB)
-	if rssKB == 0 || rssKB*1024 >= serverMemoryBound {
-		t.Errorf("%s: server VmRSS %d kB, want under %d MiB", dataPath, rssKB, serverMemoryBound>>20)
-	}
-	if !strings.Contains(string(status), "THP_enabled:\t0") {
+	status := checkServerRSS(t, pid, dataPath+": after 1 MiB requests through every tag")
+	if !strings.Contains(status, "THP_enabled:\t0") {
 		t.Errorf("server %d runs with transparent huge pages:\n%s", pid, status)
 	}
 	smaps, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))

@@ -151,6 +151,8 @@ type infoDevice struct {
 	Frozen      []string `json:"frozen"`
 	CrashCons   bool     `json:"crash_consistent"`
 	NrChanged   uint64   `json:"nr_changed_blocks"`
+	MaxCache    int64    `json:"max_cache"`
+	CacheInUse  int64    `json:"cache_in_use"`
 	FrontDevice string   `json:"front_device"`
 	Inserted    string   `json:"inserted_via"`
 	ServerPID   int      `json:"server_pid"`
