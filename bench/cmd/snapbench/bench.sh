@@ -230,7 +230,7 @@ rss() { # prefix
 	awk -v p=$1 '/^(VmRSS|VmHWM|RssAnon|RssFile|AnonHugePages):/ { sub(":", "", $1); print "@@VAL " p "_" $1 "_kb 0 " $2 }' \
 		/proc/$pid/status /proc/$pid/smaps_rollup
 }
-for cache in 16777216 default; do
+for cache in 314572800 default; do
 	quiet dbdctl detach 1
 	quiet dbdctl attach $BIG 1
 	pid=$(info_field 1 server_pid)
