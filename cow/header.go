@@ -39,7 +39,7 @@ const (
 	// dattobd's is 300 MiB; ours is smaller so that a server at default
 	// settings stays under 64 MiB whatever the device size (README). A
 	// smaller cache costs only write-backs and re-reads of evicted sections.
-	DefaultCacheBytes = 32 << 20
+	DefaultCacheBytes = 24 << 20
 	// MinDataBytes is the smallest data store a default-sized file gets:
 	// Options.FileSize = 0 means max(10% of the device, DataOffset+MinDataBytes).
 	MinDataBytes = 1 << 20

@@ -14,7 +14,7 @@ import (
 // (dattobd's): the device, the COW file left by the previous attachment,
 // the minor.
 type reloadArgs struct {
-	Cache       int64         `short:"c" name:"cache" help:"Index memory limit in bytes, its cache and filter together (default 32 MiB)." default:"0"`
+	Cache       int64         `short:"c" name:"cache" help:"Index memory limit in bytes, its cache and filter together (default 24 MiB)." default:"0"`
 	BlockDevice string        `arg:"" name:"block-device" help:"The real block device, not mounted and not attached."`
 	CowFile     string        `arg:"" name:"cow-file" help:"The COW file the device was tracking into when it was detached, stopped or crashed."`
 	Minor       dattobd.Minor `arg:"" name:"minor" help:"Minor of the device, as given to attach or setup-snapshot (0-255)."`

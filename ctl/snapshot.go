@@ -40,7 +40,7 @@ func positive(name string, v int64) error {
 
 // SetupSnapshotCmd starts a snapshot series on a device.
 type SetupSnapshotCmd struct {
-	Cache       int64         `short:"c" name:"cache" help:"Index memory limit in bytes, its cache and filter together (default 32 MiB)." default:"0"`
+	Cache       int64         `short:"c" name:"cache" help:"Index memory limit in bytes, its cache and filter together (default 24 MiB)." default:"0"`
 	Falloc      int64         `short:"f" name:"falloc" help:"COW file size to preallocate, in MiB (default 10% of the device)." default:"0"`
 	NoFreeze    bool          `name:"no-freeze" help:"Do not freeze the filesystems on the device: take a crash-consistent snapshot even where a consistent one cannot be made."`
 	BlockDevice string        `arg:"" name:"block-device" help:"The attached device's original path (or its /dev/ublkbN); a device not yet attached is attached first."`

@@ -68,6 +68,7 @@ func (s *Server) reload(r Reload) error {
 		c.Close(false)
 		return err
 	}
+	limitGoMemory(r.CacheBytes)
 	s.snap = &session{cowPath: r.CowFile, cacheBytes: r.CacheBytes, fallocMiB: r.FallocMiB, extents: r.Extents, relative: r.Relative, ino: r.Inode}
 	if r.Mode == dattobd.Snapshot {
 		s.snap.prevExtents = r.PrevExtents

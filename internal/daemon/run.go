@@ -62,6 +62,7 @@ func serve(cfg Config, logger *log.Logger, onReady func(front string)) error {
 	// cache) grows in small pieces, and with huge pages each piece made up
 	// to 2 MiB resident (a long-running server's RSS was mostly them).
 	_ = unix.Prctl(unix.PR_SET_THP_DISABLE, 1, 0, 0, 0)
+	limitGoMemory(0)
 	s, err := Start(cfg, logger)
 	if err != nil {
 		return err

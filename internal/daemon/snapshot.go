@@ -59,6 +59,7 @@ func (s *Server) setupSnapshot(req protocol.SetupSnapshot) error {
 		}
 		return abandon(err)
 	}
+	limitGoMemory(cache)
 	s.snap = &session{cowPath: req.CowFile, cacheBytes: cache, fallocMiB: req.FallocMiB, extents: extents, ino: ino, consistency: how}
 	if extents != nil {
 		s.snap.relative = s.relativeToFront(req.CowFile)
@@ -316,6 +317,7 @@ func (s *Server) reconfigure(req protocol.Reconfigure) error {
 		return protocol.Errorf(protocol.ErrWrongMode, "minor %d is not tracking", s.cfg.Minor)
 	}
 	s.trk.SetIndexBudget(req.CacheBytes)
+	limitGoMemory(req.CacheBytes)
 	s.snap.cacheBytes = req.CacheBytes
 	return nil
 }

@@ -2,13 +2,9 @@ package track
 
 import (
 	"fmt"
-	"math/bits"
-	"sync"
-	"sync/atomic"
 	"syscall"
 
 	"github.com/dbdublk/dbdublk/cow"
-	"github.com/dbdublk/dbdublk/internal/dio"
 	"github.com/dbdublk/dbdublk/ublk"
 )
 
@@ -52,7 +48,7 @@ func (t *Tracker) stage(st *State, first, last uint64, resume func(error), s *ub
 		}
 		return ublk.WriteProceed, true
 	}
-	buf := getStaging(len(blocks) * cow.BlockSize)
+	buf := copies.tryGet(len(blocks) * cow.BlockSize)
 	if buf == nil {
 		rc.Finish(errStagingBudget)
 		return 0, false
@@ -65,7 +61,7 @@ func (t *Tracker) stage(st *State, first, last uint64, resume func(error), s *ub
 			j++
 		}
 		if len(io) == ublk.MaxStageIO-1 { // one more read, and the data write, would not fit
-			putStaging(buf)
+			copies.put(buf)
 			rc.Finish(errStagingScattered)
 			return 0, false
 		}
@@ -108,7 +104,7 @@ func (c *stagedCopy) done(err error) (more bool, verdict error) {
 		err = perr
 	}
 	ferr := c.rc.Finish(err)
-	putStaging(c.buf)
+	copies.put(c.buf)
 	c.buf = nil
 	if ferr != nil {
 		// The snapshot fails closed and the write then proceeds, as on
@@ -127,44 +123,6 @@ func (c *stagedCopy) done(err error) (more bool, verdict error) {
 }
 
 var (
-	errStagingBudget    = fmt.Errorf("staging memory budget reached")
+	errStagingBudget    = fmt.Errorf("copy memory budget reached")
 	errStagingScattered = fmt.Errorf("too many runs of unpreserved blocks for one ring chain")
 )
-
-// stagingBudget bounds the memory of staged copies in flight, beside the
-// workers' own buffers, so that the server's memory does not grow with
-// the queues' depth; a copy over it takes the workers' path.
-const stagingBudget = 16 << 20
-
-// staging holds the aligned buffers of staged copies, in power-of-two size
-// classes from one block to maxBulkBlocks.
-var staging struct {
-	inUse atomic.Int64
-	pools [stagingClasses]sync.Pool
-}
-
-const stagingClasses = 9 // 4 KiB .. 1 MiB
-
-func stagingClass(n int) int { return bits.Len(uint((n - 1) / cow.BlockSize)) }
-
-// getStaging returns an aligned buffer of at least n bytes (n at most
-// maxBulkBlocks blocks), or nil when the budget is spent.
-func getStaging(n int) *[]byte {
-	class := stagingClass(n)
-	size := cow.BlockSize << class
-	if staging.inUse.Add(int64(size)) > stagingBudget {
-		staging.inUse.Add(-int64(size))
-		return nil
-	}
-	if b, ok := staging.pools[class].Get().(*[]byte); ok {
-		return b
-	}
-	b := dio.AlignedBuf(size)
-	return &b
-}
-
-func putStaging(b *[]byte) {
-	size := len(*b)
-	staging.inUse.Add(-int64(size))
-	staging.pools[stagingClass(size)].Put(b)
-}

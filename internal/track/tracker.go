@@ -404,8 +404,8 @@ func (t *Tracker) preserve(st *State, first, last uint64) {
 		}
 		return
 	}
-	buf := bulkPool.Get().(*[]byte)
-	defer bulkPool.Put(buf)
+	buf := copies.get(int(last-first) * cow.BlockSize)
+	defer copies.put(buf)
 	bulk := (*buf)[:int(last-first)*cow.BlockSize]
 	if err := t.readRange(bulk, first); err != nil {
 		t.Fail(syscall.EIO, fmt.Errorf("read blocks %d..%d: %w", first, last-1, err))
@@ -433,13 +433,6 @@ func (t *Tracker) preserve(st *State, first, last uint64) {
 
 // maxBulkBlocks bounds preserve's single read (1 MiB, the largest request).
 const maxBulkBlocks = ublk.DefaultMaxIOBytes / cow.BlockSize
-
-// bulkPool recycles preserve's aligned read buffers: a 1 MiB allocation per
-// first write would keep the garbage collector busy on the write path.
-var bulkPool = sync.Pool{New: func() any {
-	b := dio.AlignedBuf(maxBulkBlocks * cow.BlockSize)
-	return &b
-}}
 
 // readRange reads blocks starting at first into p (a multiple of 4 KiB);
 // bytes past the end of the device read as zeros.
