@@ -305,12 +305,23 @@ func (s *sink) sync() error {
 }
 
 // copyChanges streams the changed runs, cut into copies of at most
-// opt.ChunkMax bytes, to opt.Workers copiers, reporting progress in order.
+// opt.ChunkMax bytes, to opt.Workers copiers, and the small ones to a ring
+// copier when src is a RingSource (see ringCopier), reporting progress in
+// order.
 func copyChanges(c *cow.File, src Source, dst *sink, size, total int64, opt Options) error {
 	var progMu sync.Mutex // orders progress reports: done only ever grows
 	var done int64
+	finished := func(n int64) {
+		progMu.Lock()
+		defer progMu.Unlock()
+		done += n
+		if opt.Progress != nil {
+			opt.Progress(done, total)
+		}
+	}
 	var firstErr error
 	var errOnce sync.Once
+	fail := func(err error) { errOnce.Do(func() { firstErr = err }) }
 	work := make(chan extent, opt.Workers)
 	var wg sync.WaitGroup
 	for i := 0; i < opt.Workers; i++ {
@@ -324,27 +335,42 @@ func copyChanges(c *cow.File, src Source, dst *sink, size, total int64, opt Opti
 					err = dst.writeAt(buf[:e.n], e.off)
 				}
 				if err != nil {
-					errOnce.Do(func() { firstErr = err })
+					fail(err)
 					continue
 				}
-				progMu.Lock()
-				done += e.n
-				if opt.Progress != nil {
-					opt.Progress(done, total)
-				}
-				progMu.Unlock()
+				finished(e.n)
 			}
 		}()
+	}
+	var small chan extent
+	if rs, ok := src.(RingSource); ok {
+		if r, err := newRingCopier(rs, dst); err == nil {
+			defer r.close()
+			small = make(chan extent, ringSlots)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				r.run(small, finished, fail)
+			}()
+		}
 	}
 	err := c.ChangedRuns(func(first, count uint64) error {
 		off := int64(first) * cow.BlockSize
 		end := min(int64(first+count)*cow.BlockSize, size)
 		for ; off < end; off += opt.ChunkMax {
-			work <- extent{off, min(opt.ChunkMax, end-off)}
+			e := extent{off, min(opt.ChunkMax, end-off)}
+			if small != nil && takes(e) {
+				small <- e
+			} else {
+				work <- e
+			}
 		}
 		return nil
 	})
 	close(work)
+	if small != nil {
+		close(small)
+	}
 	wg.Wait()
 	if err != nil {
 		return fmt.Errorf("read changed-block list %s: %w", c.Path(), err)

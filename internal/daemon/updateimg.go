@@ -13,6 +13,9 @@ import (
 	"github.com/dbdublk/dbdublk/internal/track"
 )
 
+// The server's view of its snapshot is read on update-img's ring.
+var _ backup.RingSource = (*track.View)(nil)
+
 // progressEvery spaces update-img's progress reports.
 const progressEvery = 200 * time.Millisecond
 

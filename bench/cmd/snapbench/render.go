@@ -189,11 +189,27 @@ func render(d *data) string {
 		c1, c2 := compare(upd, fioRaw), compare(upd, ddRaw)
 		target, met := "≥ 0.80", verdict(c1.ratio >= 0.80)
 		if kind == "scatter" {
-			target, met = "— (target is for the sequential case)", "—"
+			target, met = "— (its target is the block rate, next row)", "—"
 		}
 		row(fmt.Sprintf("update-img throughput vs raw sequential read of the same bytes (fio 1M QD8), %s", what),
 			fmt.Sprintf("%.2f (%.0f vs %.0f MB/s)%s", c1.ratio, stats.Median(upd.all()), stats.Median(fioRaw.all()), c1.rounds()),
 			target, met, "—")
+		if kind == "scatter" {
+			// The issue's second target: scattered 4 KiB changes copied at
+			// least at half the source disk's 4k random-read rate (both
+			// read phases' raw runs).
+			rawRand := byRound{}
+			for _, v := range []string{"raw-pure", "raw-mixed"} {
+				for r, xs := range d.fioVals("R", "randread", v) {
+					rawRand[r] = append(rawRand[r], xs...)
+				}
+			}
+			blocks := d.rate("upd_scatter_blocks", "upd_scatter_secs", 1)
+			c := compare(blocks, rawRand)
+			row(fmt.Sprintf("… blocks copied per second vs the raw disk's 4k random read QD32, %s", what),
+				fmt.Sprintf("%.2f (%.0f blocks/s vs %.0f IOPS)%s", c.ratio, stats.Median(blocks.all()), stats.Median(rawRand.all()), c.rounds()),
+				"≥ 0.50", verdict(c.ratio >= 0.50), "—")
+		}
 		imgWrite := d.fioVals("U", "seqwrite", "img-"+kind)
 		c4 := compare(upd, imgWrite)
 		row(fmt.Sprintf("… the same against a raw write of as many bytes to the image's disk (fio 1M QD8 `O_DIRECT` into an allocated file, fsync), %s", what),
@@ -214,7 +230,7 @@ func render(d *data) string {
 		secs(s1g), "—", "—", "0.22 s on a 2 GiB device")
 	// 7: server memory.
 	for _, cache := range []string{"default", "314572800"} {
-		name := "server memory, snapshot mode, default `-c` (32 MiB)"
+		name := "server memory, snapshot mode, default `-c` (24 MiB)"
 		target, met := "< 64 MiB", verdict(stats.Median(d.val("rss_default_after_VmHWM_kb").all()) < 64<<10)
 		if cache != "default" {
 			name = "server memory, snapshot mode, `-c 314572800` (300 MiB, dattobd's default)"
