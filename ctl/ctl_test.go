@@ -11,9 +11,12 @@ import (
 	"reflect"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gofrs/flock"
 
 	"github.com/dbdublk/dbdublk/internal/daemon"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
@@ -295,6 +298,33 @@ func TestMainDetach(t *testing.T) {
 	}
 	if got := f.received(); !reflect.DeepEqual(got, []protocol.Op{protocol.OpInfo, protocol.OpDetach}) {
 		t.Errorf("server received %q, want [info detach]", got)
+	}
+}
+
+// detach returns only once the device's supervisor (and so its server)
+// has exited, so that attaching the minor again right away works.
+func TestMainDetachWaitsForTheSupervisor(t *testing.T) {
+	if !isRoot() {
+		t.Skip("detach needs root")
+	}
+	useRunDir(t)
+	startFake(t, 3, &fakeServer{dev: fakeDevice(3)})
+	supervisor := flock.New(protocol.SupervisorLockPath(3))
+	if ok, err := supervisor.TryLock(); !ok || err != nil {
+		t.Fatalf("lock: %v %v", ok, err)
+	}
+	var exited atomic.Bool
+	go func() {
+		time.Sleep(200 * time.Millisecond) // the supervisor outlives the server's answer
+		exited.Store(true)
+		supervisor.Unlock()
+	}()
+	code, _, stderr := run("detach", "3")
+	if code != 0 || stderr != "" {
+		t.Fatalf("detach 3 = %d, stderr %q", code, stderr)
+	}
+	if !exited.Load() {
+		t.Error("detach returned while the supervisor still held its lock")
 	}
 }
 

@@ -4,7 +4,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"sort"
+	"time"
+
+	"github.com/gofrs/flock"
 
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/protocol"
@@ -72,6 +76,9 @@ func detachOne(env *Env, m dattobd.Minor, keepState bool) error {
 	if err := c.Detach(protocol.Detach{KeepState: keepState}); err != nil {
 		return err
 	}
+	if err := awaitSupervisorExit(m, detachWait); err != nil {
+		return err
+	}
 	if d.Mode.Tracking() {
 		fmt.Fprintf(env.Stdout, "detached %s from %s; %s mode is dormant in %s (resume with dbdctl reload-%s)\n",
 			d.BlockDevice, d.FrontDevice, d.Mode, d.CowFile, d.Mode)
@@ -79,6 +86,34 @@ func detachOne(env *Env, m dattobd.Minor, keepState bool) error {
 	}
 	fmt.Fprintf(env.Stdout, "detached %s from %s\n", d.BlockDevice, d.FrontDevice)
 	return nil
+}
+
+// detachWait bounds how long detach waits for the server to exit once it
+// has answered.
+const detachWait = 30 * time.Second
+
+// awaitSupervisorExit waits until no supervisor holds m's lock. A server
+// answers detach before it exits, and its supervisor exits after it; only
+// then may the minor be attached again, which a script does right away.
+func awaitSupervisorExit(m dattobd.Minor, within time.Duration) error {
+	lock := flock.New(protocol.SupervisorLockPath(m))
+	deadline := time.Now().Add(within)
+	for {
+		ok, err := lock.TryLock()
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil // no run directory: no supervisor ever ran
+		}
+		if err != nil {
+			return fmt.Errorf("wait for the server of minor %d to exit: %w", m, err)
+		}
+		if ok {
+			return lock.Unlock()
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("minor %d is detached, but its server has not exited after %v", m, within)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // InfoCmd prints device state.
