@@ -12,7 +12,7 @@ import (
 // on the queues' rings and the copy-on-write workers' copies draw from it
 // together, so that the server's memory grows neither with the queues'
 // depth nor with the number of workers (README's bound).
-const CopyBudget = 16 << 20
+const CopyBudget = 8 << 20
 
 // copyMemory hands out the aligned buffers of copies in flight, in
 // power-of-two size classes from one block to maxBulkBlocks. It keeps the
