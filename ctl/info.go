@@ -4,11 +4,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"sort"
 	"time"
-
-	"github.com/gofrs/flock"
 
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 	"github.com/dbdublk/dbdublk/internal/protocol"
@@ -92,28 +89,18 @@ func detachOne(env *Env, m dattobd.Minor, keepState bool) error {
 // has answered.
 const detachWait = 30 * time.Second
 
-// awaitSupervisorExit waits until no supervisor holds m's lock. A server
+// awaitSupervisorExit waits until m's supervisor has exited. A server
 // answers detach before it exits, and its supervisor exits after it; only
 // then may the minor be attached again, which a script does right away.
 func awaitSupervisorExit(m dattobd.Minor, within time.Duration) error {
-	lock := flock.New(protocol.SupervisorLockPath(m))
 	deadline := time.Now().Add(within)
-	for {
-		ok, err := lock.TryLock()
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil // no run directory: no supervisor ever ran
-		}
-		if err != nil {
-			return fmt.Errorf("wait for the server of minor %d to exit: %w", m, err)
-		}
-		if ok {
-			return lock.Unlock()
-		}
+	for protocol.Supervised(m) {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("minor %d is detached, but its server has not exited after %v", m, within)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	return nil
 }
 
 // InfoCmd prints device state.

@@ -18,7 +18,6 @@ import (
 	"github.com/dbdublk/dbdublk/internal/state"
 	"github.com/dbdublk/dbdublk/ublk"
 	"github.com/dbdublk/dbdublk/ublk/uapi"
-	"github.com/gofrs/flock"
 )
 
 // ensureUblk loads ublk_drv where /dev/ublk-control is missing, as
@@ -185,7 +184,7 @@ func Unserved() []protocol.DeviceInfo {
 		}
 		d := protocol.DeviceInfo{Minor: m, State: dattobd.StateAttached, FrontDevice: m.FrontPath(), Status: protocol.StatusOrphaned}
 		switch {
-		case supervised(m):
+		case protocol.Supervised(m):
 			d.Status = protocol.StatusRecovering
 		case info.State == uapi.DevQuiesced:
 			d.Status = protocol.StatusHeld
@@ -199,17 +198,4 @@ func Unserved() []protocol.DeviceInfo {
 		out = append(out, d)
 	}
 	return out
-}
-
-// supervised reports whether minor's supervisor runs (it holds its lock).
-func supervised(m dattobd.Minor) bool {
-	lock := flock.New(protocol.SupervisorLockPath(m))
-	ok, err := lock.TryLock()
-	if err != nil {
-		return false
-	}
-	if ok {
-		lock.Unlock()
-	}
-	return !ok
 }

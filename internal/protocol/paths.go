@@ -6,6 +6,8 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/gofrs/flock"
+
 	"github.com/dbdublk/dbdublk/internal/dattobd"
 )
 
@@ -25,6 +27,20 @@ func LockPath(m dattobd.Minor) string { return filepath.Join(RunDir, m.String()+
 // lives: held, the minor is being recovered when no server answers.
 func SupervisorLockPath(m dattobd.Minor) string {
 	return filepath.Join(RunDir, m.String()+".supervisor.lock")
+}
+
+// Supervised reports whether minor's supervisor runs: it holds
+// SupervisorLockPath (probed by taking it for an instant).
+func Supervised(m dattobd.Minor) bool {
+	lock := flock.New(SupervisorLockPath(m))
+	ok, err := lock.TryLock()
+	if err != nil {
+		return false
+	}
+	if ok {
+		lock.Unlock()
+	}
+	return !ok
 }
 
 // LogPath is the log file of minor's server.
