@@ -112,7 +112,8 @@ func TestStagedFirstWrites(t *testing.T) {
 
 // TestStagedCopyFailureIsDurable: when the old data cannot be read (the
 // device ends early), the staged copy fails the snapshot durably, in the
-// COW file, before the write is let through, and the write still succeeds.
+// COW file, before the write is let through, and the write still succeeds;
+// no index entry is written for the block whose old data was never read.
 func TestStagedCopyFailureIsDurable(t *testing.T) {
 	dev, _ := fakeDevice(t, 16)
 	dev.size += 4 * cow.BlockSize // reads of the last 4 blocks come back empty
@@ -139,6 +140,9 @@ func TestStagedCopyFailureIsDurable(t *testing.T) {
 	got := make([]byte, cow.BlockSize)
 	if _, err := syscall.Pread(dev.fd, got, 17*cow.BlockSize); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("the write did not reach the device (%v)", err)
+	}
+	if entry, _ := onDisk(t, c, 17); entry != 0 {
+		t.Fatalf("the file holds entry %d for block 17, whose old data was never read: its index write must not run after a failed read", entry)
 	}
 }
 
