@@ -198,6 +198,12 @@ while [ $r -le $ROUNDS ]; do
 		# outrun either side.
 		fio_run U seqwrite img-$kind $r --name=imgwrite --filename=/scratch/write.raw $common \
 			--rw=write --bs=1M --iodepth=8 --size=${mib}M --end_fsync=1
+		# ... and both at once, as a copy must: the raw disk read and the
+		# image's disk written together (the read job never writes; fio's
+		# --readonly would refuse the write job).
+		fio_run U copy both-$kind $r $common --time_based --runtime=3 \
+			--name=bothread --filename=$RAW --rw=read --bs=1M --iodepth=8 --size=${mib}M \
+			--name=bothwrite --filename=/scratch/write.raw --rw=write --bs=1M --iodepth=8 --size=${mib}M
 		t0=$(now)
 		quiet dd if=$RAW of=/dev/null bs=1M count=$mib iflag=direct
 		val dd_${kind}_us $r $(us_since $t0)

@@ -14,6 +14,9 @@ type fioRun struct {
 	iops  float64 // I/O per second, reads and writes together
 	bw    float64 // bytes per second
 	ios   float64 // I/Os completed
+	// The reads' and the writes' shares of bw (a run with a read job and
+	// a write job at once has both).
+	readBW, writeBW float64
 }
 
 // value is one @@VAL marker.
@@ -108,5 +111,6 @@ func fioTotals(text string) (fioRun, error) {
 	if j.Error != 0 {
 		return fioRun{}, fmt.Errorf("fio reported error %d", j.Error)
 	}
-	return fioRun{iops: j.Read.IOPS + j.Write.IOPS, bw: j.Read.BW + j.Write.BW, ios: j.Read.TotalIOs + j.Write.TotalIOs}, nil
+	return fioRun{iops: j.Read.IOPS + j.Write.IOPS, bw: j.Read.BW + j.Write.BW, ios: j.Read.TotalIOs + j.Write.TotalIOs,
+		readBW: j.Read.BW, writeBW: j.Write.BW}, nil
 }
