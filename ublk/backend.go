@@ -63,11 +63,19 @@ type WriteInterceptor interface {
 // StageIO is one file operation of a Stage: a read into Buf, or a write of
 // Buf, at byte Off of descriptor FD. Buf must stay valid and untouched
 // until the stage's Done is called.
+//
+// Gather marks a write that is its round's only operation as one the queue
+// may merge with other tags' gathered writes that are ready in the same
+// pass and adjacent in the same file, into one vectored write: fewer
+// writes where each write, not each byte, is what costs (a COW store's
+// fresh slots). Each write's outcome is still its own: a short merged
+// write fails only the writes whose bytes it did not cover.
 type StageIO struct {
-	Write bool
-	FD    int
-	Off   int64
-	Buf   []byte
+	Write  bool
+	Gather bool
+	FD     int
+	Off    int64
+	Buf    []byte
 }
 
 // Stage is I/O a write waits for, run on the queue's own ring: no thread

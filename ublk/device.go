@@ -463,6 +463,7 @@ func (d *Device) Stats() QueueStats {
 		t.Errors += s.Errors
 		t.BytesRead += s.BytesRead
 		t.BytesWritten += s.BytesWritten
+		t.StageWritesMerged += s.StageWritesMerged
 	}
 	return t
 }

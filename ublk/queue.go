@@ -1,10 +1,12 @@
 package ublk
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
 	"sync"
 	"unsafe"
 
@@ -28,6 +30,7 @@ const (
 	kindWake   = 2 // the wake eventfd became readable (tag field unused)
 	kindPatch  = 3 // a ReadPatcher's patch read into a tag's pages
 	kindStage  = 4 // an operation of a Stager's Stage (bits 24-55: its length)
+	kindGather = 5 // a vectored write of gathered Stage writes (tag: the first one's)
 )
 
 func userData(kind, tag int) uint64 { return uint64(kind)<<16 | uint64(tag) }
@@ -63,6 +66,10 @@ type tagState struct {
 	stage        Stage
 	stagePending int
 	stageFail    unix.Errno
+
+	// The tags whose gathered writes one vectored write carries, in file
+	// order, while this tag's is the first of them.
+	members []int
 }
 
 // queue serves one hardware queue of a device on one locked OS thread with
@@ -118,7 +125,21 @@ type queue struct {
 	resumeMu sync.Mutex
 	resumed  []resumed
 	spare    []resumed
+
+	// Gathered Stage writes wait in gathered until the ring is next
+	// submitted (flushGathered); gatherIov is off-heap room for the iovecs
+	// of every vectored write in flight, maxGather per tag that leads one.
+	gathered  []int
+	gatherIov []unix.Iovec
+	gatherMM  []byte
 }
+
+// Limits of one vectored write of gathered Stage writes: the iovecs it
+// takes, and its bytes (its result must fit a CQE's int32).
+const (
+	maxGather      = 64
+	maxGatherBytes = 16 << 20
+)
 
 type resumed struct {
 	tag int
@@ -235,6 +256,14 @@ func (q *queue) setupRing() error {
 		}
 		q.armWake()
 	}
+	if q.stager != nil {
+		n := q.depth * maxGather * int(unsafe.Sizeof(unix.Iovec{}))
+		if q.gatherMM, err = unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS); err != nil {
+			return fmt.Errorf("queue %d: gather vectors: %w", q.id, err)
+		}
+		q.gatherIov = unsafe.Slice((*unix.Iovec)(unsafe.Pointer(&q.gatherMM[0])), q.depth*maxGather)
+		q.gathered = make([]int, 0, q.depth)
+	}
 	return nil
 }
 
@@ -275,6 +304,10 @@ func (q *queue) teardown() {
 	if q.bufs != nil {
 		unix.Munmap(q.bufs)
 		q.bufs = nil
+	}
+	if q.gatherMM != nil {
+		unix.Munmap(q.gatherMM)
+		q.gatherMM, q.gatherIov = nil, nil
 	}
 }
 
@@ -322,6 +355,7 @@ func (q *queue) serve() error {
 // waitAndDispatch submits what is queued, waits for at least one
 // completion and handles every completion there is.
 func (q *queue) waitAndDispatch() error {
+	q.flushGathered()
 	if _, err := q.ring.SubmitAndWait(1); err != nil {
 		return fmt.Errorf("queue %d: wait: %w", q.id, err)
 	}
@@ -347,6 +381,8 @@ func (q *queue) waitAndDispatch() error {
 			q.onPatchDone(tag, c.Res, int32(c.UserData>>24))
 		case kindStage:
 			q.onStageDone(tag, c.Res, int32(c.UserData>>24))
+		case kindGather:
+			q.onGatherDone(tag, c.Res)
 		}
 	}
 	return nil
@@ -423,6 +459,13 @@ func (q *queue) issueStage(tag int) {
 		q.onStageDone(tag, 0, 0)
 		return
 	}
+	if len(ops) == 1 && ops[0].Write && ops[0].Gather && len(ops[0].Buf) > 0 {
+		// Issued with its neighbours when the ring is next submitted.
+		q.gathered = append(q.gathered, tag)
+		st.busy = true
+		q.inflight++
+		return
+	}
 	if q.ring.SQSpace() < uint32(len(ops)) {
 		if _, err := q.ring.Submit(); err != nil {
 			q.logf("queue %d: submit: %v", q.id, err)
@@ -442,6 +485,72 @@ func (q *queue) issueStage(tag int) {
 	}
 	st.busy = true
 	q.inflight += len(ops)
+}
+
+// flushGathered issues the gathered Stage writes: one write for each run of
+// them adjacent in the same file (up to maxGather and maxGatherBytes), a
+// vectored one where the run has more than one.
+func (q *queue) flushGathered() {
+	if len(q.gathered) == 0 {
+		return
+	}
+	slices.SortFunc(q.gathered, func(a, b int) int {
+		x, y := &q.tags[a].stage.IO[0], &q.tags[b].stage.IO[0]
+		return cmp.Or(cmp.Compare(x.FD, y.FD), cmp.Compare(x.Off, y.Off))
+	})
+	for i := 0; i < len(q.gathered); {
+		lead := q.gathered[i]
+		first := &q.tags[lead].stage.IO[0]
+		end, bytes := first.Off+int64(len(first.Buf)), len(first.Buf)
+		j := i + 1
+		for ; j < len(q.gathered) && j-i < maxGather; j++ {
+			o := &q.tags[q.gathered[j]].stage.IO[0]
+			if o.FD != first.FD || o.Off != end || bytes+len(o.Buf) > maxGatherBytes {
+				break
+			}
+			end += int64(len(o.Buf))
+			bytes += len(o.Buf)
+		}
+		s := q.sqe()
+		if j == i+1 {
+			uring.PrepWrite(s, int32(first.FD), unsafe.Pointer(&first.Buf[0]), uint32(len(first.Buf)), uint64(first.Off), 0)
+			s.UserData = userData(kindStage, lead) | uint64(len(first.Buf))<<24
+		} else {
+			lst := &q.tags[lead]
+			lst.members = append(lst.members[:0], q.gathered[i:j]...)
+			iov := q.gatherIov[lead*maxGather : lead*maxGather+len(lst.members)]
+			for k, m := range lst.members {
+				b := q.tags[m].stage.IO[0].Buf
+				iov[k].Base = &b[0]
+				iov[k].SetLen(len(b))
+			}
+			uring.PrepWritev(s, int32(first.FD), unsafe.Pointer(&iov[0]), uint32(len(iov)), uint64(first.Off))
+			s.UserData = userData(kindGather, lead)
+			q.stats.stageWritesMerged.Add(uint64(len(lst.members) - 1))
+		}
+		i = j
+	}
+	q.gathered = q.gathered[:0]
+}
+
+// onGatherDone settles each write a vectored write carried, by the bytes
+// of its own that the write covered.
+func (q *queue) onGatherDone(lead int, res int32) {
+	members := q.tags[lead].members
+	q.tags[lead].members = members[:0]
+	var at int32
+	for _, m := range members {
+		want := int32(len(q.tags[m].stage.IO[0].Buf))
+		got := want
+		switch {
+		case res < 0:
+			got = res
+		case res < at+want:
+			got = max(res-at, 0)
+		}
+		at += want
+		q.onStageDone(m, got, want)
+	}
 }
 
 // onStageDone settles one operation of a Stage that wanted want bytes; the

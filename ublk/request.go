@@ -101,11 +101,15 @@ func skipped(d *uapi.IODesc) int32 {
 type QueueStats struct {
 	Reads, Writes, Flushes, Discards, WriteZeroes, Errors uint64
 	BytesRead, BytesWritten                               uint64
+	// StageWritesMerged counts gathered Stage writes that went out inside
+	// another's vectored write: each is a write the file did not see.
+	StageWritesMerged uint64
 }
 
 type queueCounters struct {
 	reads, writes, flushes, discards, writeZeroes, errors atomic.Uint64
 	bytesRead, bytesWritten                               atomic.Uint64
+	stageWritesMerged                                     atomic.Uint64
 }
 
 // count records one request that completed with res: every request counts
@@ -140,5 +144,6 @@ func (c *queueCounters) snapshot() QueueStats {
 		Reads: c.reads.Load(), Writes: c.writes.Load(), Flushes: c.flushes.Load(),
 		Discards: c.discards.Load(), WriteZeroes: c.writeZeroes.Load(), Errors: c.errors.Load(),
 		BytesRead: c.bytesRead.Load(), BytesWritten: c.bytesWritten.Load(),
+		StageWritesMerged: c.stageWritesMerged.Load(),
 	}
 }

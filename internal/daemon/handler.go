@@ -46,6 +46,7 @@ func (s *Server) Info() protocol.DeviceInfo {
 	d.Stats = protocol.IOCounters{
 		Reads: st.Reads, Writes: st.Writes, Flushes: st.Flushes, Discards: st.Discards,
 		WriteZeroes: st.WriteZeroes, Errors: st.Errors, BytesRead: st.BytesRead, BytesWritten: st.BytesWritten,
+		CowWritesMerged: st.StageWritesMerged,
 	}
 	s.fillTrackingInfo(&d)
 	return d

@@ -199,4 +199,7 @@ type IOCounters struct {
 	Errors       uint64 `json:"errors"`
 	BytesRead    uint64 `json:"bytes_read"`
 	BytesWritten uint64 `json:"bytes_written"`
+	// CowWritesMerged counts first writes' COW data writes that went to the
+	// COW file inside a neighbour's vectored write.
+	CowWritesMerged uint64 `json:"cow_writes_merged"`
 }

@@ -10,24 +10,39 @@ import (
 
 // A first write in snapshot mode is prepared on the queue's own ring when
 // it can be (stagedCopy): the old blocks are read and stored, and their
-// index entries written through, as linked I/O on the ring, with no hop to
+// index entries written through, as I/O on the ring, with no hop to
 // the copy-on-write workers and no blocking call on any thread. The
 // workers remain the path for what the ring cannot do without waiting:
 // blocks another copy has in flight, a full store (auto-expansion), a COW
 // file on the device itself, and failures, which must be made durable off
 // the queue thread.
 
-// stagedCopy is one first write's copy-on-write as a ublk.Stage.
+// stagedCopy is one first write's copy-on-write as a ublk.Stage, in three
+// rounds: read the old blocks, write them to their COW slots, then publish
+// and write through their index entries (never an entry before its data).
+// The data write is its own round, marked Gather, so that the queue merges
+// the data of concurrent copies whose slots are adjacent into one write:
+// a write into the store's fresh slots costs per call, not per byte.
 type stagedCopy struct {
 	t           *Tracker
 	st          *State
 	rc          *cow.RangeCopy
 	buf         *[]byte
+	data        ublk.StageIO // the data write, once the reads are done
 	first, last uint64
 	resume      func(error)
 	stage       *ublk.Stage
-	published   bool
+	phase       copyPhase
 }
+
+// copyPhase is the round of a stagedCopy that is running.
+type copyPhase uint8
+
+const (
+	readingOld copyPhase = iota
+	writingData
+	writingIndex
+)
 
 // stage prepares the copy-on-write of blocks [first, last) as s and
 // answers WriteStaged, or WriteProceed when every block is preserved
@@ -60,7 +75,7 @@ func (t *Tracker) stage(st *State, first, last uint64, resume func(error), s *ub
 		for j < len(blocks) && blocks[j] == blocks[j-1]+1 {
 			j++
 		}
-		if len(io) == ublk.MaxStageIO-1 { // one more read, and the data write, would not fit
+		if len(io) == ublk.MaxStageIO { // one more read would not fit the round
 			copies.put(buf)
 			rc.Finish(errStagingScattered)
 			return 0, false
@@ -75,18 +90,26 @@ func (t *Tracker) stage(st *State, first, last uint64, resume func(error), s *ub
 		i = j
 	}
 	fd, at := rc.DataTarget()
-	io = append(io, ublk.StageIO{Write: true, FD: fd, Off: at, Buf: data})
-	c := &stagedCopy{t: t, st: st, rc: rc, buf: buf, first: first, last: last, resume: resume, stage: s}
+	c := &stagedCopy{t: t, st: st, rc: rc, buf: buf, first: first, last: last, resume: resume, stage: s,
+		data: ublk.StageIO{Write: true, Gather: true, FD: fd, Off: at, Buf: data}}
+	if len(io) == 0 { // every block lies past the device's end: nothing to read
+		io, c.phase = append(io, c.data), writingData
+	}
 	s.IO, s.Done = io, c.done
 	return ublk.WriteStaged, true
 }
 
-// done advances the copy when a round of its I/O has run: after the data,
-// publish the entries and write them through; after those, release the
-// blocks and let the write go.
+// done advances the copy when a round of its I/O has run: after the reads,
+// write the data; after the data, publish the entries and write them
+// through; after those, release the blocks and let the write go.
 func (c *stagedCopy) done(err error) (more bool, verdict error) {
-	if err == nil && !c.published {
-		c.published = true
+	if err == nil && c.phase == readingOld {
+		c.phase = writingData
+		c.stage.IO = append(c.stage.IO[:0], c.data)
+		return true, nil
+	}
+	if err == nil && c.phase == writingData {
+		c.phase = writingIndex
 		index, perr := c.rc.Publish()
 		if perr == nil {
 			io := c.stage.IO[:0]

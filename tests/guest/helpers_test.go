@@ -164,8 +164,9 @@ type infoDevice struct {
 	KernelFeat  string   `json:"kernel_ublk_features"`
 	DataPath    string   `json:"data_path"`
 	IO          struct {
-		Reads  uint64 `json:"reads"`
-		Writes uint64 `json:"writes"`
+		Reads           uint64 `json:"reads"`
+		Writes          uint64 `json:"writes"`
+		CowWritesMerged uint64 `json:"cow_writes_merged"`
 	} `json:"io"`
 }
 

@@ -26,6 +26,10 @@ func TestSnapshotSemantics(t *testing.T) {
 		orig[b] = blockSum(t, front, b, 1)
 	}
 	whole := blockSum(t, front, 0, 256)
+	// And 16 MiB at 320 MiB for concurrent first writes.
+	sh(t, fmt.Sprintf(`dd if=/dev/urandom of=%s bs=1M seek=320 count=16 oflag=direct 2>/dev/null`, front))
+	const gatherAt, gatherBlocks = 320 << 8, 16 << 8
+	gatherOrig := blockSum(t, front, gatherAt, gatherBlocks)
 	must(t, dbdctl, "setup-snapshot", diskFio, dir+"/cow1", m)
 
 	t.Run("first write wins", func(t *testing.T) {
@@ -97,6 +101,22 @@ func TestSnapshotSemantics(t *testing.T) {
 		`, front, snap))
 		if got := blockSum(t, snap, 0, 256); got != whole {
 			t.Errorf("snapshot changed under load")
+		}
+	})
+	t.Run("concurrent first writes gathered into one COW write keep the snapshot", func(t *testing.T) {
+		// At QD32 the old data of first writes whose reads complete
+		// together goes to the COW file in one write per run of adjacent
+		// slots; each block must still be preserved where its entry says.
+		before := info(t, m).Devices[0].IO.CowWritesMerged
+		sh(t, fmt.Sprintf(`fio --name=gather --filename=%s --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
+			--offset=320M --size=16M --iodepth=32 --randseed=55 --minimal >/dev/null`, front))
+		if got := blockSum(t, snap, gatherAt, gatherBlocks); got != gatherOrig {
+			t.Errorf("the snapshot of the 16 MiB written by concurrent first writes is not what was there")
+		}
+		if merged := info(t, m).Devices[0].IO.CowWritesMerged - before; merged == 0 {
+			t.Errorf("no COW data write of 4096 concurrent first writes was merged into another's")
+		} else {
+			t.Logf("%d of 4096 COW data writes merged into a neighbour's", merged)
 		}
 	})
 	t.Run("no stale page cache after transition-to-snapshot", func(t *testing.T) {

@@ -38,6 +38,12 @@ func PrepWrite(sqe *uapi.SQE, fd int32, buf unsafe.Pointer, n uint32, off uint64
 	sqe.OpFlags = rwFlags
 }
 
+// PrepWritev prepares a vectored write of the nr iovecs at iov (which
+// must stay in place until the CQE, like any buffer) at file offset off.
+func PrepWritev(sqe *uapi.SQE, fd int32, iov unsafe.Pointer, nr uint32, off uint64) {
+	prepRW(sqe, uapi.OpWritev, fd, iov, nr, off)
+}
+
 // PrepReadFixed prepares a read of n bytes at file offset off into the
 // ring's registered buffer bufIndex, at byte at of that buffer. For a
 // buffer ublk registered (AUTO_BUF_REG) at is the offset into the request's
