@@ -193,7 +193,10 @@ type Source interface {
 // Copy copies every block c marks as changed from src to image, adjacent
 // blocks coalesced into large copies run in parallel, then fsyncs the
 // image. Its memory does not grow with the device or the number of
-// changes: the change list is streamed to the copiers.
+// changes: the change list is streamed to the copiers. The copy does not
+// wait for the change list's count, a pass of its own for progress's
+// total: the two passes run at once, and progress is reported from the
+// moment the total is known.
 func Copy(c *cow.File, src Source, image *os.File, size int64, opt Options) (Summary, error) {
 	start := time.Now()
 	if opt.Workers <= 0 {
@@ -202,19 +205,60 @@ func Copy(c *cow.File, src Source, image *os.File, size int64, opt Options) (Sum
 	if opt.ChunkMax <= 0 {
 		opt.ChunkMax = DefaultChunk
 	}
-	blocks, total, err := countChanges(c, size)
-	if err != nil {
-		return Summary{}, fmt.Errorf("read changed-block list %s: %w", c.Path(), err)
-	}
+	prog := &progress{report: opt.Progress}
+	var blocks uint64
+	counted := make(chan error, 1)
+	go func() {
+		var total int64
+		var err error
+		blocks, total, err = countChanges(c, size)
+		if err == nil {
+			prog.setTotal(total)
+		}
+		counted <- err
+	}()
 	dst := openSink(image)
 	defer dst.close()
-	if err := copyChanges(c, src, dst, size, total, opt); err != nil {
+	err := copyChanges(c, src, dst, size, prog, opt)
+	if cerr := <-counted; cerr != nil && err == nil {
+		err = fmt.Errorf("read changed-block list %s: %w", c.Path(), cerr)
+	}
+	if err != nil {
 		return Summary{}, err
 	}
 	if err := dst.sync(); err != nil {
 		return Summary{}, fmt.Errorf("fsync image %s: %w", image.Name(), err)
 	}
-	return Summary{BlocksChanged: blocks, BytesCopied: total, Seconds: time.Since(start).Seconds()}, nil
+	return Summary{BlocksChanged: blocks, BytesCopied: prog.total, Seconds: time.Since(start).Seconds()}, nil
+}
+
+// progress orders a copy's progress reports (done only ever grows) and
+// holds them until the total is known.
+type progress struct {
+	mu          sync.Mutex
+	report      func(done, total int64)
+	done, total int64
+	totalKnown  bool
+}
+
+// finished counts n more bytes copied.
+func (p *progress) finished(n int64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.done += n
+	if p.report != nil && p.totalKnown {
+		p.report(p.done, p.total)
+	}
+}
+
+// setTotal makes the total known, and reports what is done so far.
+func (p *progress) setTotal(total int64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.total, p.totalKnown = total, true
+	if p.report != nil && p.done > 0 {
+		p.report(p.done, p.total)
+	}
 }
 
 // countChanges returns how many blocks the change list marks and how many
@@ -306,19 +350,10 @@ func (s *sink) sync() error {
 
 // copyChanges streams the changed runs, cut into copies of at most
 // opt.ChunkMax bytes, to opt.Workers copiers, and the small ones to a ring
-// copier when src is a RingSource (see ringCopier), reporting progress in
-// order.
-func copyChanges(c *cow.File, src Source, dst *sink, size, total int64, opt Options) error {
-	var progMu sync.Mutex // orders progress reports: done only ever grows
-	var done int64
-	finished := func(n int64) {
-		progMu.Lock()
-		defer progMu.Unlock()
-		done += n
-		if opt.Progress != nil {
-			opt.Progress(done, total)
-		}
-	}
+// copier when src is a RingSource (see ringCopier), set up at the first
+// small copy, counting each copy's bytes in prog.
+func copyChanges(c *cow.File, src Source, dst *sink, size int64, prog *progress, opt Options) error {
+	finished := prog.finished
 	var firstErr error
 	var errOnce sync.Once
 	fail := func(err error) { errOnce.Do(func() { firstErr = err }) }
@@ -342,14 +377,16 @@ func copyChanges(c *cow.File, src Source, dst *sink, size, total int64, opt Opti
 			}
 		}()
 	}
+	rs, ringable := src.(RingSource)
 	var small chan extent
-	if rs, ok := src.(RingSource); ok {
+	startRing := func() {
+		ringable = false // one try
 		if r, err := newRingCopier(rs, dst); err == nil {
-			defer r.close()
 			small = make(chan extent, ringSlots)
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
+				defer r.close()
 				r.run(small, finished, fail)
 			}()
 		}
@@ -359,6 +396,9 @@ func copyChanges(c *cow.File, src Source, dst *sink, size, total int64, opt Opti
 		end := min(int64(first+count)*cow.BlockSize, size)
 		for ; off < end; off += opt.ChunkMax {
 			e := extent{off, min(opt.ChunkMax, end-off)}
+			if ringable && takes(e) {
+				startRing()
+			}
 			if small != nil && takes(e) {
 				small <- e
 			} else {

@@ -242,16 +242,18 @@ func (p *progressLog) fn(done, total int64) {
 }
 
 // check verifies the calls, whatever order concurrent copies finish in:
-// every call reports the run's total, there is one call per copy, the done
-// values are distinct, no copy is larger than chunk, and the largest done is
-// the total. With ordered (a single worker) it also requires the calls to
-// come in increasing order of done, the last one reporting the total.
-func (p *progressLog) check(t *testing.T, total, chunk int64, calls int, ordered bool) {
+// every call reports the run's total, there is at most one call per copy
+// (copies that finish before the total is counted are reported together
+// by the first call), the done values are distinct, no copy after the
+// first call is larger than chunk, and the largest done is the total. With
+// ordered (a single worker) it also requires the calls to come in
+// increasing order of done, the last one reporting the total.
+func (p *progressLog) check(t *testing.T, total, chunk int64, copies int, ordered bool) {
 	t.Helper()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if len(p.done) != calls {
-		t.Errorf("Progress called %d times, want %d (one per copy)", len(p.done), calls)
+	if len(p.done) > copies {
+		t.Errorf("Progress called %d times, want at most %d (one per copy)", len(p.done), copies)
 	}
 	if total == 0 {
 		return
@@ -274,7 +276,7 @@ func (p *progressLog) check(t *testing.T, total, chunk int64, calls int, ordered
 		if d <= prev {
 			t.Fatalf("Progress reported done %d twice, or 0 (calls %v)", d, p.done)
 		}
-		if d-prev > chunk {
+		if prev > 0 && d-prev > chunk {
 			t.Fatalf("Progress: a copy of %d bytes is larger than ChunkMax %d", d-prev, chunk)
 		}
 		prev = d
@@ -981,8 +983,8 @@ func TestUpdateImageProgressOrderedWithWorkers(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if len(order) != len(blocks) {
-		t.Fatalf("Progress called %d times, want %d", len(order), len(blocks))
+	if len(order) == 0 || len(order) > len(blocks) {
+		t.Fatalf("Progress called %d times, want 1 to %d (one per copy)", len(order), len(blocks))
 	}
 	checkIncreasing(t, order, sum.BytesCopied)
 }
