@@ -471,20 +471,26 @@ func (q *queue) issueStage(tag int) {
 			q.logf("queue %d: submit: %v", q.id, err)
 		}
 	}
-	for i, o := range ops {
-		s := q.sqe()
-		if o.Write {
-			uring.PrepWrite(s, int32(o.FD), unsafe.Pointer(&o.Buf[0]), uint32(len(o.Buf)), uint64(o.Off), 0)
-		} else {
-			uring.PrepRead(s, int32(o.FD), unsafe.Pointer(&o.Buf[0]), uint32(len(o.Buf)), uint64(o.Off))
-		}
+	for i := range ops {
+		s := q.prepStageIO(tag, &ops[i])
 		if i < len(ops)-1 {
 			s.Flags |= uapi.SQEIOLink
 		}
-		s.UserData = userData(kindStage, tag) | uint64(len(o.Buf))<<24
 	}
 	st.busy = true
 	q.inflight += len(ops)
+}
+
+// prepStageIO queues one operation of tag's Stage on its own.
+func (q *queue) prepStageIO(tag int, o *StageIO) *uapi.SQE {
+	s := q.sqe()
+	if o.Write {
+		uring.PrepWrite(s, int32(o.FD), unsafe.Pointer(&o.Buf[0]), uint32(len(o.Buf)), uint64(o.Off), 0)
+	} else {
+		uring.PrepRead(s, int32(o.FD), unsafe.Pointer(&o.Buf[0]), uint32(len(o.Buf)), uint64(o.Off))
+	}
+	s.UserData = userData(kindStage, tag) | uint64(len(o.Buf))<<24
+	return s
 }
 
 // flushGathered issues the gathered Stage writes: one write for each run of
@@ -511,11 +517,10 @@ func (q *queue) flushGathered() {
 			end += int64(len(o.Buf))
 			bytes += len(o.Buf)
 		}
-		s := q.sqe()
 		if j == i+1 {
-			uring.PrepWrite(s, int32(first.FD), unsafe.Pointer(&first.Buf[0]), uint32(len(first.Buf)), uint64(first.Off), 0)
-			s.UserData = userData(kindStage, lead) | uint64(len(first.Buf))<<24
+			q.prepStageIO(lead, first)
 		} else {
+			s := q.sqe()
 			lst := &q.tags[lead]
 			lst.members = append(lst.members[:0], q.gathered[i:j]...)
 			iov := q.gatherIov[lead*maxGather : lead*maxGather+len(lst.members)]
