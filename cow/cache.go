@@ -153,20 +153,6 @@ func (f *File) shrink() error {
 	return nil
 }
 
-// entry reads the index entry of block. Caller holds mu and has checked
-// the range.
-func (f *File) entry(block uint64) (uint64, error) {
-	c := entryCursor{f: f}
-	return c.entry(block)
-}
-
-// setEntry sets the index entry of block and returns its previous value.
-// Caller holds mu.
-func (f *File) setEntry(block, v uint64) (uint64, error) {
-	c := entryCursor{f: f}
-	return c.setEntry(block, v)
-}
-
 // entryCursor reads and sets the entries of blocks visited in ascending
 // order, looking their section up once per section instead of once per
 // block. It is valid while the caller holds mu and calls nothing that
@@ -185,7 +171,7 @@ func (c *entryCursor) load(block uint64) error {
 	return err
 }
 
-// entry is File.entry through the cursor.
+// entry reads the index entry of block (in the device's range).
 func (c *entryCursor) entry(block uint64) (uint64, error) {
 	if err := c.load(block); err != nil {
 		return 0, err
@@ -193,7 +179,7 @@ func (c *entryCursor) entry(block uint64) (uint64, error) {
 	return binary.LittleEndian.Uint64(c.s.b[(block%SectionEntries)*8:]), nil
 }
 
-// setEntry is File.setEntry through the cursor.
+// setEntry sets the index entry of block and returns its previous value.
 func (c *entryCursor) setEntry(block, v uint64) (uint64, error) {
 	if err := c.load(block); err != nil {
 		return 0, err

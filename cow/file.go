@@ -421,19 +421,11 @@ func openWritable(path string, s Storage, hdr Header, size int64, mode Mode, dev
 			n++
 			first := r << intent.shift / BlockSize
 			last := min(first+uint64(rb)/BlockSize, blocks)
-			for b := first; b < last; b++ {
-				e, err := f.entry(b)
-				if err != nil {
-					return fail(err)
-				}
-				if e == 0 {
-					if _, err := f.setEntry(b, 1); err != nil {
-						return fail(err)
-					}
-					f.countChange(0)
-					rec.Marked++
-				}
+			marked, err := f.markBlocks(first, last)
+			if err != nil {
+				return fail(err)
 			}
+			rec.Marked += marked
 			setBit(f.intent.dirty, r)
 		}
 		rec.Regions, rec.RegionBytes = n, rb
@@ -560,20 +552,34 @@ func (f *File) firstSlot() uint64 {
 // kept) or the slot holding its pre-snapshot data. In a file with a data
 // store, an entry that names no written slot is reported as ErrCorrupt.
 func (f *File) Lookup(block uint64) (uint64, error) {
+	var e [1]uint64
+	err := f.LookupRange(block, e[:])
+	return e[0], err
+}
+
+// LookupRange is Lookup of blocks first, first+1, … into entries, under
+// one lock and with one section lookup per section: a large read of the
+// snapshot asks for hundreds of adjacent blocks at once.
+func (f *File) LookupRange(first uint64, entries []uint64) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if err := f.usable(block); err != nil {
-		return 0, err
+	cur := entryCursor{f: f}
+	for i := range entries {
+		block := first + uint64(i)
+		if err := f.usable(block); err != nil {
+			return err
+		}
+		e, err := cur.entry(block)
+		if err != nil {
+			return err
+		}
+		if e > 1 && f.hdr.Flags&FlagIndexOnly == 0 && (e < f.firstSlot() || e >= f.hdr.FPos) {
+			return corrupt("cow file %s: index entry of block %d is %d, outside the data slots %d..%d",
+				f.path, block, e, f.firstSlot(), f.hdr.FPos)
+		}
+		entries[i] = e
 	}
-	e, err := f.entry(block)
-	if err != nil {
-		return 0, err
-	}
-	if e > 1 && f.hdr.Flags&FlagIndexOnly == 0 && (e < f.firstSlot() || e >= f.hdr.FPos) {
-		return 0, corrupt("cow file %s: index entry of block %d is %d, outside the data slots %d..%d",
-			f.path, block, e, f.firstSlot(), f.hdr.FPos)
-	}
-	return e, nil
+	return nil
 }
 
 func (f *File) countChange(old uint64) {

@@ -181,17 +181,8 @@ func (f *File) MarkRange(first, last uint64) (mustCommit bool, err error) {
 	if err := f.usable(last - 1); err != nil {
 		return false, err
 	}
-	for b := first; b < last; b++ {
-		e, err := f.entry(b)
-		if err != nil {
-			return false, err
-		}
-		if e == 0 {
-			if _, err := f.setEntry(b, 1); err != nil {
-				return false, err
-			}
-			f.countChange(0)
-		}
+	if _, err := f.markBlocks(first, last); err != nil {
+		return false, err
 	}
 	if !f.intent.enabled {
 		return false, nil
@@ -204,6 +195,28 @@ func (f *File) MarkRange(first, last uint64) (mustCommit bool, err error) {
 		}
 	}
 	return mustCommit, nil
+}
+
+// markBlocks sets the entry of every unchanged block in [first, last) to
+// 1 (changed, no data kept), with one section lookup per section, and
+// returns how many it set. Caller holds mu and has checked the range.
+func (f *File) markBlocks(first, last uint64) (uint64, error) {
+	cur := entryCursor{f: f}
+	var marked uint64
+	for b := first; b < last; b++ {
+		e, err := cur.entry(b)
+		if err != nil {
+			return marked, err
+		}
+		if e == 0 {
+			if _, err := cur.setEntry(b, 1); err != nil {
+				return marked, err
+			}
+			f.countChange(0)
+			marked++
+		}
+	}
+	return marked, nil
 }
 
 // IntentAll records every region of the device on disk as possibly

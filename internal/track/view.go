@@ -84,6 +84,10 @@ func readPatch(fd int, q []byte, at int64) error {
 	return nil
 }
 
+// lookupBatch is how many blocks' index entries PatchRead looks up at
+// once: a 1 MiB request's.
+const lookupBatch = 256
+
 // PatchRead says what of n bytes read from the real device at off must be
 // replaced for the snapshot's view: every block the COW file holds comes
 // from its slot (adjacent slots in one patch), and the COW file's own
@@ -98,27 +102,31 @@ func (v *View) PatchRead(off int64, n int, patches []ublk.ReadPatch) ([]ublk.Rea
 	end := off + int64(n)
 	first := uint64(off) / cow.BlockSize
 	last := (uint64(end) + cow.BlockSize - 1) / cow.BlockSize
-	for b := first; b < last; b++ {
-		e, err := v.st.Cow.Lookup(b)
-		if err != nil {
+	var entries [lookupBatch]uint64
+	for next := first; next < last; {
+		batch := entries[:min(last-next, lookupBatch)]
+		if err := v.st.Cow.LookupRange(next, batch); err != nil {
 			return nil, syscall.EIO
 		}
-		if e <= 1 {
-			continue
+		for i, e := range batch {
+			if e <= 1 {
+				continue
+			}
+			fd, at, err := v.st.Cow.SlotSource(e)
+			if err != nil {
+				return nil, syscall.EIO
+			}
+			bstart := int64(next+uint64(i)) * cow.BlockSize
+			lo, hi := max(bstart, off), min(bstart+cow.BlockSize, end)
+			x := ublk.ReadPatch{At: int(lo - off), Len: int(hi - lo), FD: fd, Off: at + (lo - bstart)}
+			if k := len(patches) - 1; k >= 0 && patches[k].FD == x.FD && patches[k].At+patches[k].Len == x.At &&
+				patches[k].Off+int64(patches[k].Len) == x.Off {
+				patches[k].Len += x.Len
+				continue
+			}
+			patches = append(patches, x)
 		}
-		fd, at, err := v.st.Cow.SlotSource(e)
-		if err != nil {
-			return nil, syscall.EIO
-		}
-		bstart := int64(b) * cow.BlockSize
-		lo, hi := max(bstart, off), min(bstart+cow.BlockSize, end)
-		x := ublk.ReadPatch{At: int(lo - off), Len: int(hi - lo), FD: fd, Off: at + (lo - bstart)}
-		if k := len(patches) - 1; k >= 0 && patches[k].FD == x.FD && patches[k].At+patches[k].Len == x.At &&
-			patches[k].Off+int64(patches[k].Len) == x.Off {
-			patches[k].Len += x.Len
-			continue
-		}
-		patches = append(patches, x)
+		next += uint64(len(batch))
 	}
 	// A COW file on the volume itself holds live COW data at its extents;
 	// the snapshot shows them as zeros (its filesystem reads the file's
