@@ -2,13 +2,16 @@
 // (the slowest path of issue 3): it boots the VM, runs fio on the front
 // device with a snapshot open, and prints the server's CPU profile.
 //
-//	go run ./bench/cmd/cowprof [4k] [pass] [upd|scatter] [fs] [xfs] [perf]
+//	go run ./bench/cmd/cowprof [4k] [pass|inc|snapread] [upd|scatter] [fs] [xfs] [perf]
 //
 // 4k: random 4 KiB writes at QD32 (default: sequential 1 MiB at QD8);
 // pass: no snapshot, the passthrough baseline of the same job;
+// inc: the same writes in incremental mode;
+// snapread: the job reads the snapshot device instead (nothing copied);
 // upd, scatter: update-img after 128 MiB changed in one run, or 16 MiB in
-// scattered 4 KiB blocks, beside raw reads and writes of as many bytes
-// ($UPDARGS: extra update-img flags, e.g. "--workers 32");
+// scattered 4 KiB blocks ($UPDMB: another size, up to 896), beside raw
+// reads and writes of as many bytes and both at once ($UPDARGS: extra
+// update-img flags, e.g. "--workers 32");
 // fs: the job writes a file in ext4 on the front device (as snapbench
 // does) instead of the device itself;
 // xfs: the COW file in xfs (which takes buffered writes from io_uring
@@ -26,6 +29,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -51,6 +55,7 @@ else
 fi
 dbdctl transition-to-snapshot /scratch/cow1 1 >/dev/null
 dbdctl update-img $UPDARGS /dev/datto1 /scratch/cow0 /scratch/image.raw 2>&1 | tail -1
+fio --name=bothread --filename=/dev/vda --direct=1 --ioengine=io_uring --rw=read --bs=1M --iodepth=8 --offset=64M --size=${UPDMB}M --name=bothwrite --filename=/scratch/write.raw --direct=1 --ioengine=io_uring --rw=write --bs=1M --iodepth=8 --size=${UPDMB}M --output-format=terse --terse-version=3 | awk -F';' '{print "both: read KB/s", $7, "write KB/s", $48}'
 fio --name=rawread --filename=/dev/vda --readonly --direct=1 --ioengine=io_uring --rw=read --bs=1M --iodepth=8 --size=${UPDMB}M --output-format=terse --terse-version=3 | awk -F';' '{print "raw read KB/s", $7}'
 fio --name=rawwrite --filename=/scratch/image.raw --direct=1 --ioengine=io_uring --rw=write --bs=1M --iodepth=8 --size=${UPDMB}M --end_fsync=1 --output-format=terse --terse-version=3 | awk -F';' '{print "raw image write KB/s", $48}'
 dbdctl destroy 1 >/dev/null
@@ -81,7 +86,12 @@ fi
 # tenth of the device, fills within seconds and fails the snapshot, after
 # which the writes run at passthrough's speed).
 [ "$PASS" = 1 ] || dbdctl setup-snapshot -f 1000 /dev/vda /scratch/cow 1 >/dev/null
-$PERFREC fio --name=first --filename=$target --direct=1 --ioengine=io_uring --rw=$RW --bs=$BS --iodepth=$QD --size=900M --runtime=8 --output-format=terse --terse-version=3 | awk -F';' '{print "write KB/s", $48, "IOPS", $49}'
+[ "$INC" = 1 ] && dbdctl transition-to-incremental 1 >/dev/null
+if [ "$SNAPREAD" = 1 ]; then # reads of the snapshot device, nothing copied
+	$PERFREC fio --name=snapread --filename=/dev/datto1 --readonly --direct=1 --ioengine=io_uring --rw=read --bs=$BS --iodepth=$QD --size=900M --runtime=8 --output-format=terse --terse-version=3 | awk -F';' '{print "read KB/s", $7, "IOPS", $8}'
+else
+	$PERFREC fio --name=first --filename=$target --direct=1 --ioengine=io_uring --rw=$RW --bs=$BS --iodepth=$QD --size=900M --runtime=8 --output-format=terse --terse-version=3 | awk -F';' '{print "write KB/s", $48, "IOPS", $49}'
+fi
 [ "$PASS" = 1 ] || dbdctl info 1 | grep -o '"cow_writes_merged": *[0-9]*\|"error": *-*[0-9]*' || true
 if [ -n "$PERFREC" ]; then
 	echo "kernel and user profile of the whole guest during the fio run (perf, cpu-clock):"
@@ -105,13 +115,17 @@ echo @@END
 
 func main() {
 	rw, bs, qd, pass := "write", "1M", "8", 0
-	upd, scat, perf, cowfs, onfs := false, 0, "", "ext4", 0
+	upd, scat, perf, cowfs, onfs, inc, snapread := false, 0, "", "ext4", 0, 0, 0
 	for _, a := range os.Args[1:] {
 		switch a {
 		case "4k":
 			rw, bs, qd = "randwrite", "4k", "32"
 		case "pass": // no snapshot: the passthrough baseline
 			pass = 1
+		case "inc": // incremental mode: the change list only
+			inc = 1
+		case "snapread": // reads of the snapshot device instead of writes
+			snapread = 1
 		case "upd": // update-img after 128 MiB changed in one run
 			upd = true
 		case "scatter": // update-img after 16 MiB changed in 4 KiB blocks
@@ -124,11 +138,14 @@ func main() {
 			perf = "perf record -a -q -o /scratch/perf.data --"
 		}
 	}
-	run := fmt.Sprintf("RW=%s BS=%s QD=%s PASS=%d PERFREC='%s' COWFS=%s ONFS=%d\n%s", rw, bs, qd, pass, perf, cowfs, onfs, script)
+	run := fmt.Sprintf("RW=%s BS=%s QD=%s PASS=%d INC=%d SNAPREAD=%d PERFREC='%s' COWFS=%s ONFS=%d\n%s", rw, bs, qd, pass, inc, snapread, perf, cowfs, onfs, script)
 	if upd {
 		mb := 128
 		if scat == 1 {
 			mb = 16
+		}
+		if v, err := strconv.Atoi(os.Getenv("UPDMB")); err == nil && v > 0 && v <= 896 {
+			mb = v
 		}
 		run = fmt.Sprintf("UPDMB=%d SCAT=%d UPDARGS='%s'\n%s", mb, scat, os.Getenv("UPDARGS"), updScript)
 	}
