@@ -97,7 +97,7 @@ func CheckCow(c *cow.File, snap Snapshot, cowPath string) error {
 			cowPath, h.SeqID, snap.Path, snap.SeqID, snap.SeqID-1)
 	}
 	if h.Flags&cow.FlagClean == 0 {
-		return fmt.Errorf("COW file %s was not closed cleanly; its changed-block list cannot be trusted", cowPath)
+		return fmt.Errorf("COW file %s was not closed cleanly; its changed-block list cannot be trusted, a full backup is required", cowPath)
 	}
 	if err := c.SetDeviceSize(snap.Size); err != nil {
 		return fmt.Errorf("COW file %s does not match the snapshot's size: %w", cowPath, err)

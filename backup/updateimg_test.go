@@ -708,7 +708,7 @@ func TestUpdateImageRefusals(t *testing.T) {
 			setup: func(t *testing.T, fx *fixture, snap *Snapshot) {
 				recreateCOW(t, fx, func(p string) { makeIndexCOW(t, p, size, testUUID, cowSeq, blocks, false) })
 			},
-			want: []string{"not closed cleanly"},
+			want: []string{"not closed cleanly", "a full backup is required"},
 		},
 		{
 			name: "cow records a tracking failure",
@@ -745,7 +745,7 @@ func TestUpdateImageRefusals(t *testing.T) {
 					t.Cleanup(func() { f.Close(false) })
 				})
 			},
-			want: []string{"not closed cleanly"},
+			want: []string{"not closed cleanly", "a full backup is required"},
 		},
 		{
 			name: "garbage cow",

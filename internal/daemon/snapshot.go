@@ -215,8 +215,10 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 		return undo(err)
 	}
 	// The snapshot is taken; the previous file is now the change list
-	// update-img copies from.
-	if err := firstErr(s.failpoint("close-change-list"), s.releaseCow(prevCow, prev.ino, true)); err != nil {
+	// update-img copies from. The failpoint stands for a failed last
+	// header write: the file is left not clean.
+	injected := s.failpoint("close-change-list")
+	if err := firstErr(injected, s.releaseCow(prevCow, prev.ino, injected == nil)); err != nil {
 		return fmt.Errorf("snapshot %d taken, but the change list %s could not be closed clean (%v): update-img will refuse it, so the next image must be a full copy",
 			h.SeqID+1, prev.cowPath, err)
 	}

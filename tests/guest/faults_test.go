@@ -265,6 +265,7 @@ func TestRollback(t *testing.T) {
 		{"transition-to-snapshot", "freeze", false},
 		{"transition-to-snapshot", "snapshot-device", false},
 		{"transition-to-snapshot", "persist", false},
+		{"transition-to-snapshot", "close-change-list", true},
 		{"transition-to-incremental", "freeze", false},
 		{"transition-to-incremental", "truncate", true},
 		{"transition-to-incremental", "enable-intent", true},
@@ -327,6 +328,12 @@ func TestRollback(t *testing.T) {
 			mustEnv(t, fp, "transition-to-incremental", m)
 			sh(t, "dd if=/dev/urandom of="+mnt+"/b bs=1M count=2 conv=fsync 2>/dev/null")
 			before, _ := os.ReadFile(statePath)
+			if c.past {
+				// The snapshot is taken; only its change list is lost.
+				checkOneLineError(t, dbdEnv(t, fp, "transition-to-snapshot", dir+"/cow2", m), "full copy")
+				closedUnclean(t, env, m, diskFault, dir, image)
+				return
+			}
 			checkOneLineError(t, dbdEnv(t, fp, "transition-to-snapshot", dir+"/cow2", m), "")
 			d := infoEnv(t, env, m)
 			after, _ := os.ReadFile(statePath)
@@ -350,6 +357,38 @@ func TestRollback(t *testing.T) {
 			must(t, "e2fsck", "-fn", image)
 		})
 	}
+}
+
+// closedUnclean checks minor m after a transition-to-snapshot that took
+// snapshot cow2 but could not close the change list cow1 (a failure, or
+// a server killed just then): the snapshot serves, update-img refuses
+// cow1 in one line that says a full backup is required and leaves the
+// image alone, a full copy equals the snapshot, and the next round's
+// change list (cow2) works.
+func closedUnclean(t *testing.T, env []string, m, disk, dir, image string) {
+	t.Helper()
+	if d := infoEnv(t, env, m); d.Mode != "snapshot" || *d.Error != 0 || d.CowFile != dir+"/cow2" {
+		t.Fatalf("after the change list could not be closed: mode %s error %d COW file %s", d.Mode, *d.Error, d.CowFile)
+	}
+	before := must(t, "sha256sum", image)
+	checkOneLineError(t, dbdEnv(t, env, "update-img", "/dev/datto"+m, dir+"/cow1", image), "full backup")
+	if after := must(t, "sha256sum", image); after != before {
+		t.Fatal("a refused update-img changed the image")
+	}
+	must(t, "dd", "if=/dev/datto"+m, "of="+image, "bs=1M")
+	must(t, "/usr/bin/cmp", image, "/dev/datto"+m)
+	// A server without the failpoint takes the next round.
+	mnt := "/mnt" + m
+	must(t, "umount", mnt)
+	mustEnv(t, env, "detach", m)
+	mustEnv(t, env, "reload-snapshot", disk, dir+"/cow2", m)
+	must(t, "mount", "/dev/ublkb"+m, mnt)
+	mustEnv(t, env, "transition-to-incremental", m)
+	sh(t, "dd if=/dev/urandom of="+mnt+"/d bs=1M count=2 conv=fsync 2>/dev/null")
+	mustEnv(t, env, "transition-to-snapshot", dir+"/cow3", m)
+	mustEnv(t, env, "update-img", "/dev/datto"+m, dir+"/cow2", image)
+	must(t, "/usr/bin/cmp", image, "/dev/datto"+m)
+	must(t, "e2fsck", "-fn", image)
 }
 
 // TestUnrecoverable: when no new server can keep the device (each one
