@@ -164,8 +164,10 @@ func TestKillStorm(t *testing.T) {
 			// its snapshot device's reads (it is recreated), which would
 			// fail every try of a copy longer than the kills' spacing.
 			copying.RLock()
+			var last string // the last try's failing command, for the report
 			ok = retry(t, m, func() bool {
 				var r result
+				cmd := "update-img"
 				if prev != "" {
 					r = run(t, dbdctl, "update-img", "/dev/datto"+m, prev, image)
 				}
@@ -173,16 +175,20 @@ func TestKillStorm(t *testing.T) {
 					if prev != "" {
 						refused.Add(1)
 					}
-					r = run(t, "dd", "if=/dev/datto"+m, "of="+image, "bs=1M")
+					cmd, r = "dd", run(t, "dd", "if=/dev/datto"+m, "of="+image, "bs=1M")
 				}
-				return r.code == 0 && run(t, "/usr/bin/cmp", image, "/dev/datto"+m).code == 0
+				if r.code == 0 {
+					cmd, r = "cmp", run(t, "/usr/bin/cmp", image, "/dev/datto"+m)
+				}
+				last = fmt.Sprintf("%s: exit %d: %s %s", cmd, r.code, r.stdout, r.stderr)
+				return r.code == 0
 			}, nil)
-			copying.RUnlock()
 			if !ok {
-				r := run(t, "/usr/bin/cmp", image, "/dev/datto"+m)
-				t.Errorf("round %d: the image does not equal its snapshot: %s %s", i, r.stdout, r.stderr)
+				t.Errorf("round %d: the image does not equal its snapshot; the last try's %s", i, last)
+				copying.RUnlock()
 				return
 			}
+			copying.RUnlock()
 			roundsDone.Add(1)
 			if prev != "" {
 				os.Remove(prev)
