@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"fmt"
+	"os"
 	"path/filepath"
 	"syscall"
 
@@ -216,7 +217,11 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 	}
 	// The snapshot is taken; the previous file is now the change list
 	// update-img copies from. The failpoint stands for a failed last
-	// header write: the file is left not clean.
+	// header write: the file is left not clean; its exit variant for a
+	// server killed at this instant (a new one resumes the snapshot).
+	if s.failpoint("close-change-list/exit") != nil {
+		os.Exit(3)
+	}
 	injected := s.failpoint("close-change-list")
 	if err := firstErr(injected, s.releaseCow(prevCow, prev.ino, injected == nil)); err != nil {
 		return fmt.Errorf("snapshot %d taken, but the change list %s could not be closed clean (%v): update-img will refuse it, so the next image must be a full copy",
