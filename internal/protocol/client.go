@@ -154,6 +154,12 @@ func (c Client) UpdateImage(a UpdateImage, cowFile, image *os.File, progress fun
 
 func (c Client) command(op Op, args any) error {
 	_, err := c.do(op, args, CommandTimeout)
+	if droppedAnswer(err) {
+		// The server died mid-command: whether the command took effect
+		// is in the record the next server resumes, not in this answer.
+		return fmt.Errorf("minor %d: its server ended before answering %s; run dbdctl info %d to see whether it took effect: %w",
+			c.Minor, op, c.Minor, err)
+	}
 	return err
 }
 

@@ -367,6 +367,13 @@ func TestGarbage(t *testing.T) {
 	if _, err := protocol.For(6).Info(); err == nil || !strings.Contains(err.Error(), "no answer to info") {
 		t.Errorf("Info with a garbage answer = %v, want a no-answer error", err)
 	}
+	// A server that dies mid-command: the client cannot know whether the
+	// command took effect, and says where to look.
+	answerOnce(t, 7, "")
+	err := protocol.For(7).Destroy()
+	if err == nil || !strings.Contains(err.Error(), "ended before answering destroy") || !strings.Contains(err.Error(), "dbdctl info 7") {
+		t.Errorf("a command whose server closed without answering = %v, want it to point at dbdctl info", err)
+	}
 	answerOnce(t, 16, "{}\n")
 	if _, err := protocol.For(16).Info(); err == nil || !strings.Contains(err.Error(), "no device info") {
 		t.Errorf("Info answered without a device = %v, want a no-device error", err)
