@@ -1,10 +1,13 @@
 package daemon
 
 import (
+	"cmp"
 	"fmt"
 	"os"
 	"path/filepath"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
@@ -113,7 +116,7 @@ func (s *Server) transitionToIncremental() error {
 		s.trk.Fail(syscall.EIO, err)
 		return fmt.Errorf("%w; tracking has failed, the next backup must be full", err)
 	}
-	if err := firstErr(s.failpoint("truncate"), st.Cow.TruncateToIndex()); err != nil {
+	if err := s.step("truncate", st.Cow.TruncateToIndex); err != nil {
 		return fail(fmt.Errorf("truncate %s to its index: %w", s.snap.cowPath, err))
 	}
 	if st.Cow.Mapped() {
@@ -130,7 +133,7 @@ func (s *Server) transitionToIncremental() error {
 			return fail(fmt.Errorf("record the previous COW file's blocks as changed: %w", err))
 		}
 	}
-	if err := firstErr(s.failpoint("enable-intent"), st.Cow.EnableIntent()); err != nil {
+	if err := s.step("enable-intent", st.Cow.EnableIntent); err != nil {
 		return fail(fmt.Errorf("start write-intent logging in %s: %w", s.snap.cowPath, err))
 	}
 	if err := s.persist(); err != nil {
@@ -140,10 +143,15 @@ func (s *Server) transitionToIncremental() error {
 	return nil
 }
 
-// firstErr returns the first non-nil error.
-func firstErr(errs ...error) error {
-	for _, err := range errs {
-		if err != nil {
+// step runs the calls of one step of a command in order, stopping at the
+// first error; a failpoint named step fails it before any of them runs, as
+// the step's own failure would.
+func (s *Server) step(name string, calls ...func() error) error {
+	if err := s.failpoint(name); err != nil {
+		return err
+	}
+	for _, call := range calls {
+		if err := call(); err != nil {
 			return err
 		}
 	}
@@ -173,7 +181,7 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 	// one: should the server die in between, the recovery resumes this
 	// file as the state file still says, with every region recorded as
 	// written (a full copy next time, never a miss).
-	if err := firstErr(s.failpoint("sync-change-list"), prevCow.Sync(), prevCow.IntentAll()); err != nil {
+	if err := s.step("sync-change-list", prevCow.Sync, prevCow.IntentAll); err != nil {
 		return fmt.Errorf("write back %s: %w", s.snap.cowPath, err)
 	}
 	if err := s.failpoint("create-cow"); err != nil {
@@ -217,13 +225,15 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 	}
 	// The snapshot is taken; the previous file is now the change list
 	// update-img copies from. The failpoint stands for a failed last
-	// header write: the file is left not clean; its exit variant for a
-	// server killed at this instant (a new one resumes the snapshot).
-	if s.failpoint("close-change-list/exit") != nil {
-		os.Exit(3)
+	// header write: the file is closed, not clean.
+	if s.failpoint("die-closing-change-list") != nil {
+		// A test's stand-in for a server killed at this instant: the
+		// next one resumes the snapshot.
+		unix.Kill(os.Getpid(), unix.SIGKILL)
 	}
 	injected := s.failpoint("close-change-list")
-	if err := firstErr(injected, s.releaseCow(prevCow, prev.ino, injected == nil)); err != nil {
+	closeErr := s.releaseCow(prevCow, prev.ino, injected == nil)
+	if err := cmp.Or(injected, closeErr); err != nil {
 		return fmt.Errorf("snapshot %d taken, but the change list %s could not be closed clean (%v): update-img will refuse it, so the next image must be a full copy",
 			h.SeqID+1, prev.cowPath, err)
 	}

@@ -266,7 +266,7 @@ func TestRollback(t *testing.T) {
 		{"transition-to-snapshot", "snapshot-device", false},
 		{"transition-to-snapshot", "persist", false},
 		{"transition-to-snapshot", "close-change-list", true},
-		{"transition-to-snapshot", "close-change-list/exit", true},
+		{"transition-to-snapshot", "die-closing-change-list", true},
 		{"transition-to-incremental", "freeze", false},
 		{"transition-to-incremental", "truncate", true},
 		{"transition-to-incremental", "enable-intent", true},
@@ -331,7 +331,7 @@ func TestRollback(t *testing.T) {
 			before, _ := os.ReadFile(statePath)
 			if c.past {
 				// The snapshot is taken; only its change list is lost.
-				if strings.HasSuffix(c.step, "/exit") {
+				if strings.HasPrefix(c.step, "die-") {
 					// The server dies there; the next one resumes the snapshot.
 					old := infoEnv(t, env, m).ServerPID
 					checkOneLineError(t, dbdEnv(t, fp, "transition-to-snapshot", dir+"/cow2", m), "dbdctl info "+m)
