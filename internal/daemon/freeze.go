@@ -3,7 +3,6 @@ package daemon
 import (
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -36,10 +35,7 @@ func (s *Server) transition(mode dattobd.Mode, c *cow.File, cacheBytes int64, ex
 	if err != nil {
 		return consistency{}, err
 	}
-	if s.failpoint("die-frozen") != nil {
-		// A test's stand-in for a server killed at the worst moment.
-		unix.Kill(os.Getpid(), unix.SIGKILL)
-	}
+	s.dieAt("die-frozen") // the worst moment: the filesystem is frozen
 	if mode == dattobd.Snapshot {
 		extents = s.withBootRecord(extents)
 	}

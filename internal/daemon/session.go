@@ -189,6 +189,14 @@ func (s *Server) stopSnapshotDevice() {
 	os.Remove(s.cfg.Minor.DattoPath())
 }
 
+// dieAt kills the server where failpoint step of the command being
+// answered is set: a test's stand-in for a server killed at that instant.
+func (s *Server) dieAt(step string) {
+	if s.failpoint(step) != nil {
+		unix.Kill(os.Getpid(), unix.SIGKILL)
+	}
+}
+
 // failpoint is failpoint.Check of step within the command being answered
 // ("setup-snapshot/persist", say), so a test makes one step of one command
 // fail. Caller holds s.mu.

@@ -3,11 +3,8 @@ package daemon
 import (
 	"cmp"
 	"fmt"
-	"os"
 	"path/filepath"
 	"syscall"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/dbdublk/dbdublk/cow"
 	"github.com/dbdublk/dbdublk/internal/dattobd"
@@ -226,11 +223,7 @@ func (s *Server) transitionToSnapshot(req protocol.TransitionToSnapshot) error {
 	// The snapshot is taken; the previous file is now the change list
 	// update-img copies from. The failpoint stands for a failed last
 	// header write: the file is closed, not clean.
-	if s.failpoint("die-closing-change-list") != nil {
-		// A test's stand-in for a server killed at this instant: the
-		// next one resumes the snapshot.
-		unix.Kill(os.Getpid(), unix.SIGKILL)
-	}
+	s.dieAt("die-closing-change-list") // the next server resumes the snapshot
 	injected := s.failpoint("close-change-list")
 	closeErr := s.releaseCow(prevCow, prev.ino, injected == nil)
 	if err := cmp.Or(injected, closeErr); err != nil {

@@ -183,12 +183,11 @@ func TestKillStorm(t *testing.T) {
 				last = fmt.Sprintf("%s: exit %d: %s %s", cmd, r.code, r.stdout, r.stderr)
 				return r.code == 0
 			}, nil)
+			copying.RUnlock()
 			if !ok {
 				t.Errorf("round %d: the image does not equal its snapshot; the last try's %s", i, last)
-				copying.RUnlock()
 				return
 			}
-			copying.RUnlock()
 			roundsDone.Add(1)
 			if prev != "" {
 				os.Remove(prev)
